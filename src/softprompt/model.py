@@ -1,0 +1,215 @@
+"""PromptedLM: a frozen causal LM run with soft prompts. The only module that touches HF model
+internals (embeddings, masks, positions, the decoder stack and the LM head)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from softprompt.config import MAX_VIRTUAL_TOKENS
+from softprompt.prompt import SoftPrompt
+
+PromptLike = SoftPrompt | torch.Tensor
+
+
+class PromptedLM(nn.Module):
+    """Wraps any ``AutoModelForCausalLM``, freezes it, and runs it with soft prompts in front.
+
+    Layout of one row (left padding shown; right padding puts the pads at the end instead)::
+
+        input:    [pad pad x0 x1 x2]                      T positions
+        combined: [pad pad p0 .. pP-1 x0 x1 x2]           P + T positions
+        position:  0   0  0  ..  P-1  P  P+1 P+2
+
+    Each row's prompt sits right before its first real token and takes positions 0..P-1, so a
+    padded row computes exactly what the unpadded row would. Outputs come back aligned to the
+    caller's T input positions, and the LM head runs only where it is asked for.
+
+    Prompts are passed to each call (a :class:`SoftPrompt`, a ``(P, D)`` tensor, or a bank
+    ``(N, P, D)`` with ``prompt_index`` ``(B,)`` choosing a prompt per row), so one loaded model
+    serves any number of prompts and one batch can mix tasks.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        model.requires_grad_(False)
+        model.eval()  # frozen means frozen: no dropout noise in the base model either
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.embed_tokens = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        # Gemma-2 style soft-capping is applied by the model's own head code; we call the head directly.
+        self.logit_softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed_tokens.weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # ------------------------------------------------------------------ building the input
+    def _prompt_rows(
+        self, prompt: PromptLike, prompt_index: torch.Tensor | None, batch_size: int
+    ) -> torch.Tensor:
+        """Turn the ``prompt`` argument into one prompt per row: (B, P, D) in the model's dtype."""
+        bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
+        if bank.dim() == 2:
+            bank = bank.unsqueeze(0)  # (1, P, D)
+        if bank.dim() != 3:
+            raise ValueError(f"prompt must be (P, D) or a bank (N, P, D), got shape {tuple(bank.shape)}")
+        N, P, D = bank.shape
+        if D != self.hidden_size:
+            raise ValueError(
+                f"prompt vectors have {D} dimensions but the model's hidden size is {self.hidden_size}; "
+                "this prompt was made for a different model. Initialise a new prompt for this model."
+            )
+        if not 1 <= P <= MAX_VIRTUAL_TOKENS:
+            raise ValueError(f"prompt has {P} virtual tokens; expected 1..{MAX_VIRTUAL_TOKENS}")
+        if prompt_index is None:
+            if N != 1:
+                raise ValueError(f"a bank of {N} prompts needs prompt_index (B,) saying which prompt each row uses")
+            prompt_index = torch.zeros(batch_size, dtype=torch.long, device=bank.device)
+        prompt_index = prompt_index.to(bank.device)
+        if prompt_index.shape != (batch_size,):
+            raise ValueError(f"prompt_index must have shape ({batch_size},), got {tuple(prompt_index.shape)}")
+        if prompt_index.numel() and (prompt_index.min() < 0 or prompt_index.max() >= N):
+            raise ValueError(f"prompt_index values must be in 0..{N - 1}, got {prompt_index.tolist()}")
+        # Cast at use: the prompt's master copy stays fp32, the model may be bf16.
+        return bank[prompt_index].to(device=self.device, dtype=self.dtype)
+
+    def build_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prompt: PromptLike,
+        prompt_index: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings, attention mask and position ids of ``[prompt + input]`` per row.
+
+        ``prompt_lengths`` (B,) lets rows use prompts shorter than the bank's P (a bank padded to the
+        longest prompt); the unused slots become padding in front. Returns shapes (B, P+T, D),
+        (B, P+T) and (B, P+T); input position t lands at combined position t + P.
+        """
+        B, T = input_ids.shape
+        device = self.device
+        input_ids = input_ids.to(device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+        rows = self._prompt_rows(prompt, prompt_index, B)  # (B, P, D)
+        P = rows.shape[1]
+        lengths = torch.full((B,), P, device=device) if prompt_lengths is None else prompt_lengths.to(device)
+
+        # Pads before the first real token (left padding); 0 for right-padded rows.
+        n_left = torch.where(mask.any(dim=1), mask.argmax(dim=1), torch.full_like(mask[:, 0], T))
+        n_front = (n_left + (P - lengths)).unsqueeze(1)  # (B, 1) pad slots before the prompt
+        j = torch.arange(P + T, device=device).unsqueeze(0)  # (1, P+T) combined positions
+        in_prompt = (j >= n_front) & (j < n_front + lengths.unsqueeze(1))
+        before = j < n_front
+        # Where each combined position reads from: input t -> t (+P shift), prompt k -> T + k.
+        src = torch.where(in_prompt, T + (j - n_front), torch.where(before, j, j - P))
+        src = src.clamp(0, P + T - 1)  # (B, P+T); front pad slots past T read any row, they are masked
+
+        embeds = torch.cat([self.embed_tokens(input_ids), rows], dim=1)  # (B, T+P, D)
+        combined = torch.gather(embeds, 1, src.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+
+        mask_ext = torch.cat([mask, torch.ones(B, P, dtype=mask.dtype, device=device)], dim=1)
+        combined_mask = torch.where(before, 0, torch.gather(mask_ext, 1, src))
+        # Prompt takes 0..P_r-1; real tokens continue from P_r in order; pads get 0 (they are masked).
+        positions = (combined_mask.cumsum(dim=1) - 1).clamp(min=0) * combined_mask
+        return combined, combined_mask, positions
+
+    # ------------------------------------------------------------------ running the model
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prompt: PromptLike,
+        prompt_index: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states at the caller's input positions: (B, T, D). No LM head."""
+        embeds, mask, positions = self.build_inputs(input_ids, attention_mask, prompt, prompt_index, prompt_lengths)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        P = embeds.shape[1] - input_ids.shape[1]
+        return out.last_hidden_state[:, P:]  # align to input positions
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the LM head (and soft-capping where the model has it) to selected hidden states."""
+        logits = self.lm_head(hidden)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt: PromptLike | None = None,
+        prompt_index: torch.Tensor | None = None,
+        positions: str | torch.Tensor = "last",
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits at the requested input positions.
+
+        Args:
+            positions: ``"last"`` -> (B, V) at each row's last real token; ``"all"`` -> (B, T, V);
+                a LongTensor (B, K) of input positions -> (B, K, V). The head runs only there.
+        """
+        if prompt is None:
+            raise ValueError("PromptedLM needs a prompt: a SoftPrompt, a (P, D) tensor or an (N, P, D) bank")
+        hidden = self.hidden_states(input_ids, attention_mask, prompt, prompt_index, prompt_lengths)
+        if isinstance(positions, str):
+            if positions == "all":
+                return self.logits_from_hidden(hidden)
+            if positions == "last":
+                idx = last_token_index(input_ids, attention_mask).to(hidden.device)
+                return self.logits_from_hidden(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+            raise ValueError(f"positions must be 'last', 'all' or a (B, K) tensor, got {positions!r}")
+        idx = positions.to(hidden.device)
+        picked = torch.gather(hidden, 1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, K, D)
+        return self.logits_from_hidden(picked)
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        prompt: PromptLike,
+        prompt_index: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over the positions where ``labels != -100``.
+
+        ``labels`` is aligned with ``input_ids`` (HF convention: token t is predicted from t-1). The
+        LM head runs only on the hidden states that predict a label, e.g. one per row for
+        classification instead of all T.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, prompt, prompt_index, prompt_lengths)
+        labels = labels.to(hidden.device)
+        targets = labels[:, 1:]  # (B, T-1)
+        where = targets != -100
+        if not where.any():
+            raise ValueError("labels has no target positions (all -100); nothing to train on")
+        logits = self.logits_from_hidden(hidden[:, :-1][where])  # (M, V), M = number of targets
+        return F.cross_entropy(logits.float(), targets[where])
+
+
+def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Index of each row's last real token, for left or right padding: (B,)."""
+    B, T = input_ids.shape
+    if attention_mask is None:
+        return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+    mask = attention_mask.long()
+    flipped = mask.flip(dims=[1]).argmax(dim=1)
+    return (T - 1 - flipped).to(torch.long)

