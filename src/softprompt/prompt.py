@@ -103,6 +103,12 @@ def init_from_text(embedding: torch.Tensor, tokenizer, text: str, P: int) -> tor
             f"init_text={text!r} tokenises to no tokens; expected a text with at least one token. "
             "Give a short task description, e.g. 'Classify the sentiment of this review:'"
         )
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and all(i == unk for i in ids):
+        raise ValueError(
+            f"init_text={text!r} tokenises only to the unknown token {tokenizer.unk_token!r}; expected words "
+            "the model's vocabulary knows. Write the task description in plain words."
+        )
     if len(ids) > P:
         log.info("init text has %d tokens; keeping the first %d (num_virtual_tokens)", len(ids), P)
     return embedding[tile_to_length(ids, P)].float().clone()
