@@ -28,7 +28,9 @@ def make_tokenizer():
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 VOCAB_SIZE = len(WORDS) + 3 + 5  # a few spare ids beyond the tokenizer, as real models have
@@ -39,9 +41,16 @@ def tiny_llama(seed: int = 0, dtype=torch.float32):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=None, eos_token_id=1,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
     )
     cfg.name_or_path = "tiny-llama"
     return LlamaForCausalLM(cfg).to(dtype).eval()
@@ -51,8 +60,16 @@ def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=256,
-                     bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     cfg.name_or_path = "tiny-gpt2"
     return GPT2LMHeadModel(cfg).eval()
 

