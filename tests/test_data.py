@@ -343,6 +343,12 @@ def test_split_validation_single_row_label_stays_in_train():
     assert Counter(e.label for e in val) == {"a": 5} and Counter(e.label for e in train) == {"a": 15, "b": 1}
 
 
+def test_split_validation_with_unique_labels_falls_back_to_random():
+    examples = [Example(f"input {i}", f"reference {i}", f"f:{i}") for i in range(20)]
+    train, val = split_validation(examples, fraction=0.2)
+    assert (len(train), len(val)) == (16, 4)
+
+
 def test_split_validation_unstratified_and_bad_arguments():
     train, val = split_validation(labelled_examples({"a": 50, "b": 50}), fraction=0.2, stratify=False)
     assert (len(train), len(val)) == (80, 20)
@@ -369,6 +375,9 @@ def test_length_grouped_batches_cover_every_index_once_and_are_deterministic():
     assert length_grouped_batches(lengths, 8, seed=0) == batches
     assert length_grouped_batches(lengths, 8, seed=1) != batches
     assert max(lengths[i] for i in batches[0]) == max(lengths)  # out-of-memory shows at step one
+    longest = [max(lengths[i] for i in b) for b in batches]
+    rises = sum(b > a for a, b in zip(longest, longest[1:], strict=False))
+    assert rises > len(batches) // 4  # batch order is shuffled, not long-to-short within each chunk
     ordered = length_grouped_batches(lengths, 8, seed=0, shuffle=False)
     assert sorted(i for b in ordered for i in b) == list(range(1003))
     assert [lengths[b[0]] for b in ordered] == sorted((lengths[b[0]] for b in ordered), reverse=True)
@@ -386,7 +395,7 @@ def test_length_grouping_wastes_less_padding_than_random_batches():
 
 
 def test_padding_waste_values_and_bad_batch_size():
-    assert padding_waste([2, 4, 4], [[0, 1], [2]]) == pytest.approx(2 / 8)
+    assert padding_waste([2, 4, 4], [[0, 1], [2]]) == pytest.approx(2 / 12)
     assert padding_waste([], []) == 0.0
     assert length_grouped_batches([], 4, seed=0) == []
     with pytest.raises(ValueError, match="batch_size"):
@@ -419,7 +428,7 @@ def test_real_agnews_test():
     examples = read_examples(shared("agnews/test.tsv"))
     assert len(examples) == 7600
     assert Counter(e.label for e in examples) == {
-        l: 1900 for l in ("World", "Sports", "Business", "Sci/Tech")
+        name: 1900 for name in ("World", "Sports", "Business", "Sci/Tech")
     }
     assert examples[0].source.endswith("test.tsv:1")  # no header: the first line is data
 

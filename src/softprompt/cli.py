@@ -1,6 +1,8 @@
-"""`softprompt <command>`: a thin command-line layer over the library. Each command is a typed
-function; jsonargparse turns its signature and docstring into options and ``--help``, and every
-command also takes ``--config FILE`` (YAML/JSON) with the same option names."""
+"""`softprompt <command>`: a thin command-line layer over the library.
+
+Options come from typed signatures and dataclasses (jsonargparse), so ``--help`` shows each field's
+docstring, and every command takes ``--config FILE`` (YAML/JSON) with the same option names.
+"""
 
 from __future__ import annotations
 
@@ -8,108 +10,203 @@ import json
 import logging
 import sys
 
+from jsonargparse import ActionConfigFile, ArgumentParser
+
 log = logging.getLogger("softprompt")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
-    for noisy in ("transformers", "accelerate", "peft", "httpx"):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "peft", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the GGUF de-quantisation bar is noise to our users
 
 
-def init(
-    output: str,
-    model: str = "smollm2",
-    num_virtual_tokens: int = 20,
-    init: str = "text",
-    init_text: str | None = None,
-    label_words: list[str] | None = None,
-    init_file: str | None = None,
-    vocab_top_k: int = 5000,
-    seed: int = 0,
-    dtype: str = "float32",
-) -> None:
-    """Create a soft prompt for a model and save it in PEFT's format (without training).
+def cmd_train(cfg) -> None:
+    from softprompt.train import train
 
-    Args:
-        output: Folder to save the prompt to (adapter_config.json + adapter_model.safetensors).
-        model: Base model: "smollm2" (packaged offline), a local folder, a .gguf file or a hub id.
-        num_virtual_tokens: Number of soft-prompt vectors P (8-32 is typical).
-        init: text, vocab, labels, random or file.
-        init_text: Text whose token embeddings start the prompt (init=text).
-        label_words: Class label words (init=labels), e.g. [negative, positive].
-        init_file: Folder of a saved prompt to copy (init=file).
-        vocab_top_k: init=vocab/labels sample from the first K ordinary token ids.
-        seed: Seed for the random parts of the initialisation.
-        dtype: Base model dtype: float32 or bfloat16.
-    """
-    from softprompt.config import PromptConfig
+    results = train(cfg)
+    out = cfg.output_dir
+    print()
+    if "test_trained" in results:
+        line = [f"trained {results['test_trained']['accuracy']:.4f}"]
+        for name in ("zero_shot", "initial_prompt"):
+            if f"test_{name}" in results:
+                line.insert(0, f"{name.replace('_', '-')} {results[f'test_{name}']['accuracy']:.4f}")
+        print("test accuracy: " + "  ->  ".join(line))
+    print(f"validation accuracy {results['validation_accuracy']:.4f} (best at step {results['best_step']} of {results['steps']}; {results['status']})")
+    print(f"prompt saved to {out}/prompt  (metrics: {out}/metrics.json, curves: {out}/curves.png)")
+    print(f'predict with:  softprompt predict {out}/prompt "the staff were friendly and quick"')
+
+
+def _classifier(prompt: str, model: str, dtype: str, template: str | None, verbalizer: str | None, batch_size: int):
+    from softprompt.classify import Classifier
+    from softprompt.loading import load_model
+    from softprompt.store import load_prompt
+
+    loaded = load_prompt(prompt)  # fail on a bad folder before waiting for the model
+    base, tokenizer = load_model(model or loaded.meta.base_model or "smollm2", dtype=dtype)
+    loaded = load_prompt(prompt, base)  # now with the base-model check
+    return Classifier(base, tokenizer, loaded, template=template, verbalizer=verbalizer, batch_size=batch_size)
+
+
+def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str | None, strip_prefix_word: bool,
+             model: str | None, dtype: str, template: str | None, verbalizer: str | None, batch_size: int,
+             output: str | None) -> None:  # fmt: skip
+    from softprompt.data import read_examples
+    from softprompt.evaluate import format_report
+
+    examples = read_examples(data, text_column=text_column, label_column=label_column, strip_prefix_word=strip_prefix_word)
+    clf = _classifier(prompt, model, dtype, template, verbalizer, batch_size)
+    report = clf.evaluate(examples, desc="evaluating")
+    print(format_report(report, title=f"{data} with {prompt}:"))
+    if output:
+        with open(output, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def cmd_predict(prompt: str, texts: list[str], file: str | None, text_column: str | None, model: str | None,
+                dtype: str, template: str | None, verbalizer: str | None, batch_size: int, output: str | None) -> None:  # fmt: skip
+    from softprompt.data import read_examples
+
+    if file:
+        texts = [*texts, *(ex.text for ex in read_examples(file, text_column=text_column, labelled=False))]
+    if not texts or texts == ["-"]:
+        if sys.stdin.isatty() and not texts:
+            raise ValueError("no texts: give them as arguments, with --file, or on standard input (one per line)")
+        texts = [line.strip() for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("no texts to classify")
+    clf = _classifier(prompt, model, dtype, template, verbalizer, batch_size)
+    sink = open(output, "w") if output else sys.stdout  # noqa: SIM115
+    try:
+        for result in clf.classify(texts, desc="classifying" if len(texts) > 64 else None):
+            sink.write(json.dumps(result, ensure_ascii=False) + "\n")
+    finally:
+        if output:
+            sink.close()
+
+
+def cmd_init(output: str, model: str, dtype: str, prompt) -> None:
     from softprompt.loading import load_model
     from softprompt.prompt import SoftPrompt
     from softprompt.store import save_prompt
 
-    cfg = PromptConfig(
-        num_virtual_tokens=num_virtual_tokens,
-        init=init,
-        init_text=init_text,
-        label_words=label_words,
-        init_file=init_file,
-        vocab_top_k=vocab_top_k,
-        seed=seed,
-    )  # validated before the model loads: a typo costs no waiting
     base, tokenizer = load_model(model, dtype=dtype, device="cpu")
-    prompt = SoftPrompt.initialize(cfg, base, tokenizer)
-    path = save_prompt(prompt, output, base)
-    print(f"saved a {prompt.num_virtual_tokens}-token prompt ({cfg.init.value} init) to {path}")
+    sp = SoftPrompt.initialize(prompt, base, tokenizer)
+    path = save_prompt(sp, output, base)
+    print(f"saved a {sp.num_virtual_tokens}-token prompt ({prompt.init.value} init) to {path}")
 
 
-def info(path: str, as_json: bool = False) -> None:
-    """Describe a saved prompt: size, how it was made, base model, norms.
-
-    Args:
-        path: Folder of a saved prompt (ours or PEFT's).
-        as_json: Print JSON instead of text.
-    """
+def cmd_info(path: str, as_json: bool) -> None:
     from softprompt.store import load_prompt
 
     prompt = load_prompt(path)
     norms = prompt.weight.detach().norm(dim=1)
     meta = prompt.meta
     summary = {
-        "path": path,
-        "num_virtual_tokens": prompt.num_virtual_tokens,
-        "token_dim": prompt.token_dim,
-        "trainable_parameters": prompt.weight.numel(),
-        "init": meta.init,
-        "init_text": meta.init_text,
-        "label_words": meta.label_words,
-        "template": meta.template,
-        "base_model": meta.base_model,
-        "norm_min": round(float(norms.min()), 4),
-        "norm_mean": round(float(norms.mean()), 4),
+        "path": path, "num_virtual_tokens": prompt.num_virtual_tokens, "token_dim": prompt.token_dim,
+        "trainable_parameters": prompt.weight.numel(), "init": meta.init, "init_text": meta.init_text,
+        "label_words": meta.label_words, "template": meta.template, "base_model": meta.base_model,
+        "norm_min": round(float(norms.min()), 4), "norm_mean": round(float(norms.mean()), 4),
         "norm_max": round(float(norms.max()), 4),
-        **{k: v for k, v in meta.extra.items() if not isinstance(v, dict | list)},
-    }
+    }  # fmt: skip
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         if value is not None:
-            print(f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {value!r}" if isinstance(value, str) and "\n" in value else f"{key:<{width}}  {value}")
 
 
-COMMANDS = {"init": init, "info": info}
+def _use_args(p: ArgumentParser, *, data: bool) -> None:
+    p.add_argument("prompt", type=str, help="Folder of a trained prompt.")
+    if data:
+        p.add_argument("data", type=str, help="Labelled data file (jsonl/csv/tsv).")
+        p.add_argument("--label_column", type=str | None, default=None, help="Label column (name or index).")
+        p.add_argument("--strip_prefix_word", type=bool, default=False, help="Drop each text's first word (TREC).")
+    else:
+        p.add_argument("texts", type=list[str], nargs="*", default=[], help="Texts to classify ('-': read stdin).")
+        p.add_argument("--file", type=str | None, default=None, help="Read texts from a jsonl/csv/tsv file.")
+    p.add_argument("--text_column", type=str | None, default=None, help="Text column (name or index).")
+    p.add_argument("--model", type=str | None, default=None, help="Base model; default: the one the prompt was trained on.")
+    p.add_argument("--dtype", type=str, default="float32", help="Base model dtype: float32 or bfloat16.")
+    p.add_argument("--template", type=str | None, default=None, help="Override the prompt's template.")
+    p.add_argument("--verbalizer", type=str | None, default=None, help="Override the label words, e.g. '0=negative,1=positive'.")
+    p.add_argument("--batch_size", type=int, default=32, help="Rows per forward pass.")
+    p.add_argument("--output", type=str | None, default=None, help="Write results to this file (JSON / JSONL).")
+
+
+def build_parser() -> ArgumentParser:
+    from softprompt.config import PromptConfig
+    from softprompt.train import TrainConfig
+
+    parser = ArgumentParser(prog="softprompt", description="Prompt tuning for Hugging Face causal language models.")
+    sub = parser.add_subcommands(dest="command")
+
+    p = ArgumentParser(description="Train a soft prompt for classification (defaults: the built-in sentiment demo).")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options.")
+    p.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
+    sub.add_subcommand("train", p, help="Train, validate, test and save a prompt.")
+
+    p = ArgumentParser(description="Evaluate a trained prompt on labelled data.")
+    p.add_argument("--config", action=ActionConfigFile)
+    _use_args(p, data=True)
+    sub.add_subcommand("eval", p, help="Accuracy, macro-F1, per-class figures and confusion matrix.")
+
+    p = ArgumentParser(description="Classify texts with a trained prompt; one JSON object per line out.")
+    p.add_argument("--config", action=ActionConfigFile)
+    _use_args(p, data=False)
+    sub.add_subcommand("predict", p, help="Label and per-label scores for each text.")
+
+    p = ArgumentParser(description="Create a prompt without training and save it (PEFT format).")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("output", type=str, help="Folder to save the prompt to.")
+    p.add_argument("--model", type=str, default="smollm2", help="Base model.")
+    p.add_argument("--dtype", type=str, default="float32", help="Base model dtype.")
+    p.add_class_arguments(PromptConfig, nested_key="prompt")
+    sub.add_subcommand("init", p, help="Initialise a prompt (text, vocab, labels, random, file).")
+
+    p = ArgumentParser(description="Describe a saved prompt.")
+    p.add_argument("path", type=str, help="Folder of a saved prompt (ours or PEFT's).")
+    p.add_argument("--as_json", type=bool, default=False, help="Print JSON.")
+    sub.add_subcommand("info", p, help="Size, init, template, base model and norms of a saved prompt.")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import auto_cli
+    from softprompt.config import ConfigError
 
-    _setup_logging()
+    parser = build_parser()
     try:
-        auto_cli(COMMANDS, args=argv, as_positional=True)
+        args = parser.parse_args(argv)
+    except ConfigError as e:  # a dataclass's own validation, raised while parsing
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    _setup_logging()
+    name = args.command
+    a = args[name]
+    try:
+        if name == "train":
+            from softprompt.train import TrainConfig
+
+            fields = {k: v for k, v in a.items() if k != "config"}
+            cmd_train(TrainConfig(**fields))
+        elif name == "eval":
+            cmd_eval(a.prompt, a.data, a.text_column, a.label_column, a.strip_prefix_word, a.model, a.dtype,
+                     a.template, a.verbalizer, a.batch_size, a.output)  # fmt: skip
+        elif name == "predict":
+            cmd_predict(a.prompt, a.texts, a.file, a.text_column, a.model, a.dtype, a.template, a.verbalizer,
+                        a.batch_size, a.output)  # fmt: skip
+        elif name == "init":
+            from softprompt.config import PromptConfig
+
+            cmd_init(a.output, a.model, a.dtype, PromptConfig(**dict(a.prompt)))
+        elif name == "info":
+            cmd_info(a.path, a.as_json)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         # Expected user errors: the message says what and how to fix; a traceback would bury it.
         print(f"error: {e}", file=sys.stderr)

@@ -110,7 +110,7 @@ def _read_text(path: Path) -> str:
 Row = tuple[int, int, Any]  # (first line, last line, CSV/TSV fields or a JSON object/array)
 
 
-def _split_rows(path: Path, text: str, fmt: str) -> tuple[list[Row], list[str], list[int]]:
+def _split_rows(path: Path, text: str, fmt: str) -> tuple[list[Row], list[tuple[int, str]], list[int]]:
     """Parse the file into rows, problems (JSON lines that do not parse) and blank line numbers."""
     rows, problems, blank = [], [], []
     if fmt == "csv":  # quoted fields may span lines: let the csv module find the rows
@@ -140,14 +140,15 @@ def _split_rows(path: Path, text: str, fmt: str) -> tuple[list[Row], list[str], 
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                problems.append(
-                    f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno}); write one object per line"
-                )
+                message = f"not valid JSON ({e.msg}, column {e.colno}); write one object per line"
+                problems.append((i, f"{path}:{i}: {message}"))
                 continue
             if isinstance(value, dict | list):
                 rows.append((i, i, value))
             else:
-                problems.append(f"{path}:{i}: expected a JSON object, got {type(value).__name__} {value!r}")
+                problems.append(
+                    (i, f"{path}:{i}: expected a JSON object, got {type(value).__name__} {value!r}")
+                )
     return rows, problems, blank
 
 
@@ -218,6 +219,15 @@ def read_examples(
     text = _read_text(path)
     if not text.strip():
         raise DataError([f"{path}: the file is empty"], "point at a file with data.")
+    if fmt == "jsonl" and text.lstrip().startswith("[") and "\n" in text.strip():
+        try:
+            whole = json.loads(text)
+        except ValueError:
+            whole = None  # JSON lines of arrays: not one document
+        if isinstance(whole, list):
+            raise DataError(
+                [f"{path}: this is one JSON array, not JSON lines"], "write one JSON object per line."
+            )
     rows, problems, blank = _split_rows(path, text, fmt)
     names, keys, width = None, False, 0
     if fmt == "jsonl":
@@ -243,7 +253,7 @@ def read_examples(
         )
     if p1 or (labelled and p2):
         hint = "choose the columns with text_column= and label_column= (a name or a 0-based index)."
-        raise DataError([*problems, *(p for p in (p1, p2 if labelled else None) if p)], hint)
+        raise DataError([*(m for _, m in problems), *(p for p in (p1, p2 if labelled else None) if p)], hint)
 
     def where(c: str | int) -> str:
         return f"key {c!r}" if keys else f"column {names[c]!r}" if names else f"column {c}"
@@ -254,22 +264,23 @@ def read_examples(
         source = f"{path}:{start}"
         if sep and len(row) != width:
             span = f" (the row spans lines {start}-{end}: an unclosed quote?)" if end > start else ""
-            problems.append(
-                f"{source}: expected {width} {sep}-separated columns, found {len(row)}{span}; "
-                f"a {sep} inside a text must be {'removed' if sep == 'tab' else 'inside double quotes'}"
-            )
+            fix = "removed" if sep == "tab" else "inside double quotes"
+            message = f"expected {width} {sep}-separated columns, found {len(row)}{span}; a {sep} in a text must be {fix}"
+            problems.append((start, f"{source}: {message}"))
             continue
         missing = [c for c in (tc, lc if labelled else tc) if not _has(row, c)]
         if missing:
-            problems.append(f"{source}: no {where(missing[0])} in this row ({list(row) if keys else row})")
+            problems.append(
+                (start, f"{source}: no {where(missing[0])} in this row ({list(row) if keys else row})")
+            )
             continue
         label = row[lc] if labelled else None
         ex = _make_example(
             row[tc], label, source, labelled, strip_prefix_word, (where(tc), where(lc) if labelled else "")
         )
-        (examples if isinstance(ex, Example) else problems).append(ex)
+        examples.append(ex) if isinstance(ex, Example) else problems.append((start, ex))
     if problems:
-        raise DataError(problems)
+        raise DataError([m for _, m in sorted(problems, key=lambda p: p[0])])
     if blank:
         logger.warning("%s: skipped %d blank line(s): %s", path, len(blank), blank[:10])
     labels = Counter(e.label for e in examples)
@@ -333,7 +344,8 @@ def split_validation(
     """Hold out ``fraction`` of the examples, deterministically for a seed; returns (train, validation).
 
     With ``stratify`` every label keeps its share, and each label with at least two rows gets at
-    least one validation row (and keeps at least one training row). Both parts keep file order.
+    least one validation row (and keeps at least one training row); when every label is unique the
+    split is not stratified. Both parts keep file order.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction={fraction} must be strictly between 0 and 1 (e.g. 0.1 for 10%)")
@@ -342,6 +354,8 @@ def split_validation(
     groups: dict[str, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
         groups[str(ex.label) if stratify else ""].append(i)
+    if max(len(g) for g in groups.values()) < 2:  # every label unique (e.g. generation): nothing to stratify
+        groups = {"": list(range(len(examples)))}
     rng = random.Random(seed)
     held: list[int] = []
     for key in sorted(groups):

@@ -171,7 +171,7 @@ def save_prompt(prompt: SoftPrompt, path: str | os.PathLike, model: torch.nn.Mod
         config = adapter_config(prompt, model, meta)
         _write_json(tmp / CONFIG_NAME, config)
         _write_json(tmp / META_NAME, {"format_version": FORMAT_VERSION, **dataclasses.asdict(meta)})
-        _swap_in(tmp, dest)
+        swap_in_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -186,10 +186,12 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _swap_in(tmp: Path, dest: Path) -> None:
-    for name in os.listdir(tmp):  # data on disk before the rename makes it visible
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
+def swap_in_dir(tmp: Path, dest: Path) -> None:
+    """Replace folder ``dest`` by the finished folder ``tmp`` (same parent) with renames."""
+    for root, _, files in os.walk(tmp):  # data on disk before the rename makes it visible
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""Using a trained prompt: classify texts and evaluate on labelled data, with the template and
+verbalizer the prompt was trained with (read from its softprompt.json)."""
+
+from __future__ import annotations
+
+import torch
+
+from softprompt.data import Example
+from softprompt.evaluate import classification_report
+from softprompt.model import PromptedLM
+from softprompt.prompt import SoftPrompt
+from softprompt.train import predict_scores
+from softprompt.verbalizer import Template, Verbalizer, encode_text
+
+
+class Classifier:
+    """A frozen model plus one classification prompt.
+
+    Args:
+        model, tokenizer: the base model the prompt was trained on.
+        prompt: the trained prompt; ``None`` gives the zero-shot baseline (needs template and verbalizer).
+        template, verbalizer: override what the prompt's metadata says.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt: SoftPrompt | None,
+        template: str | None = None,
+        verbalizer: str | dict | None = None,
+        max_length: int = 256,
+        batch_size: int = 32,
+    ):
+        meta = prompt.meta if prompt is not None else None
+        template = template or (meta.template if meta else None)
+        spec = verbalizer or (meta.extra.get("verbalizer") if meta else None) or (meta.label_words if meta else None)
+        if not template or not spec:
+            raise ValueError(
+                "this prompt has no template/label words in its softprompt.json (e.g. it was trained with PEFT); "
+                "pass --template 'Review: {text}\\nSentiment:' and --verbalizer '0=negative,1=positive'"
+            )
+        self.template = Template(template)
+        self.verbalizer = Verbalizer.parse(spec)
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.prompted = PromptedLM(model)
+        self.label_ids = self.verbalizer.token_ids(tokenizer)
+        self.mode = self.verbalizer.scoring_mode(tokenizer, (meta.extra.get("scoring") if meta else None) or "auto")
+        self.max_length, self.batch_size = max_length, batch_size
+
+    def scores(self, texts: list[str], desc: str | None = None) -> torch.Tensor:
+        """Class probabilities (N, C), softmax over the label words' scores."""
+        rows = [encode_text(self.tokenizer, self.template, t, self.max_length)[0] for t in texts]
+        logp = predict_scores(
+            self.prompted, self.prompt, rows, self.label_ids, self.mode, self.tokenizer.pad_token_id,
+            self.batch_size, desc,
+        )  # fmt: skip
+        return logp.softmax(dim=1)
+
+    def classify(self, texts: list[str], desc: str | None = None) -> list[dict]:
+        """One ``{"text", "label", "scores": {label: probability}}`` per text."""
+        probs = self.scores(texts, desc)
+        labels = self.verbalizer.labels
+        return [
+            {"text": t, "label": labels[int(p.argmax())], "scores": {lab: round(float(x), 6) for lab, x in zip(labels, p, strict=True)}}
+            for t, p in zip(texts, probs, strict=True)
+        ]
+
+    def evaluate(self, examples: list[Example], desc: str | None = None) -> dict:
+        unknown = sorted({ex.label for ex in examples} - set(self.verbalizer.labels))
+        if unknown:
+            raise ValueError(f"labels {unknown} in the data are not in the prompt's verbalizer {self.verbalizer.labels}")
+        results = self.classify([ex.text for ex in examples], desc)
+        return classification_report([ex.label for ex in examples], [r["label"] for r in results], self.verbalizer.labels)

@@ -1,0 +1,459 @@
+"""Training a soft prompt for classification: an explicit loop, read top to bottom.
+
+    data -> template + verbalizer -> token ids -> length-grouped batches
+         -> PromptedLM class scores -> loss -> grads on the prompt only -> clip -> step
+         -> every eval_every steps: validation accuracy, keep the best prompt, checkpoint
+         -> at the end: test set, reported beside zero-shot and the untrained prompt
+
+Nothing here is random except the initialisation and the data order, both from ``seed``; the base
+model runs in eval mode. So a run resumed from its checkpoint ends exactly where an uninterrupted
+run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from softprompt.config import ConfigError, PromptConfig
+from softprompt.data import DataError, Example, demo_paths, length_grouped_batches, read_examples, split_validation
+from softprompt.evaluate import classification_report, format_report
+from softprompt.loading import load_model
+from softprompt.model import PromptedLM
+from softprompt.prompt import SoftPrompt
+from softprompt.store import load_prompt, save_prompt, swap_in_dir
+from softprompt.verbalizer import Template, Verbalizer, class_scores, encode_text
+
+log = logging.getLogger(__name__)
+
+DEMO_TEMPLATE = "Review: {text}\nSentiment:"
+DEMO_VERBALIZER = "negative=negative,positive=positive"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Saved as ``hyperparameters.json`` beside the prompt."""
+
+    train_file: str | None = None
+    """Labelled training data (jsonl/csv/tsv). None: the built-in sentiment demo."""
+    validation_file: str | None = None
+    """Validation data; None: hold out validation_fraction of the training data."""
+    test_file: str | None = None
+    """Test data evaluated once at the end (with zero-shot and untrained-prompt baselines)."""
+    text_column: str | None = None
+    """Text column (name or 0-based index); default: text/sentence/question/... or the first column."""
+    label_column: str | None = None
+    """Label column (name or index); default: label/class/... or the second column."""
+    strip_prefix_word: bool = False
+    """Drop the first word of every text (TREC files start each line with a fine-grained label)."""
+    template: str = DEMO_TEMPLATE
+    """Input template with one {text} placeholder; the label word follows it."""
+    verbalizer: str | None = None
+    """label=word pairs, e.g. '0=negative,1=positive'; default: each label is its own word."""
+    model: str = "smollm2"
+    """Base model: smollm2 (packaged offline), a local folder, a .gguf file or a hub id."""
+    dtype: str = "float32"
+    """Base model dtype (float32 or bfloat16); the prompt is always float32."""
+    device: str = "auto"
+    """cpu, cuda, or auto."""
+    num_virtual_tokens: int = 20
+    """Soft-prompt length P."""
+    init: str = "labels"
+    """Prompt init: labels (label words first, then common vocabulary), text, vocab, random or file."""
+    init_text: str | None = None
+    """Text for init=text."""
+    init_file: str | None = None
+    """Saved prompt folder for init=file (prompt transfer)."""
+    optimizer: str = "adamw"
+    """adamw or adafactor."""
+    lr: float = 0.1
+    """Peak learning rate. Prompt tuning needs high rates (0.03-0.3); see docs/tutorial.md."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the prompt."""
+    schedule: str = "linear"
+    """Learning-rate decay after warmup: linear, cosine or constant."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    max_steps: int = 150
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Rows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."""
+    max_grad_norm: float = 1.0
+    """Clip the prompt gradient's norm to this (0 disables)."""
+    loss: str = "class"
+    """class: cross-entropy over the label words only; lm: next-token loss over the full vocabulary."""
+    scoring: str = "auto"
+    """first_token, sequence (rank classification) or auto."""
+    max_length: int = 256
+    """Longest input in tokens (template included); longer texts are truncated and counted."""
+    truncation_side: str = "right"
+    """Which end of a long text is cut: right or left."""
+    validation_fraction: float = 0.1
+    """Share of the training data held out for validation when no validation_file is given."""
+    eval_every: int = 50
+    """Validate (and keep the best prompt) every N steps."""
+    eval_batch_size: int = 32
+    """Rows per batch when evaluating."""
+    patience: int = 0
+    """Stop after this many evaluations without improvement (0: never stop early)."""
+    seed: int = 0
+    """Seed for init and data order."""
+    output_dir: str = "runs/demo"
+    """Run folder: prompt/, checkpoint/, metrics.jsonl, metrics.json, curves.png."""
+    resume: bool = False
+    """Continue from output_dir/checkpoint if it exists."""
+    baselines: bool = True
+    """Evaluate zero-shot and the untrained prompt on the test set too."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        choices = {
+            "optimizer": ("adamw", "adafactor"), "schedule": ("linear", "cosine", "constant"),
+            "loss": ("class", "lm"), "scoring": ("auto", "first_token", "sequence"),
+            "truncation_side": ("left", "right"), "dtype": ("float32", "bfloat16", "fp32", "bf16"),
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive number, got {self.lr}")
+        if not 0 < self.validation_fraction < 1:
+            problems.append(f"validation_fraction must be between 0 and 1, got {self.validation_fraction}")
+        if self.warmup_steps < 0 or self.patience < 0 or self.max_grad_norm < 0:
+            problems.append("warmup_steps, patience and max_grad_norm must be >= 0")
+        try:
+            Template(self.template)
+        except ValueError as e:
+            problems.append(str(e))
+        if problems:
+            raise ConfigError(problems)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Encoded:
+    rows: list[list[int]]  # token ids of each rendered input
+    gold: list[int]  # class index per row
+    examples: list[Example]
+
+
+def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Example] | None]:
+    """Train, validation and (optional) test examples; the built-in demo when no train_file."""
+    cols = {"text_column": cfg.text_column, "label_column": cfg.label_column, "strip_prefix_word": cfg.strip_prefix_word}
+    if cfg.train_file is None:
+        train_path, test_path = demo_paths()
+        train, test = read_examples(train_path), read_examples(test_path)
+    else:
+        train = read_examples(cfg.train_file, **cols)
+        test = read_examples(cfg.test_file, **cols) if cfg.test_file else None
+    if cfg.validation_file:
+        val = read_examples(cfg.validation_file, **cols)
+    else:
+        train, val = split_validation(train, cfg.validation_fraction, seed=cfg.seed)
+    return train, val, test
+
+
+def make_verbalizer(cfg: TrainConfig, train: list[Example]) -> Verbalizer:
+    if cfg.verbalizer:
+        return Verbalizer.parse(cfg.verbalizer)
+    if cfg.train_file is None:
+        return Verbalizer.parse(DEMO_VERBALIZER)
+    return Verbalizer.parse(sorted({ex.label for ex in train}))
+
+
+def encode(examples: list[Example], tokenizer, template: Template, verbalizer: Verbalizer, cfg: TrainConfig, split: str) -> Encoded:
+    """Render, tokenise and check labels; every unknown label is reported with its file and line."""
+    unknown = [f"{ex.source}: label {ex.label!r} is not in the verbalizer {verbalizer.labels}" for ex in examples if ex.label not in verbalizer.labels]
+    if unknown:
+        raise DataError(unknown)
+    rows, truncated = [], 0
+    for ex in examples:
+        ids, cut = encode_text(tokenizer, template, ex.text, cfg.max_length, cfg.truncation_side)
+        rows.append(ids)
+        truncated += cut
+    if truncated:
+        log.warning("%s: %d of %d texts were longer than max_length=%d and were truncated on the %s", split, truncated, len(rows), cfg.max_length, cfg.truncation_side)
+    return Encoded(rows, [verbalizer.index(ex.label) for ex in examples], examples)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict_scores(prompted: PromptedLM, prompt, rows: list[list[int]], label_ids: list[list[int]], mode: str, pad_id: int, batch_size: int, desc: str | None = None) -> torch.Tensor:
+    """Class log-scores (N, C) for all rows, batched by length so little compute goes to padding."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    scores = torch.empty(len(rows), len(label_ids))
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+        idx = order[s : s + batch_size]
+        scores[idx] = class_scores(prompted, [rows[i] for i in idx], label_ids, mode, pad_id, prompt).float().cpu()
+    return scores
+
+
+def evaluate_split(prompted, prompt, data: Encoded, label_ids, mode, pad_id, verbalizer, batch_size, desc=None) -> dict:
+    scores = predict_scores(prompted, prompt, data.rows, label_ids, mode, pad_id, batch_size, desc)
+    pred = [verbalizer.labels[i] for i in scores.argmax(dim=1).tolist()]
+    gold = [verbalizer.labels[i] for i in data.gold]
+    return classification_report(gold, pred, verbalizer.labels)
+
+
+# ----------------------------------------------------------------------------- optimisation
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr
+
+
+def make_optimizer(prompt: SoftPrompt, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(prompt.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(prompt.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def micro_batches(lengths: list[int], cfg: TrainConfig, start: int, count: int) -> list[list[int]]:
+    """Micro-batches number start..start+count-1 of the endless, seeded, length-grouped stream
+    (epoch e uses seed + e), so any step's data is known without replaying the run."""
+    per_epoch = math.ceil(len(lengths) / cfg.batch_size)
+    out = []
+    for k in range(start, start + count):
+        epoch, i = divmod(k, per_epoch)
+        key = (id(lengths), cfg.batch_size, cfg.seed + epoch)
+        if key not in _EPOCH_CACHE:
+            _EPOCH_CACHE.clear()  # one epoch's order at a time
+            _EPOCH_CACHE[key] = length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        out.append(_EPOCH_CACHE[key][i])
+    return out
+
+
+_EPOCH_CACHE: dict[tuple, list[list[int]]] = {}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(folder: Path, prompt: SoftPrompt, model, optimizer, state: dict) -> None:
+    """prompt + optimizer moments (safetensors) + counters (JSON), swapped in atomically."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_prompt(prompt, tmp / "prompt", model)
+        opt_state = optimizer.state_dict()["state"].get(0, {})
+        tensors = {k: v.detach().cpu().contiguous() for k, v in opt_state.items() if torch.is_tensor(v)}
+        scalars = {k: v for k, v in opt_state.items() if not torch.is_tensor(v)}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer_scalars": scalars}, indent=2))
+        swap_in_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(folder: Path, prompt: SoftPrompt, model, optimizer) -> dict:
+    saved = load_prompt(folder / "prompt", model)
+    with torch.no_grad():
+        prompt.weight.copy_(saved.weight)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    opt_state = {**load_file(str(folder / "optimizer.safetensors")), **state.pop("optimizer_scalars")}
+    if opt_state:
+        optimizer.load_state_dict({"state": {0: opt_state}, "param_groups": optimizer.state_dict()["param_groups"]})
+    return state
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: TrainConfig) -> dict:
+    """Train, validate, test and save. Returns the final metrics (also written to metrics.json)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # ---- data (read and checked before the model loads: a bad file costs no waiting)
+    train_ex, val_ex, test_ex = load_splits(cfg)
+    verbalizer = make_verbalizer(cfg, train_ex)
+    template = Template(cfg.template)
+    log.info("data: %d train, %d validation, %s test rows; labels %s", len(train_ex), len(val_ex), len(test_ex) if test_ex else "no", verbalizer.as_dict())
+
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    pad_id = tokenizer.pad_token_id
+    label_ids = verbalizer.token_ids(tokenizer)
+    mode = verbalizer.scoring_mode(tokenizer, cfg.scoring)
+    train_set = encode(train_ex, tokenizer, template, verbalizer, cfg, "train")
+    val_set = encode(val_ex, tokenizer, template, verbalizer, cfg, "validation")
+    test_set = encode(test_ex, tokenizer, template, verbalizer, cfg, "test") if test_ex else None
+    lengths = [len(r) for r in train_set.rows]
+
+    # ---- the prompt: the only trainable tensor
+    prompt_cfg = PromptConfig(num_virtual_tokens=cfg.num_virtual_tokens, init=cfg.init, init_text=cfg.init_text, init_file=cfg.init_file, label_words=verbalizer.words, seed=cfg.seed)
+    prompt = SoftPrompt.initialize(prompt_cfg, model, tokenizer)
+    prompt.meta.template, prompt.meta.label_words = cfg.template, verbalizer.words
+    prompt.meta.extra = {"verbalizer": verbalizer.as_dict(), "scoring": mode}
+    initial = prompt.weight.detach().clone()
+    prompted = PromptedLM(model)
+    optimizer = make_optimizer(prompt, cfg)
+    n_base = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %d (%d x %d prompt) of %d in the model (%.4f%%); scoring %s, loss %s", prompt.weight.numel(), prompt.num_virtual_tokens, prompt.token_dim, n_base, 100 * prompt.weight.numel() / n_base, mode, cfg.loss)
+    (out / "hyperparameters.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    state = {"step": 0, "best_accuracy": -1.0, "best_step": 0, "bad_evals": 0, "status": "running"}
+    ckpt = out / "checkpoint"
+    if cfg.resume and (ckpt / "trainer_state.json").is_file():
+        state = load_checkpoint(ckpt, prompt, model, optimizer)
+        log.info("resumed from %s at step %d", ckpt, state["step"])
+    metrics_path = out / "metrics.jsonl"
+    _truncate_log(metrics_path, state["step"])
+    writer = _tensorboard(out)
+
+    # ---- the loop
+    last_good = prompt.weight.detach().clone()
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step")
+    while state["step"] < cfg.max_steps:
+        step = state["step"]
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, tokens = 0.0, 0
+        for idx in micro_batches(lengths, cfg, step * cfg.grad_accum, cfg.grad_accum):
+            rows = [train_set.rows[i] for i in idx]
+            gold = torch.tensor([train_set.gold[i] for i in idx], device=prompted.device)
+            scores = class_scores(prompted, rows, label_ids, mode, pad_id, prompt)  # (B, C) log-probs
+            # class: softmax over the label words only; lm: the gold word's log-prob over the vocabulary
+            loss = F.cross_entropy(scores, gold) if cfg.loss == "class" else -scores.gather(1, gold[:, None]).mean()
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            tokens += sum(len(r) + prompt.num_virtual_tokens for r in rows)
+        grad_norm = prompt.weight.grad.norm().item()
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            log.error("step %d: loss %s, gradient norm %s: training diverged. Keeping the last good prompt and stopping; lower lr (now %.3g).", step, loss_sum, grad_norm, lr)
+            with torch.no_grad():
+                prompt.weight.copy_(last_good)
+            state["status"] = "diverged"
+            break
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(prompt.parameters(), cfg.max_grad_norm)
+        last_good = prompt.weight.detach().clone()
+        optimizer.step()
+        state["step"] = step = step + 1
+        seconds = time.perf_counter() - t0
+        record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "prompt_norm": prompt.weight.detach().norm(dim=1).mean().item(), "tokens_per_s": tokens / seconds}
+        _warn_gradient(grad_norm, step)
+        _log(metrics_path, writer, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", gnorm=f"{grad_norm:.2e}", lr=f"{lr:.3g}")
+
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            report = evaluate_split(prompted, prompt, val_set, label_ids, mode, pad_id, verbalizer, cfg.eval_batch_size)
+            _log(metrics_path, writer, {"step": step, "split": "validation", "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
+            if report["accuracy"] > state["best_accuracy"]:
+                state.update(best_accuracy=report["accuracy"], best_step=step, bad_evals=0)
+                _save_best(prompt, out, model)
+            else:
+                state["bad_evals"] += 1
+            bar.write(f"step {step}: validation accuracy {report['accuracy']:.4f} (best {state['best_accuracy']:.4f} at step {state['best_step']})")
+            save_checkpoint(ckpt, prompt, model, optimizer, state)
+            if cfg.patience and state["bad_evals"] >= cfg.patience:
+                log.info("no improvement in %d evaluations: stopping early at step %d", cfg.patience, step)
+                state["status"] = "early_stopped"
+                break
+    bar.close()
+    if state["status"] == "running":
+        state["status"] = "completed"
+    if state["best_step"] == 0:  # diverged before the first evaluation: keep what we have
+        _save_best(prompt, out, model)
+    save_checkpoint(ckpt, prompt, model, optimizer, state)
+
+    # ---- final evaluation with the best prompt, beside the baselines
+    best = load_prompt(out / "prompt", model)
+    results = {"status": state["status"], "steps": state["step"], "best_step": state["best_step"], "validation_accuracy": state["best_accuracy"], "trainable_parameters": prompt.weight.numel(), "scoring": mode}
+    if test_set is not None:
+        evals = {"trained": best}
+        if cfg.baselines:
+            evals = {"zero_shot": None, "initial_prompt": initial, **evals}
+        for name, p in evals.items():
+            report = evaluate_split(prompted, p, test_set, label_ids, mode, pad_id, verbalizer, cfg.eval_batch_size, desc=f"test ({name})")
+            results[f"test_{name}"] = report
+            log.info("\n%s", format_report(report, title=f"test set, {name.replace('_', ' ')}:"))
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    if writer is not None:
+        writer.close()
+    _plot_curves(metrics_path, out / "curves.png")
+    return results
+
+
+def _save_best(prompt: SoftPrompt, out: Path, model) -> None:
+    save_prompt(prompt, out / "prompt", model)
+
+
+def _warn_gradient(grad_norm: float, step: int) -> None:
+    if grad_norm < 1e-7:
+        log.warning("step %d: prompt gradient norm %.2e has vanished; check the labels reach the loss and raise lr", step, grad_norm)
+    elif grad_norm > 1e3:
+        log.warning("step %d: prompt gradient norm %.2e is exploding; lower lr or keep max_grad_norm on", step, grad_norm)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint so the log reads like one uninterrupted run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _log(path: Path, writer, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        prefix = record.get("split", "train")
+        for key, value in record.items():
+            if isinstance(value, int | float) and key != "step":
+                writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.debug("tensorboard is not installed; metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _plot_curves(metrics_path: Path, png: Path) -> None:
+    """Loss, gradient norm and validation accuracy against step, saved with the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_r = [r for r in records if "loss" in r]
+    val_r = [r for r in records if r.get("split") == "validation"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r["step"] for r in train_r], [r["loss"] for r in train_r])
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].semilogy([r["step"] for r in train_r], [max(r["grad_norm"], 1e-12) for r in train_r])
+    axes[1].set(title="prompt gradient norm", xlabel="step")
+    axes[2].plot([r["step"] for r in val_r], [r["accuracy"] for r in val_r], marker="o")
+    axes[2].set(title="validation accuracy", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
