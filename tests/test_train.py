@@ -1,0 +1,139 @@
+"""The training loop on a tiny model: end to end through the CLI, resume == uninterrupted, NaN stops cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_sentiment_data
+
+import softprompt.train as train_mod
+from softprompt import load_prompt
+from softprompt.cli import main
+from softprompt.config import ConfigError
+from softprompt.train import TrainConfig, lr_at, train
+
+
+@pytest.fixture
+def data(tmp_path):
+    return {
+        "train": str(write_sentiment_data(tmp_path / "train.jsonl", 40, seed=1)),
+        "test": str(write_sentiment_data(tmp_path / "test.jsonl", 12, seed=2)),
+    }
+
+
+def config(tiny_model_dir, data, out, **kw) -> TrainConfig:
+    base = dict(
+        train_file=data["train"], test_file=data["test"], model=tiny_model_dir, template="review {text} sentiment",
+        num_virtual_tokens=4, max_steps=6, eval_every=2, batch_size=4, lr=0.3, warmup_steps=1, output_dir=str(out),
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_cli_train_eval_predict_end_to_end(tiny_model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", "--train_file", data["train"], "--test_file", data["test"], "--model", tiny_model_dir,
+          "--template", "review {text} sentiment", "--num_virtual_tokens", "4", "--max_steps", "4",
+          "--eval_every", "2", "--batch_size", "4", "--output_dir", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "test accuracy: zero-shot" in printed and "softprompt predict" in printed
+    for name in ["prompt/adapter_model.safetensors", "prompt/adapter_config.json", "metrics.json", "metrics.jsonl",
+                 "curves.png", "hyperparameters.json", "checkpoint/trainer_state.json"]:  # fmt: skip
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"test_zero_shot", "test_initial_prompt", "test_trained"} <= set(metrics)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3, 4]
+    assert all(k in steps[0] for k in ["loss", "lr", "grad_norm", "prompt_norm", "tokens_per_s"])
+    prompt = load_prompt(out / "prompt")
+    assert prompt.meta.template == "review {text} sentiment" and prompt.meta.label_words == ["negative", "positive"]
+
+    main(["eval", str(out / "prompt"), data["test"], "--output", str(tmp_path / "eval.json")])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["num_rows"] == 12
+    assert report["accuracy"] == pytest.approx(metrics["test_trained"]["accuracy"])  # same prompt, same numbers
+
+    capsys.readouterr()
+    main(["predict", str(out / "prompt"), "good film", "the plot was boring"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in lines] == ["good film", "the plot was boring"]
+    assert all(r["label"] in ("negative", "positive") and abs(sum(r["scores"].values()) - 1) < 1e-5 for r in lines)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, data, tmp_path, monkeypatch):
+    full = train(config(tiny_model_dir, data, tmp_path / "full"))
+    real = train_mod.class_scores
+    calls = {"n": 0}
+
+    def crash_on_fifth_step(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "class_scores", crash_on_fifth_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_model_dir, data, tmp_path / "cut"))
+    monkeypatch.setattr(train_mod, "class_scores", real)
+    assert json.loads((tmp_path / "cut/checkpoint/trainer_state.json").read_text())["step"] == 4
+    resumed = train(config(tiny_model_dir, data, tmp_path / "cut", resume=True))
+    a = load_prompt(tmp_path / "full/checkpoint/prompt").weight
+    b = load_prompt(tmp_path / "cut/checkpoint/prompt").weight
+    assert torch.equal(a, b)
+    assert resumed["test_trained"]["accuracy"] == full["test_trained"]["accuracy"]
+    log_a = (tmp_path / "full/metrics.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "cut/metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
+    assert strip(log_a) == strip(log_b)
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_prompt(tiny_model_dir, data, tmp_path, monkeypatch, caplog):
+    real = train_mod.class_scores
+    calls = {"n": 0}
+
+    def nan_on_third_step(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return scores * float("nan")
+        return scores
+
+    monkeypatch.setattr(train_mod, "class_scores", nan_on_third_step)
+    results = train(config(tiny_model_dir, data, tmp_path / "run", eval_every=100))
+    assert results["status"] == "diverged" and results["steps"] == 2
+    assert "training diverged" in caplog.text
+    saved = load_prompt(tmp_path / "run/prompt").weight
+    assert torch.isfinite(saved).all()
+    assert torch.equal(saved, load_prompt(tmp_path / "run/checkpoint/prompt").weight)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, data, tmp_path):
+    # rows of equal length in the tiny data => mean of two half-batch losses == loss of the full batch
+    train(config(tiny_model_dir, data, tmp_path / "a", batch_size=4, grad_accum=2, max_steps=2, baselines=False))
+    lines = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines() if "loss" in x]
+    assert len(lines) == 2 and all(r["grad_norm"] > 0 for r in lines)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, max_steps=14, schedule="linear")
+    assert [round(lr_at(s, cfg), 3) for s in (0, 3, 4, 9, 14)] == [0.2, 0.8, 1.0, 0.5, 0.0]
+    cos = TrainConfig(lr=1.0, warmup_steps=0, max_steps=10, schedule="cosine")
+    assert lr_at(0, cos) == pytest.approx(1.0) and lr_at(5, cos) == pytest.approx(0.5) and lr_at(10, cos) == pytest.approx(0.0)
+
+
+def test_bad_train_config_lists_every_problem():
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(optimizer="sgd", lr=-1, max_steps=0, template="no placeholder")
+    assert len(err.value.problems) == 4
+
+
+def test_unknown_labels_are_reported_with_file_and_line(tiny_model_dir, data, tmp_path):
+    from softprompt.data import DataError
+
+    with open(data["test"], "a") as f:
+        f.write('{"text": "good food", "label": "mixed"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl:13: label 'mixed'"):
+        train(config(tiny_model_dir, data, tmp_path / "run"))
