@@ -117,7 +117,11 @@ def write_sentiment_data(path: Path, n: int, seed: int = 0) -> Path:
     import random
 
     rng = random.Random(seed)
-    pos, neg, filler = ["good", "great", "fun", "love"], ["bad", "terrible", "boring", "hate"], ["the", "film", "food", "service", "plot", "staff", "very", "really"]
+    pos, neg, filler = (
+        ["good", "great", "fun", "love"],
+        ["bad", "terrible", "boring", "hate"],
+        ["the", "film", "food", "service", "plot", "staff", "very", "really"],
+    )
     with open(path, "w") as f:
         for i in range(n):
             label = "positive" if i % 2 == 0 else "negative"

@@ -43,7 +43,14 @@ def test_tutorial_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
     assert len(shell) >= 4, "the tutorial lost its command blocks"
     for block in shell:
         script = "\n".join(line for line in block.splitlines() if not line.startswith(SKIP_LINES))
-        done = subprocess.run(["bash", "-c", WRAPPER + script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            ["bash", "-c", WRAPPER + script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, f"tutorial block failed:\n{block}\n--- stderr ---\n{done.stderr[-3000:]}"
     assert (tmp_path / "runs/reviews/prompt/adapter_model.safetensors").is_file()
     assert (tmp_path / "runs/reviews/curves.png").is_file()

@@ -10,7 +10,7 @@ from softprompt.verbalizer import Template, Verbalizer, class_scores, encode_tex
 
 
 def test_template_needs_exactly_one_placeholder():
-    assert Template("Review: {text} {\"json\": 1}").render("ok") == 'Review: ok {"json": 1}'
+    assert Template('Review: {text} {"json": 1}').render("ok") == 'Review: ok {"json": 1}'
     for bad in ["no placeholder", "{text} and {text}"]:
         with pytest.raises(ValueError, match="expected exactly one"):
             Template(bad)
@@ -39,7 +39,10 @@ def test_scoring_mode_auto_picks_sequence_when_first_tokens_collide(tokenizer):
 def test_first_token_and_sequence_scores_agree_for_single_token_words(llama, tokenizer):
     v = Verbalizer.parse("n=negative,p=positive,u=neutral")
     label_ids = v.token_ids(tokenizer)
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["the film was good", "bad", "it was very boring food"]]
+    rows = [
+        tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in ["the film was good", "bad", "it was very boring food"]
+    ]
     prompted, prompt = PromptedLM(llama), SoftPrompt(torch.randn(4, 32) * 0.1)
     with torch.no_grad():
         first = class_scores(prompted, rows, label_ids, "first_token", 0, prompt)
@@ -69,6 +72,9 @@ def test_truncation_cuts_the_text_not_the_template(tokenizer, side):
     words = tokenizer.decode(ids).split()
     assert cut and len(ids) == 6 and words[0] == "review" and words[-1] == "sentiment"
     assert words[1:-1] == (text.split()[-4:] if side == "left" else text.split()[:4])
-    assert encode_text(tokenizer, template, "good", max_length=6) == (tokenizer("review good sentiment")["input_ids"], False)
+    assert encode_text(tokenizer, template, "good", max_length=6) == (
+        tokenizer("review good sentiment")["input_ids"],
+        False,
+    )
     with pytest.raises(ValueError, match="template alone"):
         encode_text(tokenizer, template, text, max_length=2)

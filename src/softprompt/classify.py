@@ -34,7 +34,11 @@ class Classifier:
     ):
         meta = prompt.meta if prompt is not None else None
         template = template or (meta.template if meta else None)
-        spec = verbalizer or (meta.extra.get("verbalizer") if meta else None) or (meta.label_words if meta else None)
+        spec = (
+            verbalizer
+            or (meta.extra.get("verbalizer") if meta else None)
+            or (meta.label_words if meta else None)
+        )
         if not template or not spec:
             raise ValueError(
                 "this prompt has no template/label words in its softprompt.json (e.g. it was trained with PEFT); "
@@ -46,7 +50,9 @@ class Classifier:
         self.prompt = prompt
         self.prompted = PromptedLM(model)
         self.label_ids = self.verbalizer.token_ids(tokenizer)
-        self.mode = self.verbalizer.scoring_mode(tokenizer, (meta.extra.get("scoring") if meta else None) or "auto")
+        self.mode = self.verbalizer.scoring_mode(
+            tokenizer, (meta.extra.get("scoring") if meta else None) or "auto"
+        )
         self.max_length, self.batch_size = max_length, batch_size
 
     def scores(self, texts: list[str], desc: str | None = None) -> torch.Tensor:
@@ -63,13 +69,21 @@ class Classifier:
         probs = self.scores(texts, desc)
         labels = self.verbalizer.labels
         return [
-            {"text": t, "label": labels[int(p.argmax())], "scores": {lab: round(float(x), 6) for lab, x in zip(labels, p, strict=True)}}
+            {
+                "text": t,
+                "label": labels[int(p.argmax())],
+                "scores": {lab: round(float(x), 6) for lab, x in zip(labels, p, strict=True)},
+            }
             for t, p in zip(texts, probs, strict=True)
         ]
 
     def evaluate(self, examples: list[Example], desc: str | None = None) -> dict:
         unknown = sorted({ex.label for ex in examples} - set(self.verbalizer.labels))
         if unknown:
-            raise ValueError(f"labels {unknown} in the data are not in the prompt's verbalizer {self.verbalizer.labels}")
+            raise ValueError(
+                f"labels {unknown} in the data are not in the prompt's verbalizer {self.verbalizer.labels}"
+            )
         results = self.classify([ex.text for ex in examples], desc)
-        return classification_report([ex.label for ex in examples], [r["label"] for r in results], self.verbalizer.labels)
+        return classification_report(
+            [ex.label for ex in examples], [r["label"] for r in results], self.verbalizer.labels
+        )

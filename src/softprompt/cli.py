@@ -16,7 +16,9 @@ log = logging.getLogger("softprompt")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
     for noisy in ("transformers", "accelerate", "peft", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
@@ -34,12 +36,16 @@ def cmd_train(cfg) -> None:
         names = [n for n in ("zero_shot", "initial_prompt", "trained") if f"test_{n}" in results]
         line = [f"{n.replace('_', '-')} {results[f'test_{n}']['accuracy']:.4f}" for n in names]
         print("test accuracy: " + "  ->  ".join(line))
-    print(f"validation accuracy {results['validation_accuracy']:.4f} (best at step {results['best_step']} of {results['steps']}; {results['status']})")
+    print(
+        f"validation accuracy {results['validation_accuracy']:.4f} (best at step {results['best_step']} of {results['steps']}; {results['status']})"
+    )
     print(f"prompt saved to {out}/prompt  (metrics: {out}/metrics.json, curves: {out}/curves.png)")
     print(f'predict with:  softprompt predict {out}/prompt "the staff were friendly and quick"')
 
 
-def _classifier(prompt: str, model: str, dtype: str, template: str | None, verbalizer: str | None, batch_size: int):
+def _classifier(
+    prompt: str, model: str, dtype: str, template: str | None, verbalizer: str | None, batch_size: int
+):
     from softprompt.classify import Classifier
     from softprompt.loading import load_model
     from softprompt.store import load_prompt
@@ -47,7 +53,9 @@ def _classifier(prompt: str, model: str, dtype: str, template: str | None, verba
     loaded = load_prompt(prompt)  # fail on a bad folder before waiting for the model
     base, tokenizer = load_model(model or loaded.meta.base_model or "smollm2", dtype=dtype)
     loaded = load_prompt(prompt, base)  # now with the base-model check
-    return Classifier(base, tokenizer, loaded, template=template, verbalizer=verbalizer, batch_size=batch_size)
+    return Classifier(
+        base, tokenizer, loaded, template=template, verbalizer=verbalizer, batch_size=batch_size
+    )
 
 
 def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str | None, strip_prefix_word: bool,
@@ -56,7 +64,9 @@ def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str 
     from softprompt.data import read_examples
     from softprompt.evaluate import format_report
 
-    examples = read_examples(data, text_column=text_column, label_column=label_column, strip_prefix_word=strip_prefix_word)
+    examples = read_examples(
+        data, text_column=text_column, label_column=label_column, strip_prefix_word=strip_prefix_word
+    )
     clf = _classifier(prompt, model, dtype, template, verbalizer, batch_size)
     report = clf.evaluate(examples, desc="evaluating")
     print(format_report(report, title=f"{data} with {prompt}:"))
@@ -73,7 +83,9 @@ def cmd_predict(prompt: str, texts: list[str], file: str | None, text_column: st
         texts = [*texts, *(ex.text for ex in read_examples(file, text_column=text_column, labelled=False))]
     if not texts or texts == ["-"]:
         if sys.stdin.isatty() and not texts:
-            raise ValueError("no texts: give them as arguments, with --file, or on standard input (one per line)")
+            raise ValueError(
+                "no texts: give them as arguments, with --file, or on standard input (one per line)"
+            )
         texts = [line.strip() for line in sys.stdin if line.strip()]
     if not texts:
         raise ValueError("no texts to classify")
@@ -117,7 +129,11 @@ def cmd_info(path: str, as_json: bool) -> None:
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         if value is not None:
-            print(f"{key:<{width}}  {value!r}" if isinstance(value, str) and "\n" in value else f"{key:<{width}}  {value}")
+            print(
+                f"{key:<{width}}  {value!r}"
+                if isinstance(value, str) and "\n" in value
+                else f"{key:<{width}}  {value}"
+            )
 
 
 def _use_args(p: ArgumentParser, *, data: bool) -> None:
@@ -125,27 +141,45 @@ def _use_args(p: ArgumentParser, *, data: bool) -> None:
     if data:
         p.add_argument("data", type=str, help="Labelled data file (jsonl/csv/tsv).")
         p.add_argument("--label_column", type=str | None, default=None, help="Label column (name or index).")
-        p.add_argument("--strip_prefix_word", type=bool, default=False, help="Drop each text's first word (TREC).")
+        p.add_argument(
+            "--strip_prefix_word", type=bool, default=False, help="Drop each text's first word (TREC)."
+        )
     else:
         p.add_argument("texts", type=str, nargs="*", default=[], help="Texts to classify ('-': read stdin).")
         p.add_argument("--file", type=str | None, default=None, help="Read texts from a jsonl/csv/tsv file.")
     p.add_argument("--text_column", type=str | None, default=None, help="Text column (name or index).")
-    p.add_argument("--model", type=str | None, default=None, help="Base model; default: the one the prompt was trained on.")
+    p.add_argument(
+        "--model",
+        type=str | None,
+        default=None,
+        help="Base model; default: the one the prompt was trained on.",
+    )
     p.add_argument("--dtype", type=str, default="float32", help="Base model dtype: float32 or bfloat16.")
     p.add_argument("--template", type=str | None, default=None, help="Override the prompt's template.")
-    p.add_argument("--verbalizer", type=str | None, default=None, help="Override the label words, e.g. '0=negative,1=positive'.")
+    p.add_argument(
+        "--verbalizer",
+        type=str | None,
+        default=None,
+        help="Override the label words, e.g. '0=negative,1=positive'.",
+    )
     p.add_argument("--batch_size", type=int, default=32, help="Rows per forward pass.")
-    p.add_argument("--output", type=str | None, default=None, help="Write results to this file (JSON / JSONL).")
+    p.add_argument(
+        "--output", type=str | None, default=None, help="Write results to this file (JSON / JSONL)."
+    )
 
 
 def build_parser() -> ArgumentParser:
     from softprompt.config import PromptConfig
     from softprompt.train import TrainConfig
 
-    parser = ArgumentParser(prog="softprompt", description="Prompt tuning for Hugging Face causal language models.")
+    parser = ArgumentParser(
+        prog="softprompt", description="Prompt tuning for Hugging Face causal language models."
+    )
     sub = parser.add_subcommands(dest="command")
 
-    p = ArgumentParser(description="Train a soft prompt for classification (defaults: the built-in sentiment demo).")
+    p = ArgumentParser(
+        description="Train a soft prompt for classification (defaults: the built-in sentiment demo)."
+    )
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options.")
     p.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
     sub.add_subcommand("train", p, help="Train, validate, test and save a prompt.")

@@ -46,7 +46,9 @@ def format_report(report: dict, title: str = "") -> str:
     labels = report["labels"]
     width = max(8, *(len(label) for label in labels))
     lines = [title] if title else []
-    lines.append(f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   rows {report['num_rows']}")
+    lines.append(
+        f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   rows {report['num_rows']}"
+    )
     lines.append(f"{'label':<{width}}  precision  recall  f1      support")
     for label in labels:
         c = report["per_class"][label]

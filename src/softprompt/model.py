@@ -146,7 +146,11 @@ class PromptedLM(nn.Module):
         """
         if prompt is None:  # the plain model (zero-shot baseline) through the same code path
             input_ids = input_ids.to(self.device)
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
+            mask = (
+                torch.ones_like(input_ids)
+                if attention_mask is None
+                else attention_mask.to(self.device).long()
+            )
             embeds, positions = self.embed_tokens(input_ids), (mask.cumsum(dim=1) - 1).clamp(min=0) * mask
         else:
             embeds, mask, positions = self.build_inputs(

@@ -27,7 +27,14 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from softprompt.config import ConfigError, PromptConfig
-from softprompt.data import DataError, Example, demo_paths, length_grouped_batches, read_examples, split_validation
+from softprompt.data import (
+    DataError,
+    Example,
+    demo_paths,
+    length_grouped_batches,
+    read_examples,
+    split_validation,
+)
 from softprompt.evaluate import classification_report, format_report
 from softprompt.loading import load_model
 from softprompt.model import PromptedLM
@@ -155,7 +162,11 @@ class Encoded:
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Example] | None]:
     """Train, validation and (optional) test examples; the built-in demo when no train_file."""
-    cols = {"text_column": cfg.text_column, "label_column": cfg.label_column, "strip_prefix_word": cfg.strip_prefix_word}
+    cols = {
+        "text_column": cfg.text_column,
+        "label_column": cfg.label_column,
+        "strip_prefix_word": cfg.strip_prefix_word,
+    }
     if cfg.train_file is None:
         train_path, test_path = demo_paths()
         train, test = read_examples(train_path), read_examples(test_path)
@@ -177,9 +188,20 @@ def make_verbalizer(cfg: TrainConfig, train: list[Example]) -> Verbalizer:
     return Verbalizer.parse(sorted({ex.label for ex in train}))
 
 
-def encode(examples: list[Example], tokenizer, template: Template, verbalizer: Verbalizer, cfg: TrainConfig, split: str) -> Encoded:
+def encode(
+    examples: list[Example],
+    tokenizer,
+    template: Template,
+    verbalizer: Verbalizer,
+    cfg: TrainConfig,
+    split: str,
+) -> Encoded:
     """Render, tokenise and check labels; every unknown label is reported with its file and line."""
-    unknown = [f"{ex.source}: label {ex.label!r} is not in the verbalizer {verbalizer.labels}" for ex in examples if ex.label not in verbalizer.labels]
+    unknown = [
+        f"{ex.source}: label {ex.label!r} is not in the verbalizer {verbalizer.labels}"
+        for ex in examples
+        if ex.label not in verbalizer.labels
+    ]
     if unknown:
         raise DataError(unknown)
     rows, truncated = [], 0
@@ -188,24 +210,44 @@ def encode(examples: list[Example], tokenizer, template: Template, verbalizer: V
         rows.append(ids)
         truncated += cut
     if truncated:
-        log.warning("%s: %d of %d texts were longer than max_length=%d and were truncated on the %s", split, truncated, len(rows), cfg.max_length, cfg.truncation_side)
+        log.warning(
+            "%s: %d of %d texts were longer than max_length=%d and were truncated on the %s",
+            split,
+            truncated,
+            len(rows),
+            cfg.max_length,
+            cfg.truncation_side,
+        )
     return Encoded(rows, [verbalizer.index(ex.label) for ex in examples], examples)
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict_scores(prompted: PromptedLM, prompt, rows: list[list[int]], label_ids: list[list[int]], mode: str, pad_id: int, batch_size: int, desc: str | None = None) -> torch.Tensor:
+def predict_scores(
+    prompted: PromptedLM,
+    prompt,
+    rows: list[list[int]],
+    label_ids: list[list[int]],
+    mode: str,
+    pad_id: int,
+    batch_size: int,
+    desc: str | None = None,
+) -> torch.Tensor:
     """Class log-scores (N, C) for all rows, batched by length so little compute goes to padding."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     scores = torch.empty(len(rows), len(label_ids))
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc=desc, leave=False, disable=desc is None):
         idx = order[s : s + batch_size]
-        scores[idx] = class_scores(prompted, [rows[i] for i in idx], label_ids, mode, pad_id, prompt).float().cpu()
+        scores[idx] = (
+            class_scores(prompted, [rows[i] for i in idx], label_ids, mode, pad_id, prompt).float().cpu()
+        )
     return scores
 
 
-def evaluate_split(prompted, prompt, data: Encoded, label_ids, mode, pad_id, verbalizer, batch_size, desc=None) -> dict:
+def evaluate_split(
+    prompted, prompt, data: Encoded, label_ids, mode, pad_id, verbalizer, batch_size, desc=None
+) -> dict:
     scores = predict_scores(prompted, prompt, data.rows, label_ids, mode, pad_id, batch_size, desc)
     pred = [verbalizer.labels[i] for i in scores.argmax(dim=1).tolist()]
     gold = [verbalizer.labels[i] for i in data.gold]
@@ -274,7 +316,9 @@ def load_checkpoint(folder: Path, prompt: SoftPrompt, model, optimizer) -> dict:
     state = json.loads((folder / "trainer_state.json").read_text())
     opt_state = {**load_file(str(folder / "optimizer.safetensors")), **state.pop("optimizer_scalars")}
     if opt_state:
-        optimizer.load_state_dict({"state": {0: opt_state}, "param_groups": optimizer.state_dict()["param_groups"]})
+        optimizer.load_state_dict(
+            {"state": {0: opt_state}, "param_groups": optimizer.state_dict()["param_groups"]}
+        )
     return state
 
 
@@ -289,7 +333,13 @@ def train(cfg: TrainConfig) -> dict:
     train_ex, val_ex, test_ex = load_splits(cfg)
     verbalizer = make_verbalizer(cfg, train_ex)
     template = Template(cfg.template)
-    log.info("data: %d train, %d validation, %s test rows; labels %s", len(train_ex), len(val_ex), len(test_ex) if test_ex else "no", verbalizer.as_dict())
+    log.info(
+        "data: %d train, %d validation, %s test rows; labels %s",
+        len(train_ex),
+        len(val_ex),
+        len(test_ex) if test_ex else "no",
+        verbalizer.as_dict(),
+    )
 
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     pad_id = tokenizer.pad_token_id
@@ -301,7 +351,14 @@ def train(cfg: TrainConfig) -> dict:
     lengths = [len(r) for r in train_set.rows]
 
     # ---- the prompt: the only trainable tensor
-    prompt_cfg = PromptConfig(num_virtual_tokens=cfg.num_virtual_tokens, init=cfg.init, init_text=cfg.init_text, init_file=cfg.init_file, label_words=verbalizer.words, seed=cfg.seed)
+    prompt_cfg = PromptConfig(
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        init=cfg.init,
+        init_text=cfg.init_text,
+        init_file=cfg.init_file,
+        label_words=verbalizer.words,
+        seed=cfg.seed,
+    )
     prompt = SoftPrompt.initialize(prompt_cfg, model, tokenizer)
     prompt.meta.template, prompt.meta.label_words = cfg.template, verbalizer.words
     prompt.meta.extra = {"verbalizer": verbalizer.as_dict(), "scoring": mode}
@@ -309,7 +366,16 @@ def train(cfg: TrainConfig) -> dict:
     prompted = PromptedLM(model)
     optimizer = make_optimizer(prompt, cfg)
     n_base = sum(p.numel() for p in model.parameters())
-    log.info("trainable parameters: %d (%d x %d prompt) of %d in the model (%.4f%%); scoring %s, loss %s", prompt.weight.numel(), prompt.num_virtual_tokens, prompt.token_dim, n_base, 100 * prompt.weight.numel() / n_base, mode, cfg.loss)
+    log.info(
+        "trainable parameters: %d (%d x %d prompt) of %d in the model (%.4f%%); scoring %s, loss %s",
+        prompt.weight.numel(),
+        prompt.num_virtual_tokens,
+        prompt.token_dim,
+        n_base,
+        100 * prompt.weight.numel() / n_base,
+        mode,
+        cfg.loss,
+    )
     (out / "hyperparameters.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     state = {"step": 0, "best_accuracy": -1.0, "best_step": 0, "bad_evals": 0, "status": "running"}
@@ -337,13 +403,23 @@ def train(cfg: TrainConfig) -> dict:
             gold = torch.tensor([train_set.gold[i] for i in idx], device=prompted.device)
             scores = class_scores(prompted, rows, label_ids, mode, pad_id, prompt)  # (B, C) log-probs
             # class: softmax over the label words only; lm: the gold word's log-prob over the vocabulary
-            loss = F.cross_entropy(scores, gold) if cfg.loss == "class" else -scores.gather(1, gold[:, None]).mean()
+            loss = (
+                F.cross_entropy(scores, gold)
+                if cfg.loss == "class"
+                else -scores.gather(1, gold[:, None]).mean()
+            )
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             tokens += sum(len(r) + prompt.num_virtual_tokens for r in rows)
         grad_norm = prompt.weight.grad.norm().item()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            log.error("step %d: loss %s, gradient norm %s: training diverged. Keeping the last good prompt and stopping; lower lr (now %.3g).", step, loss_sum, grad_norm, lr)
+            log.error(
+                "step %d: loss %s, gradient norm %s: training diverged. Keeping the last good prompt and stopping; lower lr (now %.3g).",
+                step,
+                loss_sum,
+                grad_norm,
+                lr,
+            )
             with torch.no_grad():
                 prompt.weight.copy_(last_good)
             state["status"] = "diverged"
@@ -354,21 +430,42 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.step()
         state["step"] = step = step + 1
         seconds = time.perf_counter() - t0
-        record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "prompt_norm": prompt.weight.detach().norm(dim=1).mean().item(), "tokens_per_s": tokens / seconds}
+        record = {
+            "step": step,
+            "loss": loss_sum,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "prompt_norm": prompt.weight.detach().norm(dim=1).mean().item(),
+            "tokens_per_s": tokens / seconds,
+            "step_seconds": seconds,
+        }
         _warn_gradient(grad_norm, step)
         _log(metrics_path, writer, record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", gnorm=f"{grad_norm:.2e}", lr=f"{lr:.3g}")
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            report = evaluate_split(prompted, prompt, val_set, label_ids, mode, pad_id, verbalizer, cfg.eval_batch_size)
-            _log(metrics_path, writer, {"step": step, "split": "validation", "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
+            report = evaluate_split(
+                prompted, prompt, val_set, label_ids, mode, pad_id, verbalizer, cfg.eval_batch_size
+            )
+            _log(
+                metrics_path,
+                writer,
+                {
+                    "step": step,
+                    "split": "validation",
+                    "accuracy": report["accuracy"],
+                    "macro_f1": report["macro_f1"],
+                },
+            )
             if report["accuracy"] > state["best_accuracy"]:
                 state.update(best_accuracy=report["accuracy"], best_step=step, bad_evals=0)
                 _save_best(prompt, out, model)
             else:
                 state["bad_evals"] += 1
-            bar.write(f"step {step}: validation accuracy {report['accuracy']:.4f} (best {state['best_accuracy']:.4f} at step {state['best_step']})")
+            bar.write(
+                f"step {step}: validation accuracy {report['accuracy']:.4f} (best {state['best_accuracy']:.4f} at step {state['best_step']})"
+            )
             save_checkpoint(ckpt, prompt, model, optimizer, state)
             if cfg.patience and state["bad_evals"] >= cfg.patience:
                 log.info("no improvement in %d evaluations: stopping early at step %d", cfg.patience, step)
@@ -383,13 +480,30 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- final evaluation with the best prompt, beside the baselines
     best = load_prompt(out / "prompt", model)
-    results = {"status": state["status"], "steps": state["step"], "best_step": state["best_step"], "validation_accuracy": state["best_accuracy"], "trainable_parameters": prompt.weight.numel(), "scoring": mode}
+    results = {
+        "status": state["status"],
+        "steps": state["step"],
+        "best_step": state["best_step"],
+        "validation_accuracy": state["best_accuracy"],
+        "trainable_parameters": prompt.weight.numel(),
+        "scoring": mode,
+    }
     if test_set is not None:
         evals = {"trained": best}
         if cfg.baselines:
             evals = {"zero_shot": None, "initial_prompt": initial, **evals}
         for name, p in evals.items():
-            report = evaluate_split(prompted, p, test_set, label_ids, mode, pad_id, verbalizer, cfg.eval_batch_size, desc=f"test ({name})")
+            report = evaluate_split(
+                prompted,
+                p,
+                test_set,
+                label_ids,
+                mode,
+                pad_id,
+                verbalizer,
+                cfg.eval_batch_size,
+                desc=f"test ({name})",
+            )
             results[f"test_{name}"] = report
             log.info("\n%s", format_report(report, title=f"test set, {name.replace('_', ' ')}:"))
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
@@ -405,16 +519,26 @@ def _save_best(prompt: SoftPrompt, out: Path, model) -> None:
 
 def _warn_gradient(grad_norm: float, step: int) -> None:
     if grad_norm < 1e-7:
-        log.warning("step %d: prompt gradient norm %.2e has vanished; check the labels reach the loss and raise lr", step, grad_norm)
+        log.warning(
+            "step %d: prompt gradient norm %.2e has vanished; check the labels reach the loss and raise lr",
+            step,
+            grad_norm,
+        )
     elif grad_norm > 1e3:
-        log.warning("step %d: prompt gradient norm %.2e is exploding; lower lr or keep max_grad_norm on", step, grad_norm)
+        log.warning(
+            "step %d: prompt gradient norm %.2e is exploding; lower lr or keep max_grad_norm on",
+            step,
+            grad_norm,
+        )
 
 
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop records past the checkpoint so the log reads like one uninterrupted run."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -49,7 +49,11 @@ class Verbalizer:
             raise ValueError("the verbalizer needs at least two labels, e.g. '0=negative,1=positive'")
         self.labels = [str(k) for k in mapping]
         self.words = [str(v).strip() for v in mapping.values()]
-        problems = [f"label {k!r} maps to an empty word" for k, w in zip(self.labels, self.words, strict=True) if not w]
+        problems = [
+            f"label {k!r} maps to an empty word"
+            for k, w in zip(self.labels, self.words, strict=True)
+            if not w
+        ]
         seen: dict[str, str] = {}
         for label, word in zip(self.labels, self.words, strict=True):
             key = word.lower()
@@ -73,7 +77,9 @@ class Verbalizer:
             if not part.strip():
                 continue
             if "=" not in part:
-                raise ValueError(f"verbalizer entry {part!r} has no '='; write label=word pairs, e.g. '0=negative,1=positive'")
+                raise ValueError(
+                    f"verbalizer entry {part!r} has no '='; write label=word pairs, e.g. '0=negative,1=positive'"
+                )
             label, word = part.split("=", 1)
             mapping[label.strip()] = word.strip()
         return cls(mapping)
@@ -111,7 +117,9 @@ class Verbalizer:
         return requested
 
 
-def encode_text(tokenizer, template: Template, text: str, max_length: int, side: str = "right") -> tuple[list[int], bool]:
+def encode_text(
+    tokenizer, template: Template, text: str, max_length: int, side: str = "right"
+) -> tuple[list[int], bool]:
     """Token ids of the rendered template, cutting the *text* (never the template) to fit ``max_length``.
 
     Returns the ids and whether the text was truncated. ``side`` is which end of the text is cut.

@@ -1,0 +1,147 @@
+"""Classification accuracy of prompt tuning on real data with SmolLM2-135M, on the CPU.
+
+Trains with ``softprompt.train`` on ``../shared/data/<task>`` and reports test accuracy for
+zero-shot (same template, no prompt), the untrained prompt and the trained prompt, plus training
+wall time. Validation uses a fixed-seed subsample (``--val_rows``) so evaluations stay cheap.
+
+    python benchmarks/sst2.py                      # SST-2: 872 test rows (the GLUE dev set)
+    python benchmarks/sst2.py --task agnews --max_steps 300
+    python benchmarks/sst2.py --task trec
+
+Figures go to benchmarks/results/<task>.json and, by hand, to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+TASKS = {
+    "sst2": dict(
+        train="sst2/train.tsv", val="sst2/dev.tsv", test="sst2/test.tsv", strip=False,
+        template="Review: {text}\nSentiment:", verbalizer="0=negative,1=positive",
+    ),
+    "agnews": dict(
+        train="agnews/train.tsv", val=None, test="agnews/test.tsv", strip=False,
+        template="Article: {text}\nTopic:",
+        verbalizer="World=world,Sports=sports,Business=business,Sci/Tech=technology",
+    ),
+    "trec": dict(
+        train="trec/train.txt", val="trec/dev.txt", test="trec/test.txt", strip=True,
+        template="Question: {text}\nThe answer is a",
+        verbalizer="ABBR=abbreviation,DESC=description,ENTY=entity,HUM=person,LOC=location,NUM=number",
+    ),
+}  # fmt: skip
+
+
+def subsample(src: Path, n: int, seed: int, dest: Path, strip: bool) -> str:
+    """Write ``n`` fixed-seed sampled rows of ``src`` (all rows when n is 0) as JSONL."""
+    from softprompt.data import read_examples
+
+    rows = read_examples(src, strip_prefix_word=strip)
+    if n:
+        random.Random(seed).shuffle(rows)
+        rows = rows[:n]
+    with open(dest, "w") as f:
+        for ex in rows:
+            f.write(json.dumps({"text": ex.text, "label": ex.label}) + "\n")
+    return str(dest)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(TASKS), default="sst2")
+    ap.add_argument("--max_steps", type=int, default=600)
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--num_virtual_tokens", type=int, default=20)
+    ap.add_argument("--init", default="labels")
+    ap.add_argument("--loss", default="class")
+    ap.add_argument("--eval_every", type=int, default=100)
+    ap.add_argument("--val_rows", type=int, default=400)
+    ap.add_argument("--train_rows", type=int, default=0, help="subsample the training set (0: all)")
+    ap.add_argument("--test_rows", type=int, default=0, help="subsample the test set (0: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output_dir", default=None)
+    args = ap.parse_args()
+
+    task = TASKS[args.task]
+    if not (DATA / task["train"]).is_file():
+        print(f"skipped: {DATA / task['train']} not found (the shared datasets live in ../shared/data)")
+        return
+    torch.set_num_threads(args.threads)
+    from softprompt.train import TrainConfig, train
+
+    # Every split goes through the reader once into JSONL (TREC's fine label stripped here), so the
+    # training run reads plain text/label rows whatever the source format.
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{args.task}-"))
+    strip = task["strip"]
+    train_file = subsample(DATA / task["train"], args.train_rows, args.seed, work / "train.jsonl", strip)
+    val_src = DATA / (task["val"] or task["train"])
+    val_file = subsample(val_src, args.val_rows, args.seed + 1, work / "val.jsonl", strip)
+    test_file = subsample(DATA / task["test"], args.test_rows, args.seed + 2, work / "test.jsonl", strip)
+    out = args.output_dir or str(work / "run")
+    cfg = TrainConfig(
+        train_file=train_file, validation_file=val_file, test_file=test_file,
+        template=task["template"], verbalizer=task["verbalizer"], num_virtual_tokens=args.num_virtual_tokens,
+        init=args.init, optimizer=args.optimizer, lr=args.lr, max_steps=args.max_steps, batch_size=args.batch_size,
+        eval_every=args.eval_every, loss=args.loss, seed=args.seed, output_dir=out, device="cpu",
+    )  # fmt: skip
+    start = time.perf_counter()
+    results = train(cfg)
+    total = time.perf_counter() - start
+    steps = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    train_seconds = sum(r["step_seconds"] for r in steps) if steps and "step_seconds" in steps[0] else None
+    figures = {
+        "task": args.task,
+        "zero_shot_accuracy": results["test_zero_shot"]["accuracy"],
+        "initial_prompt_accuracy": results["test_initial_prompt"]["accuracy"],
+        "trained_accuracy": results["test_trained"]["accuracy"],
+        "trained_macro_f1": results["test_trained"]["macro_f1"],
+        "validation_accuracy": results["validation_accuracy"],
+        "test_rows": results["test_trained"]["num_rows"],
+        "best_step": results["best_step"],
+        "steps": results["steps"],
+        "train_seconds": train_seconds,
+        "total_seconds": total,
+        "examples_seen": results["steps"] * args.batch_size,
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "num_virtual_tokens",
+                "init",
+                "optimizer",
+                "lr",
+                "max_steps",
+                "batch_size",
+                "loss",
+                "seed",
+                "threads",
+            )
+        },
+        "template": task["template"],
+        "verbalizer": task["verbalizer"],
+        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sst2.py", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "benchmarks" / "results" / f"{args.task}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in figures.items() if k != "config"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
