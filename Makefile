@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/softprompt demo
+	$(VENV)/bin/softprompt train --output_dir runs/demo
 
 test: setup
 	$(PY) -m pytest -q
