@@ -92,8 +92,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, data
     assert resumed["test_trained"]["accuracy"] == full["test_trained"]["accuracy"]
     log_a = (tmp_path / "full/metrics.jsonl").read_text().splitlines()
     log_b = (tmp_path / "cut/metrics.jsonl").read_text().splitlines()
+
     def strip(lines: list[str]) -> list[dict]:  # timings differ between runs; everything else must not
-        return [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "step_seconds")} for x in lines]
+        return [
+            {k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "step_seconds")}
+            for x in lines
+        ]
 
     assert strip(log_a) == strip(log_b)
 
