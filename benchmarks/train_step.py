@@ -17,8 +17,7 @@ medians over ``--steps`` timed steps after ``--warmup`` steps are reported. Peak
 per variant in a fresh subprocess (``--only NAME``): the peak RSS during the steps (Linux VmHWM,
 reset after set-up) and its increase over the RSS after set-up.
 
-Run:  .venv/bin/python benchmarks/train_step.py [--steps 10] [--threads 2]
-Writes benchmarks/results/train_step.json.
+Run:  .venv/bin/python benchmarks/train_step.py [--steps 10] [--threads 2]   (writes results/train_step.json)
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import gc
 import json
 import os
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -145,14 +145,12 @@ def setup(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, tuple[C
 
 def run_only(args: argparse.Namespace) -> None:
     """Child process: set up one variant, run a few steps, print its memory figures as JSON."""
-    (_, step) = setup(args, (args.only,))[args.only]
+    _, step = setup(args, (args.only,))[args.only]
     gc.collect()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         base_kib = proc_kib("VmRSS")
     except OSError:  # no reset possible: ru_maxrss includes the load peak, so this is an upper bound
-        import resource
-
         base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.steps):
         step()
@@ -164,7 +162,9 @@ def measure_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--only", name, "--steps", "2", "--threads", str(args.threads),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--num-virtual-tokens", str(args.num_virtual_tokens)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"memory run of {name} failed:\n{res.stderr[-3000:]}")
     line = next(x for x in res.stdout.splitlines() if x.startswith("MEMORY "))
     return json.loads(line.removeprefix("MEMORY "))
 
@@ -207,7 +207,7 @@ def main() -> None:
             last[n] = step()
             if i >= args.warmup:
                 times[n].append(time.perf_counter() - t0)
-    # Same start, same gradients, same AdamW: the losses should still agree after all the steps.
+    # Same start, same gradients, same AdamW: the losses should still agree after all steps.
     print("loss at the last step: " + ", ".join(f"{n} {v:.6f}" for n, v in last.items()))
     del variants
     gc.collect()

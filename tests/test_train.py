@@ -68,8 +68,9 @@ def test_cli_train_eval_predict_end_to_end(tiny_model_dir, data, tmp_path, capsy
     )
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, data, tmp_path, monkeypatch):
-    full = train(config(tiny_model_dir, data, tmp_path / "full"))
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, data, tmp_path, monkeypatch, optimizer):
+    full = train(config(tiny_model_dir, data, tmp_path / "full", optimizer=optimizer))
     real = train_mod.class_scores
     calls = {"n": 0}
 
@@ -82,10 +83,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, data
 
     monkeypatch.setattr(train_mod, "class_scores", crash_on_fifth_step)
     with pytest.raises(KeyboardInterrupt):
-        train(config(tiny_model_dir, data, tmp_path / "cut"))
+        train(config(tiny_model_dir, data, tmp_path / "cut", optimizer=optimizer))
     monkeypatch.setattr(train_mod, "class_scores", real)
     assert json.loads((tmp_path / "cut/checkpoint/trainer_state.json").read_text())["step"] == 4
-    resumed = train(config(tiny_model_dir, data, tmp_path / "cut", resume=True))
+    resumed = train(config(tiny_model_dir, data, tmp_path / "cut", resume=True, optimizer=optimizer))
     a = load_prompt(tmp_path / "full/checkpoint/prompt").weight
     b = load_prompt(tmp_path / "cut/checkpoint/prompt").weight
     assert torch.equal(a, b)
@@ -158,3 +159,23 @@ def test_unknown_labels_are_reported_with_file_and_line(tiny_model_dir, data, tm
         f.write('{"text": "good food", "label": "mixed"}\n')
     with pytest.raises(DataError, match=r"test.jsonl:13: label 'mixed'"):
         train(config(tiny_model_dir, data, tmp_path / "run"))
+
+
+def test_train_options_from_a_config_file(tiny_model_dir, data, tmp_path, capsys):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        f"train_file: {data['train']}\nmodel: {tiny_model_dir}\ntemplate: 'review {{text}} sentiment'\n"
+        f"num_virtual_tokens: 3\nmax_steps: 2\neval_every: 1\nbatch_size: 4\noutput_dir: {tmp_path / 'run'}\n"
+    )
+    main(["train", "--config", str(cfg), "--lr", "0.05"])  # the command line overrides the file
+    saved = json.loads((tmp_path / "run/hyperparameters.json").read_text())
+    assert saved["num_virtual_tokens"] == 3 and saved["lr"] == 0.05 and saved["max_steps"] == 2
+    assert load_prompt(tmp_path / "run/prompt").num_virtual_tokens == 3
+
+
+def test_cli_reports_bad_options_without_a_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--optimizer", "sgd", "--lr", "-1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "optimizer='sgd'" in err and "lr must be a positive number" in err and "Traceback" not in err
