@@ -69,7 +69,9 @@ def test_cli_train_eval_predict_end_to_end(tiny_model_dir, data, tmp_path, capsy
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, data, tmp_path, monkeypatch, optimizer):
+def test_resume_after_interruption_equals_uninterrupted_run(
+    tiny_model_dir, data, tmp_path, monkeypatch, optimizer
+):
     full = train(config(tiny_model_dir, data, tmp_path / "full", optimizer=optimizer))
     real = train_mod.class_scores
     calls = {"n": 0}

@@ -3,6 +3,7 @@ hub id (for users with network)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import logging
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,13 @@ def gguf_source(gguf: Path) -> tuple[str, dict]:
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
-        model.save_pretrained(tmp)
+        # save_pretrained refuses GGUF-loaded models; the weights are plain fp32 tensors by now, so
+        # write them with safetensors and a config without the GGUF quantisation entry.
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         os.rename(tmp, folder)  # complete folder or none: a crash mid-write leaves only a temp folder
     except OSError as e:
@@ -101,7 +109,9 @@ def gguf_source(gguf: Path) -> tuple[str, dict]:
             shutil.rmtree(tmp, ignore_errors=True)
         if (folder / "model.safetensors").is_file():  # another process finished first
             return str(folder), {}
-        log.warning("could not cache the converted model in %s (%s); loading from the GGUF each time", root, e)
+        log.warning(
+            "could not cache the converted model in %s (%s); loading from the GGUF each time", root, e
+        )
         return direct
     return str(folder), {}
 
