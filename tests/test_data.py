@@ -440,3 +440,26 @@ def test_real_trec_test():
     assert {e.label for e in examples} == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
     assert examples[0].text == "How far is it from Denver to Aspen ?"
     assert examples[-1].text == "What is e-coli ?" and examples[-1].source.endswith("test.txt:500")
+
+
+def test_hf_dataset_config_name_after_colon(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class Tiny:
+        column_names = ["sentence", "label"]
+        features = {}
+
+        def __getitem__(self, key):
+            return {"sentence": ["fine film"], "label": ["1"]}[key]
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda *args, **kw: calls.append((args, kw)) or Tiny()
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    from softprompt.data import load_hf_dataset
+
+    examples = load_hf_dataset("glue:sst2", "validation")
+    assert calls == [(("glue", "sst2"), {"split": "validation"})]
+    assert examples[0].text == "fine film" and examples[0].label == "1"

@@ -181,3 +181,22 @@ def test_cli_reports_bad_options_without_a_traceback(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "optimizer='sgd'" in err and "lr must be a positive number" in err and "Traceback" not in err
+
+
+def test_hf_dataset_source_is_parsed_and_passed_on(monkeypatch):
+    seen = {}
+
+    def fake_load(name, split, **cols):
+        seen.update(name=name, split=split, **cols)
+        return []
+
+    monkeypatch.setattr(train_mod, "load_hf_dataset", fake_load)
+    train_mod.read_source("hf:glue:sst2@validation", "train", text_column="sentence", label_column=None)
+    assert seen == {
+        "name": "glue:sst2",
+        "split": "validation",
+        "text_column": "sentence",
+        "label_column": None,
+    }
+    train_mod.read_source("hf:imdb", "test")
+    assert seen["name"] == "imdb" and seen["split"] == "test"

@@ -310,7 +310,13 @@ def load_hf_dataset(
         import datasets
     except ImportError as e:
         raise ImportError("load_hf_dataset needs the `datasets` library: pip install datasets") from e
-    ds = datasets.load_dataset(name, split=split)
+    # "glue:sst2" -> load_dataset("glue", "sst2"): the part after ':' is the dataset's config name.
+    path, _, config = name.partition(":")
+    ds = (
+        datasets.load_dataset(path, config, split=split)
+        if config
+        else datasets.load_dataset(path, split=split)
+    )
     columns = list(ds.column_names)
 
     def pick(column: str | None, known: tuple[str, ...], what: str) -> str:

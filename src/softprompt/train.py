@@ -32,6 +32,7 @@ from softprompt.data import (
     Example,
     demo_paths,
     length_grouped_batches,
+    load_hf_dataset,
     read_examples,
     split_validation,
 )
@@ -53,7 +54,8 @@ class TrainConfig:
     """Everything a training run needs. Saved as ``hyperparameters.json`` beside the prompt."""
 
     train_file: str | None = None
-    """Labelled training data (jsonl/csv/tsv). None: the built-in sentiment demo."""
+    """Labelled training data (jsonl/csv/tsv), or hf:NAME[:CONFIG][@SPLIT] for a Hugging Face dataset
+    (needs `datasets` and network). None: the built-in sentiment demo."""
     validation_file: str | None = None
     """Validation data; None: hold out validation_fraction of the training data."""
     test_file: str | None = None
@@ -160,6 +162,16 @@ class Encoded:
     examples: list[Example]
 
 
+def read_source(spec: str, default_split: str, **cols) -> list[Example]:
+    """A data file, or ``hf:NAME[:CONFIG][@SPLIT]`` for a Hugging Face dataset (needs ``datasets``
+    and network), e.g. ``hf:glue:sst2@validation``."""
+    if not spec.startswith("hf:"):
+        return read_examples(spec, **cols)
+    name, _, split = spec[3:].partition("@")
+    hf_cols = {k: cols.get(k) for k in ("text_column", "label_column")}
+    return load_hf_dataset(name, split or default_split, **hf_cols)
+
+
 def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Example] | None]:
     """Train, validation and (optional) test examples; the built-in demo when no train_file."""
     cols = {
@@ -171,10 +183,10 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Ex
         train_path, test_path = demo_paths()
         train, test = read_examples(train_path), read_examples(test_path)
     else:
-        train = read_examples(cfg.train_file, **cols)
-        test = read_examples(cfg.test_file, **cols) if cfg.test_file else None
+        train = read_source(cfg.train_file, "train", **cols)
+        test = read_source(cfg.test_file, "test", **cols) if cfg.test_file else None
     if cfg.validation_file:
-        val = read_examples(cfg.validation_file, **cols)
+        val = read_source(cfg.validation_file, "validation", **cols)
     else:
         train, val = split_validation(train, cfg.validation_fraction, seed=cfg.seed)
     return train, val, test
