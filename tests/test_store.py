@@ -171,3 +171,16 @@ def test_peft_prompt_without_our_metadata_has_no_fingerprint(tmp_path, llama):
     (tmp_path / "p" / META_NAME).unlink()
     q = load_prompt(tmp_path / "p", tiny_llama(seed=5))  # cannot verify: loads
     assert q.meta.embedding_fingerprint is None and q.meta.base_model == "tiny-llama"
+
+
+def test_saved_folder_has_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        save_prompt(make_prompt(), tmp_path / "p")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "p").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "p" / WEIGHTS_NAME).stat().st_mode) == 0o644

@@ -188,9 +188,15 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def swap_in_dir(tmp: Path, dest: Path) -> None:
     """Replace folder ``dest`` by the finished folder ``tmp`` (same parent) with renames."""
-    for root, _, files in os.walk(tmp):  # data on disk before the rename makes it visible
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(tmp):
+        # mkdtemp makes a private 0700 folder; give the result the permissions of a normal save
+        os.chmod(root, 0o777 & ~umask)
         for name in files:
-            with open(os.path.join(root, name), "rb") as f:
+            path = os.path.join(root, name)
+            os.chmod(path, 0o666 & ~umask)
+            with open(path, "rb") as f:  # data on disk before the rename makes it visible
                 os.fsync(f.fileno())
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
