@@ -121,7 +121,9 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_prompt(
 
     monkeypatch.setattr(train_mod, "class_scores", nan_on_third_step)
     results = train(config(tiny_model_dir, data, tmp_path / "run", eval_every=100))
-    assert results["status"] == "diverged" and results["steps"] == 2
+    assert (
+        results["status"] == "diverged" and results["steps"] == 2 and results["validation_accuracy"] is None
+    )
     assert "training diverged" in caplog.text
     saved = load_prompt(tmp_path / "run/prompt").weight
     assert torch.isfinite(saved).all()
@@ -200,3 +202,9 @@ def test_hf_dataset_source_is_parsed_and_passed_on(monkeypatch):
     }
     train_mod.read_source("hf:imdb", "test")
     assert seen["name"] == "imdb" and seen["split"] == "test"
+
+
+def test_resume_with_other_settings_is_refused(tiny_model_dir, data, tmp_path):
+    train(config(tiny_model_dir, data, tmp_path / "run", max_steps=2, baselines=False))
+    with pytest.raises(ValueError, match="resume with the run's original settings"):
+        train(config(tiny_model_dir, data, tmp_path / "run", num_virtual_tokens=6, resume=True))

@@ -36,9 +36,11 @@ def cmd_train(cfg) -> None:
         names = [n for n in ("zero_shot", "initial_prompt", "trained") if f"test_{n}" in results]
         line = [f"{n.replace('_', '-')} {results[f'test_{n}']['accuracy']:.4f}" for n in names]
         print("test accuracy: " + "  ->  ".join(line))
-    print(
-        f"validation accuracy {results['validation_accuracy']:.4f} (best at step {results['best_step']} of {results['steps']}; {results['status']})"
-    )
+    val, steps, status = results["validation_accuracy"], results["steps"], results["status"]
+    if val is None:
+        print(f"no validation ran ({status} after {steps} steps)")
+    else:
+        print(f"validation accuracy {val:.4f} (best at step {results['best_step']} of {steps}; {status})")
     print(f"prompt saved to {out}/prompt  (metrics: {out}/metrics.json, curves: {out}/curves.png)")
     print(f'predict with:  softprompt predict {out}/prompt "the staff were friendly and quick"')
 

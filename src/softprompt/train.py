@@ -323,6 +323,11 @@ def save_checkpoint(folder: Path, prompt: SoftPrompt, model, optimizer, state: d
 
 def load_checkpoint(folder: Path, prompt: SoftPrompt, model, optimizer) -> dict:
     saved = load_prompt(folder / "prompt", model)
+    if saved.weight.shape != prompt.weight.shape:
+        raise ValueError(
+            f"the checkpoint in {folder} holds a {tuple(saved.weight.shape)} prompt but this run makes "
+            f"{tuple(prompt.weight.shape)}; resume with the run's original settings, or use a new output_dir"
+        )
     with torch.no_grad():
         prompt.weight.copy_(saved.weight)
     state = json.loads((folder / "trainer_state.json").read_text())
@@ -395,6 +400,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and (ckpt / "trainer_state.json").is_file():
         state = load_checkpoint(ckpt, prompt, model, optimizer)
         log.info("resumed from %s at step %d", ckpt, state["step"])
+    elif cfg.resume:
+        log.warning("resume requested but %s has no checkpoint: starting from step 0", ckpt)
     metrics_path = out / "metrics.jsonl"
     _truncate_log(metrics_path, state["step"])
     writer = _tensorboard(out)
@@ -496,7 +503,7 @@ def train(cfg: TrainConfig) -> dict:
         "status": state["status"],
         "steps": state["step"],
         "best_step": state["best_step"],
-        "validation_accuracy": state["best_accuracy"],
+        "validation_accuracy": state["best_accuracy"] if state["best_step"] else None,
         "trainable_parameters": prompt.weight.numel(),
         "scoring": mode,
     }
