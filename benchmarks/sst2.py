@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--task", choices=sorted(TASKS), default="sst2")
     ap.add_argument("--max_steps", type=int, default=600)
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=0.03)  # best on SST-2 (RESULTS.md)
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--num_virtual_tokens", type=int, default=20)
     ap.add_argument("--init", default="labels")
