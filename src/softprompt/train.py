@@ -285,22 +285,21 @@ def make_optimizer(prompt: SoftPrompt, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(prompt.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def micro_batches(lengths: list[int], cfg: TrainConfig, start: int, count: int) -> list[list[int]]:
+def micro_batches(
+    lengths: list[int], cfg: TrainConfig, start: int, count: int, orders: dict[int, list[list[int]]]
+) -> list[list[int]]:
     """Micro-batches number start..start+count-1 of the endless, seeded, length-grouped stream
-    (epoch e uses seed + e), so any step's data is known without replaying the run."""
+    (epoch e uses seed + e), so any step's data is known without replaying the run. ``orders`` is
+    the run's own cache of the current epoch's batch order."""
     per_epoch = math.ceil(len(lengths) / cfg.batch_size)
     out = []
     for k in range(start, start + count):
         epoch, i = divmod(k, per_epoch)
-        key = (id(lengths), cfg.batch_size, cfg.seed + epoch)
-        if key not in _EPOCH_CACHE:
-            _EPOCH_CACHE.clear()  # one epoch's order at a time
-            _EPOCH_CACHE[key] = length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-        out.append(_EPOCH_CACHE[key][i])
+        if epoch not in orders:
+            orders.clear()  # one epoch's order at a time
+            orders[epoch] = length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        out.append(orders[epoch][i])
     return out
-
-
-_EPOCH_CACHE: dict[tuple, list[list[int]]] = {}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -366,6 +365,7 @@ def train(cfg: TrainConfig) -> dict:
     val_set = encode(val_ex, tokenizer, template, verbalizer, cfg, "validation")
     test_set = encode(test_ex, tokenizer, template, verbalizer, cfg, "test") if test_ex else None
     lengths = [len(r) for r in train_set.rows]
+    epoch_orders: dict[int, list[list[int]]] = {}
 
     # ---- the prompt: the only trainable tensor
     prompt_cfg = PromptConfig(
@@ -417,7 +417,7 @@ def train(cfg: TrainConfig) -> dict:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss_sum, tokens = 0.0, 0
-        for idx in micro_batches(lengths, cfg, step * cfg.grad_accum, cfg.grad_accum):
+        for idx in micro_batches(lengths, cfg, step * cfg.grad_accum, cfg.grad_accum, epoch_orders):
             rows = [train_set.rows[i] for i in idx]
             gold = torch.tensor([train_set.gold[i] for i in idx], device=prompted.device)
             scores = class_scores(prompted, rows, label_ids, mode, pad_id, prompt)  # (B, C) log-probs
