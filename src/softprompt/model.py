@@ -3,6 +3,9 @@ internals (embeddings, masks, positions, the decoder stack and the LM head)."""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -41,6 +44,9 @@ class PromptedLM(nn.Module):
         self.lm_head = model.get_output_embeddings()
         # Gemma-2 style soft-capping is applied by the model's own head code; we call the head directly.
         self.logit_softcap = getattr(model.config, "final_logit_softcapping", None)
+        # transformers renamed ``past_key_values`` to ``cache`` during 5.x; accept either.
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     @property
     def config(self):
@@ -139,26 +145,129 @@ class PromptedLM(nn.Module):
         prompt: PromptLike | None,
         prompt_index: torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
+        prefix: PromptPrefix | None = None,
     ) -> torch.Tensor:
         """Final hidden states at the caller's input positions: (B, T, D). No LM head.
 
         ``prompt=None`` runs the plain model (positions still follow the padding), for baselines.
+        ``prefix`` (from :meth:`prefix_cache`) replaces ``prompt``: only the input tokens are run.
         """
-        if prompt is None:  # the plain model (zero-shot baseline) through the same code path
-            input_ids = input_ids.to(self.device)
-            mask = (
-                torch.ones_like(input_ids)
-                if attention_mask is None
-                else attention_mask.to(self.device).long()
-            )
+        hidden, _ = self._run(input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix, False)
+        return hidden
+
+    def _run(self, input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix, keep_cache):
+        """One pass over the input; returns hidden states (B, T, D) and, if asked, a :class:`DecodeState`."""
+        input_ids = input_ids.to(self.device)
+        B, T = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
+        cache = None
+        if prefix is not None:
+            if prompt is not None:
+                raise ValueError(
+                    "pass either prompt or prefix, not both (the prefix already holds the prompt)"
+                )
+            rows = prefix.select(prompt_index, B, self.device, self.dtype)
+            cache = rows.as_cache(self.config)
+            # Real tokens continue after their own prompt: positions L_r, L_r+1, ...
+            positions = ((mask.cumsum(dim=1) - 1).clamp(min=0) + rows.lengths.unsqueeze(1)) * mask
+            embeds, mask = self.embed_tokens(input_ids), torch.cat([rows.mask(), mask], dim=1)
+        elif prompt is None:  # the plain model (zero-shot baseline) through the same code path
             embeds, positions = self.embed_tokens(input_ids), (mask.cumsum(dim=1) - 1).clamp(min=0) * mask
         else:
             embeds, mask, positions = self.build_inputs(
                 input_ids, attention_mask, prompt, prompt_index, prompt_lengths
             )
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
-        P = embeds.shape[1] - input_ids.shape[1]
-        return out.last_hidden_state[:, P:]  # align to input positions
+        if keep_cache and cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.config)
+        kwargs = {self._cache_kwarg: cache} if cache is not None else {}
+        out = self.decoder(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=cache is not None,
+            **kwargs,
+        )
+        P = embeds.shape[1] - T
+        hidden = out.last_hidden_state[:, P:]  # align to input positions
+        if not keep_cache:
+            return hidden, None
+        next_pos = positions.max(dim=1).values + 1  # (B,) position of each row's next token
+        return hidden, DecodeState(cache=cache, mask=mask, next_position=next_pos)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt: PromptLike | None = None,
+        prompt_index: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+        prefix: PromptPrefix | None = None,
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Run the (left-padded) input once, keeping the key/value cache for :meth:`decode_step`.
+
+        Returns the logits at each row's last position (B, V) and the decoding state.
+        """
+        hidden, state = self._run(
+            input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix, True
+        )
+        return self.logits_from_hidden(hidden[:, -1]), state
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Feed one new token per row (B,) and return the next logits (B, V); ``state`` is updated."""
+        B = tokens.shape[0]
+        state.mask = torch.cat([state.mask, torch.ones(B, 1, dtype=state.mask.dtype, device=self.device)], 1)
+        out = self.decoder(
+            inputs_embeds=self.embed_tokens(tokens.to(self.device).view(B, 1)),
+            attention_mask=state.mask,
+            position_ids=state.next_position.view(B, 1),
+            use_cache=True,
+            **{self._cache_kwarg: state.cache},
+        )
+        state.next_position = state.next_position + 1
+        return self.logits_from_hidden(out.last_hidden_state[:, -1])
+
+    @torch.no_grad()
+    def prefix_cache(self, prompt: PromptLike, prompt_lengths: torch.Tensor | None = None) -> PromptPrefix:
+        """The key/value cache of the prompt(s) alone, computed once and reused for every input.
+
+        In a causal model the virtual tokens attend only to each other, so their keys and values do not
+        depend on what follows. A (P, D) prompt gives a one-entry prefix; a bank (N, P, D) gives N
+        entries (``prompt_lengths`` (N,) for banks padded to the longest prompt: shorter ones are
+        padded at the front). The prefix is tied to this model's dtype and device, and to the prompt's
+        values when it was made: make a new one after the prompt changes (e.g. during training).
+        """
+        bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
+        bank = bank.unsqueeze(0) if bank.dim() == 2 else bank
+        N, P, _ = bank.shape
+        lengths = (
+            torch.full((N,), P, dtype=torch.long) if prompt_lengths is None else prompt_lengths.long().cpu()
+        )
+        if lengths.shape != (N,) or lengths.min() < 1 or lengths.max() > P:
+            raise ValueError(f"prompt_lengths must be ({N},) with values in 1..{P}, got {lengths.tolist()}")
+        # Shorter prompts sit at the end of their row (front padding), as they do in build_inputs.
+        slots = torch.arange(P).unsqueeze(0)  # (1, P)
+        real = slots >= (P - lengths).unsqueeze(1)  # (N, P)
+        src = (slots - (P - lengths).unsqueeze(1)).clamp(min=0)  # slot k reads prompt token k - pads
+        rows = self._prompt_rows(bank, torch.arange(N, device=bank.device), N)  # (N, P, D)
+        rows = torch.gather(rows, 1, src.to(self.device).unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
+        mask = real.long().to(self.device)
+        positions = src.to(self.device) * mask
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        self.decoder(
+            inputs_embeds=rows,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        return PromptPrefix(layers=layers, lengths=lengths.to(self.device))
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the LM head (and soft-capping where the model has it) to selected hidden states."""
@@ -175,14 +284,16 @@ class PromptedLM(nn.Module):
         prompt_index: torch.Tensor | None = None,
         positions: str | torch.Tensor = "last",
         prompt_lengths: torch.Tensor | None = None,
+        prefix: PromptPrefix | None = None,
     ) -> torch.Tensor:
         """Logits at the requested input positions.
 
         Args:
             positions: ``"last"`` -> (B, V) at each row's last real token; ``"all"`` -> (B, T, V);
                 a LongTensor (B, K) of input positions -> (B, K, V). The head runs only there.
+            prefix: a :meth:`prefix_cache` to use instead of ``prompt`` (``prompt_index`` picks entries).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, prompt, prompt_index, prompt_lengths)
+        hidden = self.hidden_states(input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix)
         if isinstance(positions, str):
             if positions == "all":
                 return self.logits_from_hidden(hidden)
@@ -229,3 +340,94 @@ def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     mask = attention_mask.long()
     flipped = mask.flip(dims=[1]).argmax(dim=1)
     return (T - 1 - flipped).to(torch.long)
+
+
+@dataclass
+class DecodeState:
+    """What :meth:`PromptedLM.decode_step` needs between steps: the cache, the full attention mask
+    (B, L) and each row's next position (B,)."""
+
+    cache: object
+    mask: torch.Tensor
+    next_position: torch.Tensor
+
+
+@dataclass
+class PromptPrefix:
+    """Cached keys and values of N prompts: per layer ``(K, V)`` of shape (N, H_kv, P, head_dim).
+
+    Entry n holds a prompt of ``lengths[n]`` tokens, right-aligned (front slots are padding). Build
+    one with :meth:`PromptedLM.prefix_cache`; combine several with :meth:`cat`.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    lengths: torch.Tensor  # (N,)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.layers[0][0].shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0][0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0][0].device
+
+    def mask(self) -> torch.Tensor:
+        """Attention mask of the prefix slots: (N, P), 0 on the front padding."""
+        P = self.max_length
+        slots = torch.arange(P, device=self.device).unsqueeze(0)
+        return (slots >= (P - self.lengths).unsqueeze(1)).long()
+
+    def select(
+        self, index: torch.Tensor | None, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> PromptPrefix:
+        """One entry per row of a batch: ``index`` (B,) picks the prompt of each row."""
+        if self.device != device or self.dtype != dtype:
+            raise ValueError(
+                f"this prefix was computed on {self.device}/{self.dtype} but the model runs on {device}/{dtype}; "
+                "make the prefix with the model as it is now"
+            )
+        if index is None:
+            if self.num_prompts != 1:
+                raise ValueError(f"a prefix of {self.num_prompts} prompts needs prompt_index (B,)")
+            index = torch.zeros(batch_size, dtype=torch.long, device=device)
+        index = index.to(device)
+        if index.shape != (batch_size,):
+            raise ValueError(f"prompt_index must have shape ({batch_size},), got {tuple(index.shape)}")
+        if index.numel() and (index.min() < 0 or index.max() >= self.num_prompts):
+            raise ValueError(
+                f"prompt_index values must be in 0..{self.num_prompts - 1}, got {index.tolist()}"
+            )
+        return PromptPrefix([(k[index], v[index]) for k, v in self.layers], self.lengths[index])
+
+    def as_cache(self, config):
+        """A fresh transformers ``DynamicCache`` holding these keys and values (ours stay untouched)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=self.layers, config=config)
+
+    @staticmethod
+    def cat(prefixes: list[PromptPrefix]) -> PromptPrefix:
+        """Stack prefixes (of prompts with different lengths) into one; shorter ones are front-padded."""
+        if not prefixes:
+            raise ValueError("cat() needs at least one prefix")
+        P = max(p.max_length for p in prefixes)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:  # (n, H, p, hd) -> (n, H, P, hd), zeros in front
+            return F.pad(t, (0, 0, P - t.shape[2], 0))
+
+        layers = [
+            (
+                torch.cat([pad(p.layers[i][0]) for p in prefixes]),
+                torch.cat([pad(p.layers[i][1]) for p in prefixes]),
+            )
+            for i in range(len(prefixes[0].layers))
+        ]
+        return PromptPrefix(layers, torch.cat([p.lengths for p in prefixes]))
