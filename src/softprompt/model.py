@@ -230,6 +230,12 @@ class PromptedLM(nn.Module):
         state.next_position = state.next_position + 1
         return self.logits_from_hidden(out.last_hidden_state[:, -1])
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Greedy or sampled decoding with soft prompts; see :func:`softprompt.generation.generate`."""
+        from softprompt.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     @torch.no_grad()
     def prefix_cache(self, prompt: PromptLike, prompt_lengths: torch.Tensor | None = None) -> PromptPrefix:
         """The key/value cache of the prompt(s) alone, computed once and reused for every input.

@@ -1,0 +1,219 @@
+"""Generating text with soft prompts: greedy or sampled decoding with a key/value cache, stop strings,
+batches whose rows use different prompts, and the cached prompt prefix.
+
+    left-padded input ids -> prefill (prompt from a cached prefix, or run with the input) -> logits
+        -> pick a token per row (argmax, or temperature + top-p sampling) -> decode_step -> ...
+        -> stop at EOS, at a stop string, or after max_new_tokens
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from softprompt.model import PromptedLM, PromptLike, PromptPrefix
+from softprompt.prompt import SoftPrompt
+from softprompt.verbalizer import Template, encode_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateOutput:
+    """Per row: the new tokens (EOS and stop strings excluded), their text, and why generation ended."""
+
+    tokens: list[list[int]]
+    texts: list[str] | None
+    finish_reasons: list[str]  # "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
+
+
+def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_id: int) -> tuple:
+    """The same rows left-padded (generation appends on the right, so real tokens must end each row)."""
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids)
+    mask = attention_mask.long()
+    if not mask.any(dim=1).all():
+        raise ValueError("every row needs at least one real token (a row's attention mask is all zeros)")
+    if bool((mask[:, -1] == 1).all()):
+        return input_ids, mask  # already left-padded (or unpadded)
+    lengths = mask.sum(dim=1)
+    T = input_ids.shape[1]
+    ids = torch.full_like(input_ids, pad_id)
+    new_mask = torch.zeros_like(mask)
+    for b in range(input_ids.shape[0]):
+        real = input_ids[b][mask[b].bool()]
+        ids[b, T - lengths[b] :] = real
+        new_mask[b, T - lengths[b] :] = 1
+    return ids, new_mask
+
+
+def pick_tokens(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator=None
+) -> torch.Tensor:
+    """One token per row from (B, V) logits: argmax, or a sample from the top-p nucleus at ``temperature``."""
+    if not do_sample or temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always at least the top one).
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    choice = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
+    return choice.to(logits.device)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> int | None:
+    """Index where the earliest stop string starts in ``text``, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+@torch.no_grad()
+def generate(
+    prompted: PromptedLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    prompt: PromptLike | None = None,
+    prompt_index: torch.Tensor | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+    prefix: PromptPrefix | None = None,
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    stop_strings: list[str] | None = None,
+    tokenizer=None,
+    generator: torch.Generator | None = None,
+) -> GenerateOutput:
+    """Continue each row of ``input_ids`` (B, T) under its prompt; see :class:`GenerateOutput`.
+
+    The prompt comes from ``prompt`` (run with every input) or ``prefix`` (its keys and values
+    computed once, see :meth:`PromptedLM.prefix_cache`); neither gives the plain model. Rows may be
+    left- or right-padded; they are decoded left-padded.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    stops = [s for s in (stop_strings or []) if s]
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer (to read the generated text)")
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None) or prompted.config.eos_token_id
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = pad_id if pad_id is not None else (min(eos) if eos else 0)
+    ids, mask = left_pad(input_ids, attention_mask, pad_id)
+    B = ids.shape[0]
+
+    logits, state = prompted.prefill(ids, mask, prompt, prompt_index, prompt_lengths, prefix)
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    texts: list[str | None] = [None] * B
+    active = torch.ones(B, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        tokens = pick_tokens(logits, do_sample, temperature, top_p, generator)
+        for b in torch.nonzero(active).flatten().tolist():
+            token = int(tokens[b])
+            if token in eos:
+                active[b], reasons[b] = False, "stop"
+                continue
+            out[b].append(token)
+            if stops:
+                text = tokenizer.decode(out[b], skip_special_tokens=True)
+                cut = _cut_at_stop(text, stops)
+                if cut is not None:
+                    active[b], reasons[b], texts[b] = False, "stop", text[:cut]
+                    out[b] = _tokens_within(out[b], text[:cut], tokenizer)
+        if not active.any() or step == max_new_tokens - 1:
+            break
+        # Finished rows keep receiving a pad token; their outputs are no longer read.
+        feed = torch.where(active.to(tokens.device), tokens, torch.full_like(tokens, pad_id))
+        logits = prompted.decode_step(feed, state)
+    if tokenizer is None:
+        return GenerateOutput(out, None, reasons)
+    final = [
+        t if t is not None else tokenizer.decode(o, skip_special_tokens=True)
+        for t, o in zip(texts, out, strict=True)
+    ]
+    return GenerateOutput(out, final, reasons)
+
+
+def _tokens_within(tokens: list[int], text: str, tokenizer) -> list[int]:
+    """The longest prefix of ``tokens`` whose text does not run past ``text`` (drops the stop string)."""
+    k = len(tokens)
+    while k > 0 and len(tokenizer.decode(tokens[:k], skip_special_tokens=True)) > len(text):
+        k -= 1
+    return tokens[:k]
+
+
+class Generator:
+    """A frozen model plus one generation prompt, used on texts: the prompt's template is applied,
+    its key/value prefix is computed once and reused for every batch.
+
+    Args:
+        model, tokenizer: the base model the prompt was trained on.
+        prompt: the trained prompt; ``None`` gives the plain model with the same template (zero-shot).
+        template: override the template in the prompt's metadata (default ``{text}``).
+        use_prefix_cache: reuse the prompt's keys and values (True) or run the prompt with every input.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt: SoftPrompt | None,
+        template: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 16,
+        use_prefix_cache: bool = True,
+    ):
+        meta_template = prompt.meta.template if prompt is not None else None
+        self.template = Template(template or meta_template or "{text}")
+        self.tokenizer, self.prompt = tokenizer, prompt
+        self.prompted = model if isinstance(model, PromptedLM) else PromptedLM(model)
+        self.max_length, self.batch_size = max_length, batch_size
+        self.prefix = self.prompted.prefix_cache(prompt) if prompt is not None and use_prefix_cache else None
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [encode_text(self.tokenizer, self.template, t, self.max_length, "left")[0] for t in texts]
+
+    def generate(self, texts: list[str], progress: str | None = None, **kwargs) -> GenerateOutput:
+        """Generate for every text, in length-sorted batches; ``kwargs`` go to :func:`generate`."""
+        from tqdm.auto import tqdm
+
+        rows = self.encode(texts)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        tokens: list = [None] * len(rows)
+        out_texts: list = [None] * len(rows)
+        reasons: list = [None] * len(rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        starts = range(0, len(order), self.batch_size)
+        for s in tqdm(starts, desc=progress, leave=False, disable=progress is None):
+            idx = order[s : s + self.batch_size]
+            batch = [rows[i] for i in idx]
+            T = max(len(r) for r in batch)
+            ids = torch.full((len(batch), T), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, r in enumerate(batch):  # left padding: the continuation starts right after the text
+                ids[j, T - len(r) :] = torch.tensor(r)
+                mask[j, T - len(r) :] = 1
+            use_prompt = self.prompt if self.prefix is None else None
+            res = generate(
+                self.prompted, ids, mask, use_prompt, prefix=self.prefix, tokenizer=self.tokenizer, **kwargs
+            )
+            for j, i in enumerate(idx):
+                tokens[i], out_texts[i], reasons[i] = (
+                    res.tokens[j],
+                    res.texts[j].strip(),
+                    res.finish_reasons[j],
+                )
+        return GenerateOutput(tokens, out_texts, reasons)
