@@ -1,4 +1,4 @@
-"""Classification metrics. Pure functions over label lists: no model, no I/O, no side effects."""
+"""Metrics for classification and generation. Pure functions: no model, no I/O, no side effects."""
 
 from __future__ import annotations
 
@@ -60,3 +60,44 @@ def format_report(report: dict, title: str = "") -> str:
     for label, row in zip(labels, report["confusion"], strict=True):
         lines.append(f"{label:<{width}}  " + " ".join(f"{n:8d}" for n in row))
     return "\n".join(lines)
+
+
+def generation_report(predictions: list[str], references: list[list[str]]) -> dict:
+    """Exact match, corpus BLEU (sacrebleu) and ROUGE-L F1 (rouge-score), each against all references
+    of an input (E2E has several per input): exact match and ROUGE-L take the best reference."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    if any(not refs for refs in references):
+        raise ValueError("every input needs at least one reference")
+    norm = [p.strip() for p in predictions]
+    exact = sum(any(p == r.strip() for r in refs) for p, refs in zip(norm, references, strict=True))
+    # sacrebleu wants reference *streams*: stream k holds the k-th reference of every input.
+    width = max(len(refs) for refs in references)
+    streams = [[refs[k] if k < len(refs) else refs[0] for refs in references] for k in range(width)]
+    bleu = sacrebleu.corpus_bleu(norm, streams)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [
+        max(scorer.score(r, p)["rougeL"].fmeasure for r in refs)
+        for p, refs in zip(norm, references, strict=True)
+    ]
+    return {
+        "exact_match": exact / len(norm),
+        "bleu": bleu.score / 100,
+        "rougeL": sum(rouge) / len(rouge),
+        "count": len(norm),
+        "mean_output_words": sum(len(p.split()) for p in norm) / len(norm),
+    }
+
+
+def format_generation_report(report: dict, title: str = "") -> str:
+    head = f"{title}\n" if title else ""
+    return (
+        f"{head}  BLEU {report['bleu']:.4f}   ROUGE-L {report['rougeL']:.4f}   "
+        f"exact match {report['exact_match']:.4f}   ({report['count']} inputs, "
+        f"{report['mean_output_words']:.1f} words per output)"
+    )

@@ -161,7 +161,7 @@ class Generator:
 
     Args:
         model, tokenizer: the base model the prompt was trained on.
-        prompt: the trained prompt; ``None`` gives the plain model with the same template (zero-shot).
+        prompt: the trained prompt (or a (P, D) tensor); ``None`` gives the plain model with the same template (zero-shot).
         template: override the template in the prompt's metadata (default ``{text}``).
         use_prefix_cache: reuse the prompt's keys and values (True) or run the prompt with every input.
     """
@@ -170,13 +170,13 @@ class Generator:
         self,
         model,
         tokenizer,
-        prompt: SoftPrompt | None,
+        prompt: SoftPrompt | torch.Tensor | None,
         template: str | None = None,
         max_length: int = 256,
         batch_size: int = 16,
         use_prefix_cache: bool = True,
     ):
-        meta_template = prompt.meta.template if prompt is not None else None
+        meta_template = getattr(getattr(prompt, "meta", None), "template", None)
         self.template = Template(template or meta_template or "{text}")
         self.tokenizer, self.prompt = tokenizer, prompt
         self.prompted = model if isinstance(model, PromptedLM) else PromptedLM(model)

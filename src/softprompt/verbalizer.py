@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from softprompt.model import PromptedLM, PromptLike
+from softprompt.model import PromptedLM, PromptLike, PromptPrefix
 
 PLACEHOLDER = "{text}"
 
@@ -161,11 +161,17 @@ def class_scores(
     pad_id: int,
     prompt: PromptLike | None = None,
     prompt_index: torch.Tensor | None = None,
+    prefix: PromptPrefix | None = None,
 ) -> torch.Tensor:
-    """Log-probability score of each class for each row: (B, C). Differentiable w.r.t. the prompt."""
+    """Log-probability score of each class for each row: (B, C). Differentiable w.r.t. the prompt.
+
+    ``prefix`` (a cached prompt prefix, see :meth:`PromptedLM.prefix_cache`) replaces ``prompt``.
+    """
     if mode == "first_token":
         ids, mask = pad_rows(rows, pad_id)
-        logits = prompted(ids, mask, prompt=prompt, prompt_index=prompt_index, positions="last")  # (B, V)
+        logits = prompted(
+            ids, mask, prompt=prompt, prompt_index=prompt_index, positions="last", prefix=prefix
+        )  # (B, V)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         firsts = torch.tensor([t[0] for t in label_ids], device=logprobs.device)
         return logprobs[:, firsts]  # (B, C)
@@ -176,8 +182,10 @@ def class_scores(
     labels = torch.full_like(ids, -100)
     for k, (r, w) in enumerate((r, w) for r in rows for w in label_ids):
         labels[k, len(r) : len(r) + len(w)] = torch.tensor(w)
+    if prompt_index is None and prefix is not None and prefix.num_prompts == 1:
+        prompt_index = torch.zeros(B, dtype=torch.long)
     index = None if prompt_index is None else prompt_index.repeat_interleave(C)
-    return sequence_logprob(prompted, ids, mask, labels, prompt, index).view(B, C)
+    return sequence_logprob(prompted, ids, mask, labels, prompt, index, prefix).view(B, C)
 
 
 def sequence_logprob(
@@ -187,9 +195,10 @@ def sequence_logprob(
     labels: torch.Tensor,
     prompt: PromptLike | None,
     prompt_index: torch.Tensor | None = None,
+    prefix: PromptPrefix | None = None,
 ) -> torch.Tensor:
     """Sum of log p(label token) over each row's labelled positions: (B,). Head only at those positions."""
-    hidden = prompted.hidden_states(ids, mask, prompt, prompt_index)
+    hidden = prompted.hidden_states(ids, mask, prompt, prompt_index, prefix=prefix)
     targets = labels[:, 1:].to(hidden.device)
     where = targets != -100
     logits = prompted.logits_from_hidden(hidden[:, :-1][where])  # (M, V)
