@@ -9,6 +9,7 @@ import torch
 from conftest import write_sentiment_data
 
 import softprompt.train as train_mod
+import softprompt.tasks as tasks_mod
 from softprompt import load_prompt
 from softprompt.cli import main
 from softprompt.config import ConfigError
@@ -73,7 +74,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
     tiny_model_dir, data, tmp_path, monkeypatch, optimizer
 ):
     full = train(config(tiny_model_dir, data, tmp_path / "full", optimizer=optimizer))
-    real = train_mod.class_scores
+    real = tasks_mod.class_scores
     calls = {"n": 0}
 
     def crash_on_fifth_step(*args, **kwargs):
@@ -83,10 +84,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(
                 raise KeyboardInterrupt("power cut")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "class_scores", crash_on_fifth_step)
+    monkeypatch.setattr(tasks_mod, "class_scores", crash_on_fifth_step)
     with pytest.raises(KeyboardInterrupt):
         train(config(tiny_model_dir, data, tmp_path / "cut", optimizer=optimizer))
-    monkeypatch.setattr(train_mod, "class_scores", real)
+    monkeypatch.setattr(tasks_mod, "class_scores", real)
     assert json.loads((tmp_path / "cut/checkpoint/trainer_state.json").read_text())["step"] == 4
     resumed = train(config(tiny_model_dir, data, tmp_path / "cut", resume=True, optimizer=optimizer))
     a = load_prompt(tmp_path / "full/checkpoint/prompt").weight
@@ -108,7 +109,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_prompt(
     tiny_model_dir, data, tmp_path, monkeypatch, caplog
 ):
-    real = train_mod.class_scores
+    real = tasks_mod.class_scores
     calls = {"n": 0}
 
     def nan_on_third_step(*args, **kwargs):
@@ -119,7 +120,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_prompt(
                 return scores * float("nan")
         return scores
 
-    monkeypatch.setattr(train_mod, "class_scores", nan_on_third_step)
+    monkeypatch.setattr(tasks_mod, "class_scores", nan_on_third_step)
     results = train(config(tiny_model_dir, data, tmp_path / "run", eval_every=100))
     assert (
         results["status"] == "diverged" and results["steps"] == 2 and results["validation_accuracy"] is None
@@ -192,7 +193,7 @@ def test_hf_dataset_source_is_parsed_and_passed_on(monkeypatch):
         seen.update(name=name, split=split, **cols)
         return []
 
-    monkeypatch.setattr(train_mod, "load_hf_dataset", fake_load)
+    monkeypatch.setattr(tasks_mod, "load_hf_dataset", fake_load)
     train_mod.read_source("hf:glue:sst2@validation", "train", text_column="sentence", label_column=None)
     assert seen == {
         "name": "glue:sst2",

@@ -23,30 +23,37 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from softprompt.config import ConfigError, PromptConfig
 from softprompt.data import (
-    DataError,
-    Example,
-    demo_paths,
     length_grouped_batches,
-    load_hf_dataset,
-    read_examples,
-    split_validation,
 )
-from softprompt.evaluate import classification_report, format_report
+from softprompt.distributed import (
+    enable_activation_checkpointing,
+    fsdp_requested,
+    setup,
+    shard_model,
+)
 from softprompt.loading import load_model
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt
 from softprompt.store import load_prompt, save_prompt, swap_in_dir
-from softprompt.verbalizer import Template, Verbalizer, class_scores, encode_text
+from softprompt.tasks import (  # noqa: F401  (re-exported: the classification helpers lived here)
+    DEMO_TEMPLATE,
+    DEMO_VERBALIZER,
+    Encoded,
+    encode,
+    evaluate_split,
+    load_splits,
+    make_task,
+    make_verbalizer,
+    predict_scores,
+    read_source,
+)
+from softprompt.verbalizer import Template
 
 log = logging.getLogger(__name__)
-
-DEMO_TEMPLATE = "Review: {text}\nSentiment:"
-DEMO_VERBALIZER = "negative=negative,positive=positive"
 
 
 @dataclass
@@ -75,7 +82,12 @@ class TrainConfig:
     dtype: str = "float32"
     """Base model dtype (float32 or bfloat16); the prompt is always float32."""
     device: str = "auto"
-    """cpu, cuda, or auto."""
+    """cpu, cuda, or auto (under torchrun/accelerate: cuda:LOCAL_RANK when CUDA is available)."""
+    gradient_checkpointing: bool = False
+    """Recompute the base model's activations in the backward pass: less memory, more time per step."""
+    fsdp: bool = False
+    """Shard the base model's blocks across processes (PyTorch FSDP2) under torchrun/accelerate launch;
+    on by itself under an accelerate FSDP config. Embeddings and head stay whole on every process."""
     num_virtual_tokens: int = 20
     """Soft-prompt length P."""
     init: str = "labels"
@@ -97,9 +109,9 @@ class TrainConfig:
     max_steps: int = 150
     """Optimizer steps."""
     batch_size: int = 8
-    """Rows per micro-batch."""
+    """Rows per micro-batch (per process when several run)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."""
+    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum x processes)."""
     max_grad_norm: float = 1.0
     """Clip the prompt gradient's norm to this (0 disables)."""
     loss: str = "class"
@@ -126,18 +138,29 @@ class TrainConfig:
     """Continue from output_dir/checkpoint if it exists."""
     baselines: bool = True
     """Evaluate zero-shot and the untrained prompt on the test set too."""
+    task: str = "classification"
+    """classification (labels through label words) or generation (input -> target text)."""
+    target_column: str | None = None
+    """task=generation: the target text column; default: target/output/ref/response/... in the file."""
+    max_target_length: int = 64
+    """task=generation: longest target in tokens; longer ones are truncated (without EOS) and counted."""
+    max_new_tokens: int = 64
+    """task=generation: tokens generated per input when evaluating."""
+    max_eval_inputs: int | None = 200
+    """task=generation: validate on at most this many distinct inputs (greedy decoding is slow); None: all."""
 
     def __post_init__(self) -> None:
         problems = []
         choices = {
             "optimizer": ("adamw", "adafactor"), "schedule": ("linear", "cosine", "constant"),
-            "loss": ("class", "lm"), "scoring": ("auto", "first_token", "sequence"),
+            "loss": ("class", "lm"), "task": ("classification", "generation"), "scoring": ("auto", "first_token", "sequence"),
             "truncation_side": ("left", "right"), "dtype": ("float32", "bfloat16", "fp32", "bf16"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_length"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_length",
+                     "max_target_length", "max_new_tokens"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -152,118 +175,6 @@ class TrainConfig:
             problems.append(str(e))
         if problems:
             raise ConfigError(problems)
-
-
-# ----------------------------------------------------------------------------- data
-@dataclass
-class Encoded:
-    rows: list[list[int]]  # token ids of each rendered input
-    gold: list[int]  # class index per row
-    examples: list[Example]
-
-
-def read_source(spec: str, default_split: str, **cols) -> list[Example]:
-    """A data file, or ``hf:NAME[:CONFIG][@SPLIT]`` for a Hugging Face dataset (needs ``datasets``
-    and network), e.g. ``hf:glue:sst2@validation``."""
-    if not spec.startswith("hf:"):
-        return read_examples(spec, **cols)
-    name, _, split = spec[3:].partition("@")
-    hf_cols = {k: cols.get(k) for k in ("text_column", "label_column")}
-    return load_hf_dataset(name, split or default_split, **hf_cols)
-
-
-def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Example] | None]:
-    """Train, validation and (optional) test examples; the built-in demo when no train_file."""
-    cols = {
-        "text_column": cfg.text_column,
-        "label_column": cfg.label_column,
-        "strip_prefix_word": cfg.strip_prefix_word,
-    }
-    if cfg.train_file is None:
-        train_path, test_path = demo_paths()
-        train, test = read_examples(train_path), read_examples(test_path)
-    else:
-        train = read_source(cfg.train_file, "train", **cols)
-        test = read_source(cfg.test_file, "test", **cols) if cfg.test_file else None
-    if cfg.validation_file:
-        val = read_source(cfg.validation_file, "validation", **cols)
-    else:
-        train, val = split_validation(train, cfg.validation_fraction, seed=cfg.seed)
-    return train, val, test
-
-
-def make_verbalizer(cfg: TrainConfig, train: list[Example]) -> Verbalizer:
-    if cfg.verbalizer:
-        return Verbalizer.parse(cfg.verbalizer)
-    if cfg.train_file is None:
-        return Verbalizer.parse(DEMO_VERBALIZER)
-    return Verbalizer.parse(sorted({ex.label for ex in train}))
-
-
-def encode(
-    examples: list[Example],
-    tokenizer,
-    template: Template,
-    verbalizer: Verbalizer,
-    cfg: TrainConfig,
-    split: str,
-) -> Encoded:
-    """Render, tokenise and check labels; every unknown label is reported with its file and line."""
-    unknown = [
-        f"{ex.source}: label {ex.label!r} is not in the verbalizer {verbalizer.labels}"
-        for ex in examples
-        if ex.label not in verbalizer.labels
-    ]
-    if unknown:
-        raise DataError(unknown)
-    rows, truncated = [], 0
-    for ex in examples:
-        ids, cut = encode_text(tokenizer, template, ex.text, cfg.max_length, cfg.truncation_side)
-        rows.append(ids)
-        truncated += cut
-    if truncated:
-        log.warning(
-            "%s: %d of %d texts were longer than max_length=%d and were truncated on the %s",
-            split,
-            truncated,
-            len(rows),
-            cfg.max_length,
-            cfg.truncation_side,
-        )
-    return Encoded(rows, [verbalizer.index(ex.label) for ex in examples], examples)
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def predict_scores(
-    prompted: PromptedLM,
-    prompt,
-    rows: list[list[int]],
-    label_ids: list[list[int]],
-    mode: str,
-    pad_id: int,
-    batch_size: int,
-    desc: str | None = None,
-) -> torch.Tensor:
-    """Class log-scores (N, C) for all rows, batched by length so little compute goes to padding."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    scores = torch.empty(len(rows), len(label_ids))
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=desc, leave=False, disable=desc is None):
-        idx = order[s : s + batch_size]
-        scores[idx] = (
-            class_scores(prompted, [rows[i] for i in idx], label_ids, mode, pad_id, prompt).float().cpu()
-        )
-    return scores
-
-
-def evaluate_split(
-    prompted, prompt, data: Encoded, label_ids, mode, pad_id, verbalizer, batch_size, desc=None
-) -> dict:
-    scores = predict_scores(prompted, prompt, data.rows, label_ids, mode, pad_id, batch_size, desc)
-    pred = [verbalizer.labels[i] for i in scores.argmax(dim=1).tolist()]
-    gold = [verbalizer.labels[i] for i in data.gold]
-    return classification_report(gold, pred, verbalizer.labels)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -286,18 +197,25 @@ def make_optimizer(prompt: SoftPrompt, cfg: TrainConfig) -> torch.optim.Optimize
 
 
 def micro_batches(
-    lengths: list[int], cfg: TrainConfig, start: int, count: int, orders: dict[int, list[list[int]]]
+    lengths: list[int],
+    cfg: TrainConfig,
+    start: int,
+    count: int,
+    orders: dict[int, list[list[int]]],
+    batch_size: int | None = None,
 ) -> list[list[int]]:
     """Micro-batches number start..start+count-1 of the endless, seeded, length-grouped stream
     (epoch e uses seed + e), so any step's data is known without replaying the run. ``orders`` is
-    the run's own cache of the current epoch's batch order."""
-    per_epoch = math.ceil(len(lengths) / cfg.batch_size)
+    the run's own cache of the current epoch's batch order. ``batch_size`` (default cfg.batch_size)
+    is the global micro-batch: batch_size x processes when several run."""
+    batch_size = batch_size or cfg.batch_size
+    per_epoch = math.ceil(len(lengths) / batch_size)
     out = []
     for k in range(start, start + count):
         epoch, i = divmod(k, per_epoch)
         if epoch not in orders:
             orders.clear()  # one epoch's order at a time
-            orders[epoch] = length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+            orders[epoch] = length_grouped_batches(lengths, batch_size, seed=cfg.seed + epoch)
         out.append(orders[epoch][i])
     return out
 
@@ -344,27 +262,15 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    ctx = setup(cfg.device)  # one process, or this rank of a torchrun / accelerate launch group
+    main = ctx.is_main  # only the main process writes logs, checkpoints and prompts
 
     # ---- data (read and checked before the model loads: a bad file costs no waiting)
-    train_ex, val_ex, test_ex = load_splits(cfg)
-    verbalizer = make_verbalizer(cfg, train_ex)
-    template = Template(cfg.template)
-    log.info(
-        "data: %d train, %d validation, %s test rows; labels %s",
-        len(train_ex),
-        len(val_ex),
-        len(test_ex) if test_ex else "no",
-        verbalizer.as_dict(),
-    )
+    task = make_task(cfg)  # classification or generation: its data, loss and evaluation
 
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    pad_id = tokenizer.pad_token_id
-    label_ids = verbalizer.token_ids(tokenizer)
-    mode = verbalizer.scoring_mode(tokenizer, cfg.scoring)
-    train_set = encode(train_ex, tokenizer, template, verbalizer, cfg, "train")
-    val_set = encode(val_ex, tokenizer, template, verbalizer, cfg, "validation")
-    test_set = encode(test_ex, tokenizer, template, verbalizer, cfg, "test") if test_ex else None
-    lengths = [len(r) for r in train_set.rows]
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=ctx.device)
+    task.prepare(tokenizer)
+    lengths = task.lengths
     epoch_orders: dict[int, list[list[int]]] = {}
 
     # ---- the prompt: the only trainable tensor
@@ -373,27 +279,39 @@ def train(cfg: TrainConfig) -> dict:
         init=cfg.init,
         init_text=cfg.init_text,
         init_file=cfg.init_file,
-        label_words=verbalizer.words,
+        label_words=task.label_words,
         seed=cfg.seed,
     )
     prompt = SoftPrompt.initialize(prompt_cfg, model, tokenizer)
-    prompt.meta.template, prompt.meta.label_words = cfg.template, verbalizer.words
-    prompt.meta.extra = {"verbalizer": verbalizer.as_dict(), "scoring": mode}
+    task.annotate(prompt.meta)  # template, label words, verbalizer: what using the prompt needs
+    ctx.broadcast_(prompt.weight.data)  # seeded, so already equal; rank 0's copy is the reference
     initial = prompt.weight.detach().clone()
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if cfg.fsdp or fsdp_requested():  # after the prompt is built from the (whole) embeddings
+        shard_model(model, ctx)
     prompted = PromptedLM(model)
     optimizer = make_optimizer(prompt, cfg)
     n_base = sum(p.numel() for p in model.parameters())
     log.info(
-        "trainable parameters: %d (%d x %d prompt) of %d in the model (%.4f%%); scoring %s, loss %s",
+        "trainable parameters: %d (%d x %d prompt) of %d in the model (%.4f%%); %s",
         prompt.weight.numel(),
         prompt.num_virtual_tokens,
         prompt.token_dim,
         n_base,
         100 * prompt.weight.numel() / n_base,
-        mode,
-        cfg.loss,
+        task.describe(),
     )
-    (out / "hyperparameters.json").write_text(json.dumps(asdict(cfg), indent=2))
+    global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum
+    log.info(
+        "batch: %d rows per optimizer step (%d per micro-batch x %d process(es) x %d accumulation)",
+        global_batch,
+        cfg.batch_size,
+        ctx.world_size,
+        cfg.grad_accum,
+    )
+    if main:
+        (out / "hyperparameters.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     state = {"step": 0, "best_accuracy": -1.0, "best_step": 0, "bad_evals": 0, "status": "running"}
     ckpt = out / "checkpoint"
@@ -403,12 +321,13 @@ def train(cfg: TrainConfig) -> dict:
     elif cfg.resume:
         log.warning("resume requested but %s has no checkpoint: starting from step 0", ckpt)
     metrics_path = out / "metrics.jsonl"
-    _truncate_log(metrics_path, state["step"])
-    writer = _tensorboard(out)
+    if main:
+        _truncate_log(metrics_path, state["step"])
+    writer = _tensorboard(out) if main else None
 
     # ---- the loop
     last_good = prompt.weight.detach().clone()
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step")
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step", disable=not main)
     while state["step"] < cfg.max_steps:
         step = state["step"]
         t0 = time.perf_counter()
@@ -417,19 +336,20 @@ def train(cfg: TrainConfig) -> dict:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss_sum, tokens = 0.0, 0
-        for idx in micro_batches(lengths, cfg, step * cfg.grad_accum, cfg.grad_accum, epoch_orders):
-            rows = [train_set.rows[i] for i in idx]
-            gold = torch.tensor([train_set.gold[i] for i in idx], device=prompted.device)
-            scores = class_scores(prompted, rows, label_ids, mode, pad_id, prompt)  # (B, C) log-probs
-            # class: softmax over the label words only; lm: the gold word's log-prob over the vocabulary
-            loss = (
-                F.cross_entropy(scores, gold)
-                if cfg.loss == "class"
-                else -scores.gather(1, gold[:, None]).mean()
-            )
+        global_size = cfg.batch_size * ctx.world_size
+        for global_idx in micro_batches(
+            lengths, cfg, step * cfg.grad_accum, cfg.grad_accum, epoch_orders, global_size
+        ):
+            idx, share = ctx.shard(global_idx)  # this process's rows; share = its rows / global rows
+            loss, n_tokens = task.batch_loss(prompted, prompt, idx)  # mean over the micro-batch
+            if ctx.active:
+                loss = loss * share  # summed over processes below: the global micro-batch's mean
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
-            tokens += sum(len(r) + prompt.num_virtual_tokens for r in rows)
+            tokens += n_tokens if share else 0
+        ctx.sum_gradients_(prompt.parameters())  # all_reduce: the global batch's gradient, before clipping
+        if ctx.active:
+            loss_sum, tokens = ctx.sum_(torch.tensor([loss_sum, tokens], dtype=torch.float64)).tolist()
         grad_norm = prompt.weight.grad.norm().item()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             log.error(
@@ -458,34 +378,39 @@ def train(cfg: TrainConfig) -> dict:
             "tokens_per_s": tokens / seconds,
             "step_seconds": seconds,
         }
-        _warn_gradient(grad_norm, step)
-        _log(metrics_path, writer, record)
+        if main:
+            _warn_gradient(grad_norm, step)
+            _log(metrics_path, writer, record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", gnorm=f"{grad_norm:.2e}", lr=f"{lr:.3g}")
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            report = evaluate_split(
-                prompted, prompt, val_set, label_ids, mode, pad_id, verbalizer, cfg.eval_batch_size
-            )
-            _log(
-                metrics_path,
-                writer,
-                {
-                    "step": step,
-                    "split": "validation",
-                    "accuracy": report["accuracy"],
-                    "macro_f1": report["macro_f1"],
-                },
-            )
-            if report["accuracy"] > state["best_accuracy"]:
-                state.update(best_accuracy=report["accuracy"], best_step=step, bad_evals=0)
-                _save_best(prompt, out, model)
+            report = task.evaluate(prompted, prompt, "validation")
+            score = report[task.metric]  # accuracy (classification) or ROUGE-L (generation)
+            # every process evaluates (under fsdp each forward needs all of them); the main one writes
+            if main:
+                _log(
+                    metrics_path,
+                    writer,
+                    {
+                        "step": step,
+                        "split": "validation",
+                        **{k: v for k, v in report.items() if isinstance(v, float)},
+                    },
+                )
+            # "best_accuracy" holds the best validation value of the task's metric (kept for old checkpoints)
+            if score > state["best_accuracy"]:
+                state.update(best_accuracy=score, best_step=step, bad_evals=0)
+                if main:
+                    _save_best(prompt, out, model)
             else:
                 state["bad_evals"] += 1
-            bar.write(
-                f"step {step}: validation accuracy {report['accuracy']:.4f} (best {state['best_accuracy']:.4f} at step {state['best_step']})"
-            )
-            save_checkpoint(ckpt, prompt, model, optimizer, state)
+            state = ctx.broadcast_object(state)  # all processes take the main one's decisions
+            if main:
+                bar.write(
+                    f"step {step}: validation {task.metric} {score:.4f} (best {state['best_accuracy']:.4f} at step {state['best_step']})"
+                )
+                save_checkpoint(ckpt, prompt, model, optimizer, state)
             if cfg.patience and state["bad_evals"] >= cfg.patience:
                 log.info("no improvement in %d evaluations: stopping early at step %d", cfg.patience, step)
                 state["status"] = "early_stopped"
@@ -493,9 +418,11 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     if state["status"] == "running":
         state["status"] = "completed"
-    if state["best_step"] == 0:  # diverged before the first evaluation: keep what we have
-        _save_best(prompt, out, model)
-    save_checkpoint(ckpt, prompt, model, optimizer, state)
+    if main:
+        if state["best_step"] == 0:  # diverged before the first evaluation: keep what we have
+            _save_best(prompt, out, model)
+        save_checkpoint(ckpt, prompt, model, optimizer, state)
+    ctx.barrier()  # the best prompt is on disk before any process reads it back
 
     # ---- final evaluation with the best prompt, beside the baselines
     best = load_prompt(out / "prompt", model)
@@ -503,32 +430,26 @@ def train(cfg: TrainConfig) -> dict:
         "status": state["status"],
         "steps": state["step"],
         "best_step": state["best_step"],
+        "task": cfg.task,
+        "metric": task.metric,
         "validation_accuracy": state["best_accuracy"] if state["best_step"] else None,
         "trainable_parameters": prompt.weight.numel(),
-        "scoring": mode,
+        "scoring": getattr(task, "mode", None),
+        "global_batch_size": global_batch,
     }
-    if test_set is not None:
+    if task.test_set is not None:
         evals = {"trained": best}
         if cfg.baselines:
             evals = {"zero_shot": None, "initial_prompt": initial, **evals}
         for name, p in evals.items():
-            report = evaluate_split(
-                prompted,
-                p,
-                test_set,
-                label_ids,
-                mode,
-                pad_id,
-                verbalizer,
-                cfg.eval_batch_size,
-                desc=f"test ({name})",
-            )
+            report = task.evaluate(prompted, p, "test", desc=f"test ({name})")
             results[f"test_{name}"] = report
-            log.info("\n%s", format_report(report, title=f"test set, {name.replace('_', ' ')}:"))
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    if writer is not None:
-        writer.close()
-    _plot_curves(metrics_path, out / "curves.png")
+            log.info("\n%s", task.format(report, f"test set, {name.replace('_', ' ')}:"))
+    if main:
+        (out / "metrics.json").write_text(json.dumps(results, indent=2))
+        if writer is not None:
+            writer.close()
+        _plot_curves(metrics_path, out / "curves.png")
     return results
 
 
