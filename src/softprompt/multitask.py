@@ -1,0 +1,271 @@
+"""Mixed-task inference: one batch whose rows use different prompts from a :class:`PromptStore`.
+
+Classification rows each use their own task's template and verbalizer (the label words differ per
+task); generation rows each continue under their own prompt. Each row's result equals what running
+its task alone gives (tested). Ensembles score one input under k prompts of the same task in one
+batch and combine them by mean probability or majority vote (Lester et al., section 6).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from softprompt.prompt_store import PromptEntry, PromptStore, StoreSnapshot
+from softprompt.verbalizer import Template, encode_text, pad_rows
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- prompts per row
+def prompt_inputs(store: PromptStore, entries: list[PromptEntry], use_prefix: bool | None = None) -> dict:
+    """The keyword arguments that give row b of a batch the prompt ``entries[b]``.
+
+    With the cached prefixes (default when the model supports them) only the input tokens run;
+    otherwise a bank (k, P_max, D) of the k distinct prompts, padded at the end, with each row's
+    prompt length.
+    """
+    slots: dict[tuple[str, int], int] = {}
+    index = [slots.setdefault((e.name, e.version), len(slots)) for e in entries]
+    distinct = list({(e.name, e.version): e for e in entries}.values())  # in slot order
+    device = store.prompted.device
+    prompt_index = torch.tensor(index, dtype=torch.long, device=device)
+    if use_prefix is None:
+        use_prefix = store.supports_prefix
+    if use_prefix:
+        prefixes = [store.prefix(e) for e in distinct]
+        prefix = prefixes[0] if len(prefixes) == 1 else type(prefixes[0]).cat(prefixes)
+        return {"prefix": prefix, "prompt_index": prompt_index}
+    P = max(e.num_virtual_tokens for e in distinct)
+    bank = torch.zeros(len(distinct), P, store.prompted.hidden_size, device=device)  # (k, P, D)
+    for k, e in enumerate(distinct):
+        bank[k, : e.num_virtual_tokens] = e.prompt.weight
+    lengths = torch.tensor([e.num_virtual_tokens for e in entries], device=device)  # (B,)
+    return {"prompt": bank, "prompt_index": prompt_index, "prompt_lengths": lengths}
+
+
+def render(entry: PromptEntry, text: str) -> str:
+    """``text`` in the prompt's template (unchanged when the prompt has none)."""
+    return text if entry.task.template is None else entry.task.template.render(text)
+
+
+# ---------------------------------------------------------------------------- classification
+def score_mixed(
+    store: PromptStore,
+    entries: list[PromptEntry],
+    texts: list[str],
+    *,
+    max_length: int = 256,
+    batch_size: int = 32,
+    use_prefix: bool | None = None,
+) -> list[torch.Tensor]:
+    """Log-score of each class for text i under prompt ``entries[i]``: a (C_i,) tensor per text.
+
+    Rows of all tasks share forward passes. ``first_token`` tasks take one row and one head position;
+    ``sequence`` tasks take one row per class, scored on the label word's tokens (as in
+    :func:`softprompt.verbalizer.class_scores`).
+    """
+    if len(entries) != len(texts):
+        raise ValueError(f"got {len(entries)} prompts for {len(texts)} texts; give one prompt per text")
+    tokenizer = store.tokenizer
+    # One scoring row: (item, token ids, head positions (K,), target tokens per position or None).
+    rows: list[tuple[int, list[int], list[int], list[int] | None]] = []
+    for i, (e, text) in enumerate(zip(entries, texts, strict=True)):
+        if e.task.verbalizer is None:
+            raise ValueError(
+                f"prompt {e.name!r} has no label words in its softprompt.json, so it cannot classify; "
+                "train it for classification or use it for generation"
+            )
+        ids = encode_text(tokenizer, e.task.template or Template(), text, max_length)[0]
+        if e.task.mode == "first_token":
+            rows.append((i, ids, [len(ids) - 1], None))
+        else:
+            for word in e.task.label_ids:
+                rows.append(
+                    (i, ids + list(word), list(range(len(ids) - 1, len(ids) + len(word) - 1)), list(word))
+                )
+
+    per_row = [torch.empty(0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))  # similar lengths share a batch
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask = pad_rows([rows[r][1] for r in chunk], tokenizer.pad_token_id)
+        K = max(len(rows[r][2]) for r in chunk)
+        # (B, K) head positions; short rows repeat their last position (ignored below).
+        pos = torch.tensor([rows[r][2] + rows[r][2][-1:] * (K - len(rows[r][2])) for r in chunk])
+        kwargs = prompt_inputs(store, [entries[rows[r][0]] for r in chunk], use_prefix)
+        with torch.no_grad():
+            logits = store.prompted(ids, mask, positions=pos, **kwargs)  # (B, K, V)
+        logp = F.log_softmax(logits.float(), dim=-1).cpu()
+        for b, r in enumerate(chunk):
+            item, _, positions, targets = rows[r]
+            if targets is None:  # first_token: all classes' first tokens at the last input position
+                firsts = torch.tensor([w[0] for w in entries[item].task.label_ids])
+                per_row[r] = logp[b, 0, firsts]
+            else:
+                n = len(positions)
+                per_row[r] = logp[b, torch.arange(n), torch.tensor(targets)].sum().view(1)
+    scores: list[list[torch.Tensor]] = [[] for _ in texts]
+    for r, (item, *_rest) in enumerate(rows):  # rows of one item are in class order
+        scores[item].append(per_row[r])
+    return [torch.cat(s) for s in scores]
+
+
+def classification_result(entry: PromptEntry, text: str, logp: torch.Tensor) -> dict:
+    probs = logp.softmax(dim=0)
+    labels = entry.task.verbalizer.labels
+    return {
+        "model": entry.name,
+        "text": text,
+        "label": labels[int(probs.argmax())],
+        "scores": {lab: round(float(p), 6) for lab, p in zip(labels, probs, strict=True)},
+    }
+
+
+def classify_mixed(
+    store: PromptStore,
+    names: list[str],
+    texts: list[str],
+    *,
+    snapshot: StoreSnapshot | None = None,
+    max_length: int = 256,
+    batch_size: int = 32,
+) -> list[dict]:
+    """Classify text i with prompt ``names[i]``: one ``{"model", "text", "label", "scores"}`` per text.
+
+    ``snapshot`` pins the set of prompts (default: the store's prompts right now).
+    """
+    snap = snapshot if snapshot is not None else store.snapshot()
+    entries = [snap[n] for n in names]
+    logps = score_mixed(store, entries, texts, max_length=max_length, batch_size=batch_size)
+    return [classification_result(e, t, lp) for e, t, lp in zip(entries, texts, logps, strict=True)]
+
+
+def ensemble_classify(
+    store: PromptStore,
+    names: list[str],
+    texts: list[str],
+    *,
+    method: str = "mean",
+    max_length: int = 256,
+    batch_size: int = 32,
+) -> list[dict]:
+    """Score every text under each of the k prompts ``names`` (one task) in shared batches.
+
+    ``method="mean"``: the label with the highest mean probability; ``"vote"``: the label most
+    prompts pick (ties go to the higher mean probability). Each result also has the mean
+    ``scores``, the ``votes`` per label and each member's label.
+    """
+    if method not in ("mean", "vote"):
+        raise ValueError(f"method={method!r}; choose 'mean' (mean probability) or 'vote' (majority vote)")
+    if len(names) < 2:
+        raise ValueError(f"an ensemble needs at least two prompts, got {names}")
+    snap = store.snapshot()
+    members = [snap[n] for n in names]
+    labels = members[0].labels
+    for m in members:
+        if m.labels is None or sorted(m.labels) != sorted(labels or []):
+            raise ValueError(
+                f"ensemble members must classify into the same labels: {members[0].name!r} has "
+                f"{labels} but {m.name!r} has {m.labels}"
+            )
+    k = len(members)
+    entries = [m for _ in texts for m in members]  # text-major: rows i*k .. i*k+k-1 belong to text i
+    logps = score_mixed(store, entries, [t for t in texts for _ in members], max_length=max_length,
+                        batch_size=batch_size)  # fmt: skip
+    return [ensemble_result(members, t, logps[i * k : (i + 1) * k], method) for i, t in enumerate(texts)]
+
+
+def ensemble_result(members: list[PromptEntry], text: str, logps: list[torch.Tensor], method: str) -> dict:
+    """Combine one text's class log-scores under k prompts (``logps[j]`` from ``members[j]``)."""
+    labels = members[0].labels
+    # Align each member's classes to the first member's label order before averaging.
+    probs = torch.stack(
+        [lp.softmax(0)[[m.labels.index(lab) for lab in labels]] for lp, m in zip(logps, members, strict=True)]
+    )  # (k, C)
+    mean = probs.mean(dim=0)
+    picks = [labels[int(p.argmax())] for p in probs]
+    votes = Counter(picks)
+    if method == "mean":
+        label = labels[int(mean.argmax())]
+    else:
+        top = max(votes.values())
+        label = max((lab for lab in labels if votes[lab] == top), key=lambda lab: mean[labels.index(lab)])
+    return {
+        "text": text,
+        "label": label,
+        "scores": {lab: round(float(p), 6) for lab, p in zip(labels, mean, strict=True)},
+        "votes": {lab: votes.get(lab, 0) for lab in labels},
+        "members": dict(zip([m.name for m in members], picks, strict=True)),
+    }
+
+
+# ---------------------------------------------------------------------------- generation
+@dataclass
+class Completion:
+    """One generated continuation: the text, its token ids, why it stopped, and the input size."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+def generate_mixed(
+    store: PromptStore,
+    entries: list[PromptEntry],
+    texts: list[str],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    apply_template: bool = True,
+    generator: torch.Generator | None = None,
+    use_prefix: bool | None = None,
+) -> list[Completion]:
+    """Continue text i under prompt ``entries[i]``, all rows in one generation batch.
+
+    ``temperature=0`` is greedy decoding. With ``apply_template`` each text is put in its prompt's
+    template first (the form the prompt was trained on).
+    """
+    prompted, tokenizer = store.prompted, store.tokenizer
+    if not hasattr(prompted, "generate"):
+        raise NotImplementedError("this version of PromptedLM has no generate(); update softprompt")
+    rows = [
+        list(tokenizer(render(e, t) if apply_template else t, add_special_tokens=False)["input_ids"])
+        for e, t in zip(entries, texts, strict=True)
+    ]
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise ValueError(f"texts {empty} tokenise to nothing; give each row some text to continue")
+    T = max(len(r) for r in rows)
+    # Left padding: every row's next token goes at the same column.
+    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r) :] = torch.tensor(r)
+        mask[i, T - len(r) :] = 1
+    kwargs = prompt_inputs(store, entries, use_prefix)
+    out = prompted.generate(
+        ids,
+        mask,
+        **kwargs,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=top_p,
+        eos_token_id=tokenizer.eos_token_id,
+        stop_strings=stop or None,
+        tokenizer=tokenizer,
+        generator=generator,
+    )
+    texts_out = out.texts or [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+    return [
+        Completion(text, list(tokens), reason, len(r))
+        for text, tokens, reason, r in zip(texts_out, out.tokens, out.finish_reasons, rows, strict=True)
+    ]

@@ -1,0 +1,148 @@
+"""Mixed-task batches and ensembles equal separate runs of each task."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, make_tokenizer
+from test_prompt_store import make_store, task_prompt
+
+from softprompt.classify import Classifier
+from softprompt.generation import Generator
+from softprompt.multitask import classify_mixed, ensemble_classify, generate_mixed, score_mixed
+from softprompt.prompt_store import UnknownPromptError
+
+TEXTS = [
+    "the food was good",
+    "a boring film",
+    "the price of the product",
+    "news of the world and sports",
+    "really fun",
+    "bad service and slow staff",
+]
+ATOL = 1e-5  # fp32; rows are padded and batched differently from the separate runs
+
+
+def separate_probs(store, name: str, texts: list[str]) -> torch.Tensor:
+    """The reference: the task's prompt alone, through the single-task Classifier."""
+    entry = store.get(name)
+    clf = Classifier(store.prompted.model, store.tokenizer, entry.prompt)
+    return clf.scores(texts)
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+@pytest.mark.parametrize("use_prefix", [False, True], ids=["bank", "prefix"])
+def test_mixed_classification_equals_separate_runs(arch, use_prefix, tmp_path):
+    store = make_store(tmp_path / "store", MODEL_FACTORIES[arch]())
+    if use_prefix and not store.supports_prefix:
+        pytest.skip("PromptedLM.prefix_cache is not available in this version of model.py")
+    names = ["sentiment", "topic", "quality"]
+    # Every text under every task, interleaved so each batch mixes tasks and prompt lengths.
+    pairs = [(n, t) for t in TEXTS for n in names]
+    entries = [store.get(n) for n, _ in pairs]
+    logps = score_mixed(store, entries, [t for _, t in pairs], batch_size=7, use_prefix=use_prefix)
+    for name in names:
+        ref = separate_probs(store, name, TEXTS)
+        ours = torch.stack([lp.softmax(0) for (n, _), lp in zip(pairs, logps, strict=True) if n == name])
+        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+
+
+def test_classify_mixed_results_carry_each_tasks_labels(llama, tmp_path):
+    store = make_store(tmp_path / "store", llama)
+    out = classify_mixed(store, ["topic", "sentiment", "quality"], TEXTS[:3])
+    assert [r["model"] for r in out] == ["topic", "sentiment", "quality"]
+    assert sorted(out[0]["scores"]) == ["b", "s", "t"] and sorted(out[1]["scores"]) == ["neg", "pos"]
+    assert sorted(out[2]["scores"]) == ["bad", "good"]
+    for r in out:
+        assert r["label"] == max(r["scores"], key=r["scores"].get)
+        assert abs(sum(r["scores"].values()) - 1) < 1e-4
+    with pytest.raises(UnknownPromptError, match="no prompt named 'nope'"):
+        classify_mixed(store, ["nope"], ["x"])
+
+
+def test_ensemble_mean_and_vote_match_separate_members(llama, tmp_path):
+    store = make_store(tmp_path / "store", llama)
+    for seed, P in [(11, 2), (12, 6)]:
+        store.add(f"sentiment-{seed}", task_prompt("sentiment", P=P, seed=seed), save=False)
+    names = ["sentiment", "sentiment-11", "sentiment-12"]
+    member_probs = torch.stack([separate_probs(store, n, TEXTS) for n in names])  # (k, N, C)
+    labels = store.get("sentiment").labels
+    mean = ensemble_classify(store, names, TEXTS, method="mean")
+    vote = ensemble_classify(store, names, TEXTS, method="vote")
+    for i, text in enumerate(TEXTS):
+        expect_mean = member_probs[:, i].mean(0)
+        got = torch.tensor([mean[i]["scores"][lab] for lab in labels])
+        torch.testing.assert_close(got, expect_mean, atol=1e-5, rtol=0)
+        assert mean[i]["label"] == labels[int(expect_mean.argmax())]
+        picks = [labels[int(p.argmax())] for p in member_probs[:, i]]
+        assert vote[i]["members"] == dict(zip(names, picks, strict=True))
+        majority = max(labels, key=lambda lab: (picks.count(lab), expect_mean[labels.index(lab)]))
+        assert vote[i]["label"] == majority and vote[i]["text"] == text
+        assert sum(vote[i]["votes"].values()) == 3
+    with pytest.raises(ValueError, match="same labels"):
+        ensemble_classify(store, ["sentiment", "topic"], TEXTS)
+    with pytest.raises(ValueError, match="choose 'mean'"):
+        ensemble_classify(store, names, TEXTS, method="max")
+
+
+def test_prompt_without_label_words_cannot_classify(llama, tmp_path):
+    from softprompt import SoftPrompt
+
+    store = make_store(tmp_path / "store", llama)
+    store.add("free", SoftPrompt(torch.randn(3, 32)), save=False)
+    with pytest.raises(ValueError, match="no label words"):
+        classify_mixed(store, ["free"], ["the film"])
+
+
+def test_hot_replace_during_mixed_requests(llama, tmp_path):
+    """Requests running while a prompt is swapped give the old or the new prompt's answer, never a mix."""
+    store = make_store(tmp_path / "store", llama)
+    a, b = task_prompt("sentiment", P=3, seed=21), task_prompt("sentiment", P=6, seed=22)
+    store.replace("sentiment", a, save=False)
+    ref_a = separate_probs(store, "sentiment", TEXTS)
+    ref_topic = separate_probs(store, "topic", TEXTS)
+    store.replace("sentiment", b, save=False)
+    ref_b = separate_probs(store, "sentiment", TEXTS)
+    assert (ref_a - ref_b).abs().max() > 1e-3  # the two versions are distinguishable
+    failures, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            out = classify_mixed(
+                store, ["sentiment", "topic"] * len(TEXTS), [t for t in TEXTS for _ in (0, 1)]
+            )
+            sent = torch.tensor([[r["scores"]["neg"], r["scores"]["pos"]] for r in out[0::2]])
+            topic = torch.tensor([[r["scores"][k] for k in store.get("topic").labels] for r in out[1::2]])
+            old_or_new = torch.allclose(sent, ref_a, atol=1e-4) or torch.allclose(sent, ref_b, atol=1e-4)
+            if not old_or_new or not torch.allclose(topic, ref_topic, atol=1e-4):
+                failures.append(sent)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(10):
+        store.replace("sentiment", a if i % 2 == 0 else b, save=False)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+@pytest.mark.parametrize("use_prefix", [False, True], ids=["bank", "prefix"])
+def test_mixed_generation_equals_separate_runs(llama, tmp_path, use_prefix):
+    store = make_store(tmp_path / "store", llama)
+    if not hasattr(store.prompted, "generate"):
+        pytest.skip("PromptedLM.generate is not available yet in this version of model.py")
+    if use_prefix and not store.supports_prefix:
+        pytest.skip("PromptedLM.prefix_cache is not available in this version of model.py")
+    names = ["sentiment", "topic", "quality", "topic"]
+    texts = ["the food was", "news of the", "a boring", "sports and business"]
+    entries = [store.get(n) for n in names]
+    mixed = generate_mixed(store, entries, texts, max_new_tokens=6, use_prefix=use_prefix)
+    for e, t, got in zip(entries, texts, mixed, strict=True):
+        # The reference: the single-prompt Generator, running this prompt alone.
+        alone = Generator(store.prompted, store.tokenizer, e.prompt).generate([t], max_new_tokens=6)
+        assert got.tokens == alone.tokens[0] and got.finish_reason == alone.finish_reasons[0]
+        assert got.prompt_tokens == len(make_tokenizer()(e.task.template.render(t))["input_ids"])
