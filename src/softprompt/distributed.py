@@ -270,3 +270,9 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
         layer.forward = forward  # instance attribute: FSDP hooks on __call__ stay outside the checkpoint
         layer._softprompt_checkpointed = True
     return len(layers)
+
+
+def teardown() -> None:
+    """Leave the process group, if one was joined (the end of a command-line run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
