@@ -1,0 +1,405 @@
+"""An HTTP server for many soft prompts on one model: OpenAI-compatible completions, classification,
+and prompt management. Build the app with :func:`create_app` (tests use a tiny model).
+
+Requests for different prompts are gathered into shared batches by a :class:`Batcher`: it waits a few
+milliseconds after the first request for others to arrive, then runs them together in one worker
+thread (torch releases the GIL while it computes, so the event loop keeps accepting requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from softprompt.multitask import (
+    Completion,
+    classification_result,
+    ensemble_result,
+    generate_mixed,
+    render,
+    score_mixed,
+)
+from softprompt.prompt_store import InvalidPromptNameError, PromptEntry, PromptStore, UnknownPromptError
+from softprompt.store import ModelMismatchError, PromptFormatError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeLimits:
+    """Batching and request limits of the server."""
+
+    max_batch_size: int = 32
+    """Most rows run in one forward pass (classification rows or generated sequences)."""
+    batch_window_ms: float = 5.0
+    """How long the batcher waits after the first queued request for others to join its batch."""
+    max_queue: int = 256
+    """Requests waiting beyond this are refused with 503 (the client should retry later)."""
+    max_input_tokens: int = 512
+    """Longest input (after the prompt's template) in tokens; longer ones get 400."""
+    max_tokens: int = 256
+    """Largest ``max_tokens`` a completion may ask for (400 beyond)."""
+    max_items: int = 64
+    """Most texts in one classify request, or prompts x n in one completion (413 beyond)."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body (413 beyond)."""
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(
+        self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+
+
+# ---------------------------------------------------------------------------- batching
+@dataclass
+class Job:
+    """One request's rows, waiting for the worker. ``key`` groups jobs that can share a batch."""
+
+    key: tuple
+    entries: list[PromptEntry]
+    texts: list[str]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    params: dict = field(default_factory=dict)
+
+
+class Batcher:
+    """Gathers queued jobs into shared batches and runs them in one worker thread."""
+
+    def __init__(self, store: PromptStore, limits: ServeLimits):
+        self.store, self.limits = store, limits
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.max_queue)
+        self.stats = {"batches": 0, "rows": 0, "requests": 0}
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="softprompt-batcher", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self.queue.put(None)
+            self._thread.join(timeout=30)
+
+    async def run(self, key: tuple, entries: list[PromptEntry], texts: list[str], **params):
+        self.start()
+        loop = asyncio.get_running_loop()
+        job = Job(key, entries, texts, loop, loop.create_future(), params)
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise APIError(
+                503, f"the server is busy ({self.limits.max_queue} requests queued); retry shortly",
+                "server_error", "queue_full",
+            ) from None  # fmt: skip
+        return await job.future
+
+    def _work(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            jobs, rows, stop = [first], len(first.texts), False
+            deadline = time.monotonic() + self.limits.batch_window_ms / 1000
+            while rows < self.limits.max_batch_size:
+                try:
+                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+                rows += len(job.texts)
+            groups: dict[tuple, list[Job]] = defaultdict(list)
+            for job in jobs:
+                groups[job.key].append(job)
+            for key, group in groups.items():
+                self._run_group(key, group)
+            if stop:
+                return
+
+    def _run_group(self, key: tuple, jobs: list[Job]) -> None:
+        try:
+            results = self._compute(key, jobs)
+        except Exception:
+            if len(jobs) == 1:
+                log.exception("request failed")
+                _deliver(jobs[0], None, APIError(500, "the model failed on this request", "server_error"))
+                return
+            # One bad request must not fail the others: run each alone to find it.
+            for job in jobs:
+                self._run_group(key, [job])
+            return
+        self.stats["batches"] += 1
+        self.stats["rows"] += sum(len(j.texts) for j in jobs)
+        self.stats["requests"] += len(jobs)
+        for job, result in zip(jobs, results, strict=True):
+            _deliver(job, result, None)
+
+    def _compute(self, key: tuple, jobs: list[Job]) -> list:
+        entries = [e for j in jobs for e in j.entries]
+        texts = [t for j in jobs for t in j.texts]
+        if key[0] == "classify":
+            flat = score_mixed(self.store, entries, texts, batch_size=self.limits.max_batch_size)
+        else:
+            p = jobs[0].params
+            flat = []
+            for s in range(0, len(texts), self.limits.max_batch_size):
+                flat += generate_mixed(
+                    self.store, entries[s : s + self.limits.max_batch_size],
+                    texts[s : s + self.limits.max_batch_size], max_new_tokens=p["max_tokens"],
+                    temperature=p["temperature"], top_p=p["top_p"], stop=p["stop"],
+                )  # fmt: skip
+        out, start = [], 0
+        for job in jobs:
+            out.append(flat[start : start + len(job.texts)])
+            start += len(job.texts)
+        return out
+
+
+def _deliver(job: Job, result, error: Exception | None) -> None:
+    def settle() -> None:
+        if job.future.done():  # the client went away and the request was cancelled
+            return
+        if error is None:
+            job.future.set_result(result)
+        else:
+            job.future.set_exception(error)
+
+    job.loop.call_soon_threadsafe(settle)
+
+
+# ---------------------------------------------------------------------------- request bodies
+class CompletionRequest(BaseModel):
+    """OpenAI's completions request; fields we do not use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    echo: bool = False
+    logprobs: int | None = None
+
+
+class ClassifyRequest(BaseModel):
+    """Classify ``input`` with prompt ``model``; a list of prompts (one task) is an ensemble."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | list[str]
+    input: str | list[str]
+    ensemble: str = Field("mean", pattern="^(mean|vote)$")
+
+
+# ---------------------------------------------------------------------------- the app
+def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None = None, *,
+               allow_management: bool = True) -> FastAPI:  # fmt: skip
+    """The FastAPI app serving ``store``'s prompts on ``model``.
+
+    Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/classify``,
+    ``GET /v1/prompts``, ``POST /v1/prompts/{name}/load``, ``DELETE /v1/prompts/{name}``.
+    """
+    limits = limits or ServeLimits()
+    if store.tokenizer is None:
+        store.tokenizer = tokenizer
+    batcher = Batcher(store, limits)
+    max_positions = getattr(store.prompted.config, "max_position_embeddings", None) or getattr(
+        store.prompted.config, "n_positions", None
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan)
+    app.state.store, app.state.batcher, app.state.limits = store, batcher, limits
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(
+            {"error": {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}},
+            status_code=exc.status,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        return JSONResponse(
+            {"error": {"message": f"malformed request: {problems}", "type": "invalid_request_error",
+                       "code": "invalid_body", "param": None}},
+            status_code=422,
+        )  # fmt: skip
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
+            return await api_error(
+                request, APIError(413, f"request body of {size} bytes is over {limits.max_body_bytes}")
+            )
+        return await call_next(request)
+
+    def entry(snapshot, name: str) -> PromptEntry:
+        try:
+            return snapshot[name]
+        except UnknownPromptError as e:
+            raise APIError(404, str(e), "not_found_error", "model_not_found") from None
+
+    def encode_len(e: PromptEntry, text: str) -> int:
+        n = len(tokenizer(render(e, text), add_special_tokens=False)["input_ids"])
+        if n > limits.max_input_tokens:
+            raise APIError(
+                400, f"input of {n} tokens is over the limit of {limits.max_input_tokens}; shorten it"
+            )
+        if n == 0:
+            raise APIError(400, "an input is empty; give some text")
+        return n
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "prompts": len(store), "queued": batcher.queue.qsize(), **batcher.stats}
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "softprompt"} for n in store.names()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if req.stream or req.echo or req.logprobs is not None:
+            raise APIError(400, "stream, echo and logprobs are not supported; leave them unset")
+        texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not texts:
+            raise APIError(400, "prompt is an empty list; give at least one prompt")
+        if len(texts) * req.n > limits.max_items:
+            raise APIError(
+                413, f"{len(texts)} prompts x n={req.n} is over the limit of {limits.max_items} completions"
+            )
+        if req.max_tokens > limits.max_tokens:
+            raise APIError(400, f"max_tokens={req.max_tokens} is over the limit of {limits.max_tokens}")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, f"at most 4 stop sequences, got {len(stops)}")
+        e = entry(store.snapshot(), req.model)
+        lengths = [encode_len(e, t) for t in texts]
+        if max_positions and max(lengths) + e.num_virtual_tokens + req.max_tokens > max_positions:
+            raise APIError(400, f"input + prompt + max_tokens is over the model's {max_positions} positions")
+        rows = [t for t in texts for _ in range(req.n)]  # OpenAI order: prompt-major, then n choices each
+        params = {"max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+                  "stop": stops}  # fmt: skip
+        key = ("generate", req.max_tokens, req.temperature, req.top_p, tuple(stops))
+        outs: list[Completion] = await batcher.run(key, [e] * len(rows), rows, **params)
+        choices = [
+            {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in enumerate(outs)
+        ]
+        prompt_tokens, completion_tokens = sum(lengths), sum(len(c.tokens) for c in outs)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": e.name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }  # fmt: skip
+
+    @app.post("/v1/classify")
+    async def classify(req: ClassifyRequest):
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        names = [req.model] if isinstance(req.model, str) else list(req.model)
+        if not texts or not names:
+            raise APIError(400, "input and model must not be empty")
+        if len(texts) * len(names) > limits.max_items:
+            raise APIError(
+                413, f"{len(texts)} texts x {len(names)} prompts is over the limit of {limits.max_items}"
+            )
+        snap = store.snapshot()
+        members = [entry(snap, n) for n in names]
+        for m in members:
+            if m.task.verbalizer is None:
+                raise APIError(400, f"prompt {m.name!r} has no label words, so it cannot classify")
+            for t in texts:
+                encode_len(m, t)
+        if len(members) > 1 and any(sorted(m.labels) != sorted(members[0].labels) for m in members):
+            raise APIError(400, f"ensemble members {names} do not share one set of labels")
+        entries = [m for _ in texts for m in members]
+        rows = [t for t in texts for _ in members]
+        logps = await batcher.run(("classify",), entries, rows)
+        k = len(members)
+        data = []
+        for i, text in enumerate(texts):
+            if k == 1:
+                result = classification_result(members[0], text, logps[i])
+            else:
+                result = ensemble_result(members, text, logps[i * k : (i + 1) * k], req.ensemble)
+            data.append({"index": i, "label": result["label"], "scores": result["scores"],
+                         **({"votes": result["votes"], "members": result["members"]} if k > 1 else {})})  # fmt: skip
+        return {"object": "list", "model": req.model, "data": data}
+
+    @app.get("/v1/prompts")
+    async def list_prompts():
+        loaded = store.snapshot()
+        return {
+            "object": "list",
+            "data": [loaded[n].describe() for n in sorted(loaded)],
+            "available": store.available(),
+        }
+
+    def management() -> None:
+        if not allow_management:
+            raise APIError(403, "prompt management is disabled on this server", "permission_error")
+
+    @app.post("/v1/prompts/{name}/load")
+    async def load(name: str):
+        management()
+        try:
+            loaded = await asyncio.to_thread(store.load, name)
+        except InvalidPromptNameError as e:
+            raise APIError(400, str(e)) from None
+        except FileNotFoundError as e:
+            raise APIError(404, str(e), "not_found_error") from None
+        except ModelMismatchError as e:
+            raise APIError(409, str(e), code="model_mismatch") from None
+        except (PromptFormatError, ValueError) as e:
+            raise APIError(422, str(e), code="bad_prompt") from None
+        return loaded.describe()
+
+    @app.delete("/v1/prompts/{name}")
+    async def unload(name: str):
+        management()
+        try:
+            removed = store.remove(name)
+        except InvalidPromptNameError as e:
+            raise APIError(400, str(e)) from None
+        except UnknownPromptError as e:
+            raise APIError(404, str(e), "not_found_error", "model_not_found") from None
+        return {"name": removed.name, "unloaded": True}
+
+    return app
