@@ -138,6 +138,19 @@ def cmd_info(path: str, as_json: bool) -> None:
             )
 
 
+def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batch_size: int,
+              batch_window_ms: float, max_queue: int, max_tokens: int, allow_management: bool) -> None:  # fmt: skip
+    try:
+        from softprompt.serve import ServeLimits, serve
+    except ImportError as e:
+        raise ValueError(
+            f"softprompt serve needs fastapi and uvicorn ({e}); pip install 'softprompt[serve]'"
+        ) from None
+    limits = ServeLimits(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                         max_tokens=max_tokens)  # fmt: skip
+    serve(store, model, dtype, host=host, port=port, limits=limits, allow_management=allow_management)
+
+
 def _use_args(p: ArgumentParser, *, data: bool) -> None:
     p.add_argument("prompt", type=str, help="Folder of a trained prompt.")
     if data:
@@ -208,6 +221,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("path", type=str, help="Folder of a saved prompt (ours or PEFT's).")
     p.add_argument("--as_json", type=bool, default=False, help="Print JSON.")
     sub.add_subcommand("info", p, help="Size, init, template, base model and norms of a saved prompt.")
+
+    p = ArgumentParser(description="Serve every prompt of a store folder over HTTP (OpenAI-compatible API).")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("store", type=str, help="Folder of saved prompts, one sub-folder per prompt.")
+    p.add_argument("--model", type=str, default="smollm2", help="Base model the prompts were trained on.")
+    p.add_argument("--dtype", type=str, default="float32", help="Base model dtype: float32 or bfloat16.")
+    p.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (0.0.0.0: all).")
+    p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    p.add_argument("--max_batch_size", type=int, default=32, help="Most rows in one shared batch.")
+    p.add_argument("--batch_window_ms", type=float, default=5.0, help="Wait for more requests (ms).")
+    p.add_argument("--max_queue", type=int, default=256, help="Queued requests before 503.")
+    p.add_argument("--max_tokens", type=int, default=256, help="Largest max_tokens per completion.")
+    p.add_argument("--allow_management", type=bool, default=True, help="Allow load/unload over HTTP.")
+    sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
     return parser
 
 
@@ -241,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
             cmd_init(a.output, a.model, a.dtype, PromptConfig(**dict(a.prompt)))
         elif name == "info":
             cmd_info(a.path, a.as_json)
+        elif name == "serve":
+            cmd_serve(a.store, a.model, a.dtype, a.host, a.port, a.max_batch_size, a.batch_window_ms,
+                      a.max_queue, a.max_tokens, a.allow_management)  # fmt: skip
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         # Expected user errors: the message says what and how to fix; a traceback would bury it.
         print(f"error: {e}", file=sys.stderr)

@@ -403,3 +403,18 @@ def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None 
         return {"name": removed.name, "unloaded": True}
 
     return app
+
+
+def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device: str = "auto",
+          host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
+          allow_management: bool = True) -> None:  # fmt: skip
+    """Load ``model``, every prompt in ``store_dir``, and serve them with uvicorn until stopped."""
+    import uvicorn
+
+    from softprompt.loading import load_model
+
+    base, tokenizer = load_model(model, dtype=dtype, device=device)
+    store = PromptStore(store_dir, base, tokenizer)
+    log.info("serving %d prompt(s) from %s on http://%s:%d/v1", len(store), store.root, host, port)
+    app = create_app(base, tokenizer, store, limits, allow_management=allow_management)
+    uvicorn.run(app, host=host, port=port, log_level="info")
