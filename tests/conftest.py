@@ -36,7 +36,8 @@ def make_tokenizer():
 VOCAB_SIZE = len(WORDS) + 3 + 5  # a few spare ids beyond the tokenizer, as real models have
 
 
-def tiny_llama(seed: int = 0, dtype=torch.float32):
+def tiny_llama(seed: int = 0, dtype=torch.float32, initializer_range: float = 0.02):
+    """A 2-layer Llama. ``initializer_range`` 0.3 gives one whose outputs a prompt can steer (learning tests)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -51,6 +52,7 @@ def tiny_llama(seed: int = 0, dtype=torch.float32):
         pad_token_id=0,
         bos_token_id=None,
         eos_token_id=1,
+        initializer_range=initializer_range,
     )
     cfg.name_or_path = "tiny-llama"
     return LlamaForCausalLM(cfg).to(dtype).eval()

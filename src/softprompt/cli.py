@@ -27,22 +27,31 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_train(cfg) -> None:
+    from softprompt.distributed import is_main_process, teardown
     from softprompt.train import train
 
     results = train(cfg)
+    main_process = is_main_process()
+    teardown()
+    if not main_process:  # under torchrun / accelerate launch: one report, from the main process
+        return
     out = cfg.output_dir
     print()
+    metric = results.get("metric", "accuracy")
     if "test_trained" in results:
         names = [n for n in ("zero_shot", "initial_prompt", "trained") if f"test_{n}" in results]
-        line = [f"{n.replace('_', '-')} {results[f'test_{n}']['accuracy']:.4f}" for n in names]
-        print("test accuracy: " + "  ->  ".join(line))
+        line = [f"{n.replace('_', '-')} {results[f'test_{n}'][metric]:.4f}" for n in names]
+        print(f"test {metric}: " + "  ->  ".join(line))
     val, steps, status = results["validation_accuracy"], results["steps"], results["status"]
     if val is None:
         print(f"no validation ran ({status} after {steps} steps)")
     else:
-        print(f"validation accuracy {val:.4f} (best at step {results['best_step']} of {steps}; {status})")
+        print(f"validation {metric} {val:.4f} (best at step {results['best_step']} of {steps}; {status})")
     print(f"prompt saved to {out}/prompt  (metrics: {out}/metrics.json, curves: {out}/curves.png)")
-    print(f'predict with:  softprompt predict {out}/prompt "the staff were friendly and quick"')
+    if results.get("task") == "generation":
+        print(f'generate with:  softprompt generate {out}/prompt "your input"')
+    else:
+        print(f'predict with:  softprompt predict {out}/prompt "the staff were friendly and quick"')
 
 
 def _classifier(
@@ -96,6 +105,50 @@ def cmd_predict(prompt: str, texts: list[str], file: str | None, text_column: st
     try:
         for result in clf.classify(texts, desc="classifying" if len(texts) > 64 else None):
             sink.write(json.dumps(result, ensure_ascii=False) + "\n")
+    finally:
+        if output:
+            sink.close()
+
+
+def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: str | None, model: str | None,
+                 dtype: str, template: str | None, batch_size: int, max_new_tokens: int, temperature: float,
+                 top_p: float, stop: list[str], seed: int, prefix_cache: bool, output: str | None) -> None:  # fmt: skip
+    import torch
+
+    from softprompt.data import read_examples
+    from softprompt.generation import Generator
+    from softprompt.loading import load_model
+    from softprompt.store import load_prompt
+
+    if file:
+        texts = [*texts, *(ex.text for ex in read_examples(file, text_column=text_column, labelled=False))]
+    if not texts or texts == ["-"]:
+        if sys.stdin.isatty() and not texts:
+            raise ValueError(
+                "no inputs: give them as arguments, with --file, or on standard input (one per line)"
+            )
+        texts = [line.strip() for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("no inputs to generate from")
+    loaded = load_prompt(prompt)  # fail on a bad folder before waiting for the model
+    base, tokenizer = load_model(model or loaded.meta.base_model or "smollm2", dtype=dtype)
+    loaded = load_prompt(prompt, base)
+    default_new = int(loaded.meta.extra.get("max_new_tokens", 64))
+    gen = Generator(
+        base, tokenizer, loaded, template=template, batch_size=batch_size, use_prefix_cache=prefix_cache
+    )
+    out = gen.generate(
+        texts, progress="generating" if len(texts) > batch_size else None,
+        max_new_tokens=max_new_tokens or default_new, do_sample=temperature > 0, temperature=temperature,
+        top_p=top_p, stop_strings=stop, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    sink = open(output, "w") if output else sys.stdout  # noqa: SIM115
+    try:
+        for text, result, reason in zip(texts, out.texts, out.finish_reasons, strict=True):
+            sink.write(
+                json.dumps({"input": text, "output": result, "finish_reason": reason}, ensure_ascii=False)
+                + "\n"
+            )
     finally:
         if output:
             sink.close()
@@ -209,6 +262,27 @@ def build_parser() -> ArgumentParser:
     _use_args(p, data=False)
     sub.add_subcommand("predict", p, help="Label and per-label scores for each text.")
 
+    p = ArgumentParser(description="Generate text with a trained prompt; one JSON object per line out.")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("prompt", type=str, help="Folder of a trained prompt.")
+    p.add_argument("texts", type=str, nargs="*", default=[], help="Inputs ('-': read stdin).")
+    p.add_argument("--file", type=str | None, default=None, help="Read inputs from a jsonl/csv/tsv file.")
+    p.add_argument("--text_column", type=str | None, default=None, help="Input column (name or index).")
+    p.add_argument("--model", type=str | None, default=None, help="Base model; default: the prompt's.")
+    p.add_argument("--dtype", type=str, default="float32", help="Base model dtype: float32 or bfloat16.")
+    p.add_argument("--template", type=str | None, default=None, help="Override the prompt's template.")
+    p.add_argument("--batch_size", type=int, default=16, help="Inputs per batch.")
+    p.add_argument(
+        "--max_new_tokens", type=int, default=0, help="Tokens per output; 0: the prompt's setting."
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling.")
+    p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass (with temperature > 0).")
+    p.add_argument("--stop", type=list[str], default=[], help="Stop strings, e.g. --stop '[\"\\n\"]'.")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    p.add_argument("--prefix_cache", type=bool, default=True, help="Reuse the prompt's keys/values.")
+    p.add_argument("--output", type=str | None, default=None, help="Write JSONL to this file.")
+    sub.add_subcommand("generate", p, help="Continue each input under the prompt (greedy or sampled).")
+
     p = ArgumentParser(description="Create a prompt without training and save it (PEFT format).")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("output", type=str, help="Folder to save the prompt to.")
@@ -262,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "predict":
             cmd_predict(a.prompt, a.texts, a.file, a.text_column, a.model, a.dtype, a.template, a.verbalizer,
                         a.batch_size, a.output)  # fmt: skip
+        elif name == "generate":
+            cmd_generate(a.prompt, a.texts, a.file, a.text_column, a.model, a.dtype, a.template, a.batch_size,
+                         a.max_new_tokens, a.temperature, a.top_p, a.stop, a.seed, a.prefix_cache, a.output)  # fmt: skip
         elif name == "init":
             from softprompt.config import PromptConfig
 

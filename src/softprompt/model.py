@@ -242,8 +242,8 @@ class PromptedLM(nn.Module):
 
         In a causal model the virtual tokens attend only to each other, so their keys and values do not
         depend on what follows. A (P, D) prompt gives a one-entry prefix; a bank (N, P, D) gives N
-        entries (``prompt_lengths`` (N,) for banks padded to the longest prompt: shorter ones are
-        padded at the front). The prefix is tied to this model's dtype and device, and to the prompt's
+        entries (``prompt_lengths`` (N,) for banks padded to the longest prompt: prompt n fills slots
+        0..L_n-1 of row n, as in :meth:`build_inputs`; in the cache it is right-aligned). The prefix is tied to this model's dtype and device, and to the prompt's
         values when it was made: make a new one after the prompt changes (e.g. during training).
         """
         bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
