@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from softprompt import SoftPrompt, save_prompt
 from softprompt.data import DataError
 from softprompt.evaluate import generation_report
-from softprompt.generation import Generator, generate, pick_tokens
+from softprompt.generation import Generator, pick_tokens
 from softprompt.model import PromptedLM, PromptPrefix
 from softprompt.tasks import GenerationTask
 from softprompt.train import TrainConfig, train
