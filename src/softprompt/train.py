@@ -91,7 +91,8 @@ class TrainConfig:
     num_virtual_tokens: int = 20
     """Soft-prompt length P."""
     init: str = "labels"
-    """Prompt init: labels (label words first, then common vocabulary), text, vocab, random or file."""
+    """Prompt init: labels (label words first, then common vocabulary), text, vocab, random or file.
+    With task=generation, labels means text init from init_text or the template's words."""
     init_text: str | None = None
     """Text for init=text."""
     init_file: str | None = None
@@ -274,10 +275,16 @@ def train(cfg: TrainConfig) -> dict:
     epoch_orders: dict[int, list[list[int]]] = {}
 
     # ---- the prompt: the only trainable tensor
+    init, init_text = cfg.init, cfg.init_text
+    if init == "labels" and task.label_words is None:  # generation has no label words: use the template
+        init, init_text = "text", cfg.init_text or cfg.template.replace("{text}", " ").strip() or None
+        init = init if init_text else "vocab"
+        log.info("init: no label words for task=%s, so %s init%s", cfg.task, init,
+                 f" from {init_text!r}" if init_text else "")  # fmt: skip
     prompt_cfg = PromptConfig(
         num_virtual_tokens=cfg.num_virtual_tokens,
-        init=cfg.init,
-        init_text=cfg.init_text,
+        init=init,
+        init_text=init_text,
         init_file=cfg.init_file,
         label_words=task.label_words,
         seed=cfg.seed,
