@@ -291,6 +291,8 @@ def train(cfg: TrainConfig) -> dict:
     )
     prompt = SoftPrompt.initialize(prompt_cfg, model, tokenizer)
     task.annotate(prompt.meta)  # template, label words, verbalizer: what using the prompt needs
+    # The init's seed (and source file) let `softprompt inspect` rebuild the init and say how far training moved it.
+    prompt.meta.extra |= {"init_seed": cfg.seed, **({"init_file": cfg.init_file} if init == "file" else {})}
     ctx.broadcast_(prompt.weight.data)  # seeded, so already equal; rank 0's copy is the reference
     initial = prompt.weight.detach().clone()
     if cfg.gradient_checkpointing:
