@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ softprompt() {
   case "$1" in
     train) command softprompt "$@" --model "$TINY_MODEL" --max_steps 4 --eval_every 2 ;;
     init) command softprompt "$@" --model "$TINY_MODEL" ;;
+    serve) exec softprompt "$@" --model "$TINY_MODEL" ;;  # run with &: exec keeps $! the server's pid
     *) command softprompt "$@" ;;
   esac
 }
@@ -34,11 +36,18 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", TUTORIAL.read_text(), flags=re.S)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_tutorial_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
     bin_dir = Path(sys.executable).parent
     if shutil.which("softprompt", path=str(bin_dir)) is None:
         pytest.skip("the softprompt console script is not installed next to this Python (pip install -e .)")
     env = {**os.environ, "TINY_MODEL": tiny_model_dir, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env["PORT"] = str(free_port())  # the serving section's server, on a port no other test run holds
     shell = blocks("bash")
     assert len(shell) >= 4, "the tutorial lost its command blocks"
     for block in shell:

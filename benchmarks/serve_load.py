@@ -1,0 +1,279 @@
+"""Benchmark: a bounded load test of ``softprompt serve`` on loopback, many tasks vs one, vs PEFT.
+
+Each configuration runs its server in a child process (uvicorn on 127.0.0.1) and this process sends
+``POST /v1/classify`` requests (one text each) from ``--clients`` concurrent clients:
+
+* ``mixed``: 8 classification tasks (different templates, label words and prompt lengths), requests
+  interleaved over the tasks; our batcher gathers them into shared batches with cached prefixes.
+* ``single``: the same server, every request for one task (the best case for batching).
+* ``peft``: the same API and HTTP stack, but each request handled alone the way PEFT allows:
+  ``set_adapter(task)`` + forward (PEFT keeps one active adapter per model, so requests take turns).
+* ``loaded_N``: one client, requests for one task, with N = 1, 100 and 1,000 prompts loaded: the
+  latency must not grow with the number of prompts in the store.
+
+Reported: requests/s and p50/p99 latency (ms) per configuration, ``mixed_ratio_vs_single`` (target
+>= 0.9), ``mixed_ratio_vs_peft`` (target >= 3) and ``loaded_1000_ratio_vs_1`` (target <= 1.1).
+The prompts are untrained (speed does not depend on the values). ``--smoke`` runs a tiny model.
+
+Run:  .venv/bin/python benchmarks/serve_load.py [--requests 400]   (writes results/serve_load.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
+TASKS = [  # (template, verbalizer): eight tasks, each with its own words and prompt length
+    ("Review: {text}\nSentiment:", {"neg": "negative", "pos": "positive"}),
+    ("Article: {text}\nTopic:", {"w": "world", "s": "sports", "b": "business", "t": "science"}),
+    ("Question: {text}\nAnswer type:", {"d": "description", "e": "entity", "h": "person", "l": "location"}),
+    ("Comment: {text}\nToxic:", {"no": "no", "yes": "yes"}),
+    ("Sentence: {text}\nStyle:", {"f": "formal", "c": "casual"}),
+    ("Text: {text}\nEmotion:", {"j": "joy", "a": "anger", "s": "sadness", "f": "fear"}),
+    ("Message: {text}\nSpam:", {"ham": "no", "spam": "yes"}),
+    ("Text: {text}\nLanguage:", {"en": "English", "fr": "French", "de": "German"}),
+]
+LENGTHS = [10, 20, 30, 16, 12, 24, 8, 20]
+
+
+# ---------------------------------------------------------------------------- the server side
+class PeftRequest(BaseModel):
+    model: str
+    input: str
+
+
+def load_base(args):
+    from softprompt.loading import load_model
+
+    model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
+    if args.smoke:  # the real tokenizer on a tiny random model with the same vocabulary
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+        model = LlamaForCausalLM(cfg).eval()
+    return model, tokenizer
+
+
+def task_prompt(i: int, model, tokenizer):
+    from softprompt import PromptConfig, SoftPrompt
+
+    template, verbalizer = TASKS[i % len(TASKS)]
+    cfg = PromptConfig(num_virtual_tokens=LENGTHS[i % len(LENGTHS)], init="vocab", seed=i)
+    prompt = SoftPrompt.initialize(cfg, model, tokenizer)
+    prompt.meta.template, prompt.meta.label_words = template, list(verbalizer.values())
+    prompt.meta.extra = {"verbalizer": verbalizer}
+    return prompt
+
+
+def run_server(args) -> None:
+    """Child process: build the configured server and serve until killed."""
+    import tempfile
+
+    import uvicorn
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_base(args)
+    if args.serve == "peft":
+        app = peft_app(model, tokenizer)
+    else:
+        from softprompt.prompt_store import PromptStore
+        from softprompt.serve import ServeLimits, create_app
+
+        store = PromptStore(tempfile.mkdtemp(), model, tokenizer)
+        for i in range(args.num_prompts):
+            store.add(f"task{i}", task_prompt(i, model, tokenizer), save=False)
+        limits = ServeLimits(max_batch_size=args.max_batch_size, batch_window_ms=args.window_ms)
+        app = create_app(model, tokenizer, store, limits)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def peft_app(model, tokenizer):
+    """The baseline: the same /v1/classify API, each request run alone with PEFT's active adapter."""
+    import tempfile
+
+    from fastapi import FastAPI
+    from peft import PeftModel
+
+    from softprompt import save_prompt
+
+    root = Path(tempfile.mkdtemp())
+    specs = []
+    for i in range(len(TASKS)):
+        prompt = task_prompt(i, model, tokenizer)
+        save_prompt(prompt, root / f"task{i}", model)
+        template, verbalizer = TASKS[i]
+        firsts = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in verbalizer.values()]
+        specs.append((template, list(verbalizer), firsts))
+    peft_model = PeftModel.from_pretrained(model, root / "task0", adapter_name="task0")
+    for i in range(1, len(TASKS)):
+        peft_model.load_adapter(root / f"task{i}", adapter_name=f"task{i}")
+    peft_model.eval()
+    lock = threading.Lock()  # one active adapter per model: requests take turns
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/classify")
+    def classify(req: PeftRequest):  # a sync endpoint: FastAPI runs it in its thread pool
+        template, labels, firsts = specs[int(req.model.removeprefix("task"))]
+        ids = tokenizer(template.replace("{text}", req.input), return_tensors="pt").input_ids
+        with lock, torch.no_grad():
+            peft_model.set_adapter(req.model)
+            logits = peft_model(input_ids=ids).logits[0, -1]
+        probs = logits.float().log_softmax(-1)[firsts].softmax(-1)
+        return {
+            "data": [
+                {
+                    "label": labels[int(probs.argmax())],
+                    "scores": dict(zip(labels, probs.tolist(), strict=True)),
+                }
+            ]
+        }
+
+    return app
+
+
+# ---------------------------------------------------------------------------- the client side
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, serve: str, num_prompts: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, __file__, "--serve", serve, "--port", str(port), "--num-prompts", str(num_prompts),
+           "--model", args.model, "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
+           "--window-ms", str(args.window_ms)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {serve} server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the {serve} server did not start within 600 s")
+
+
+async def load(url: str, names: list[str], texts: list[str], n: int, clients: int) -> dict:
+    """``n`` requests from ``clients`` concurrent clients, request i for ``names[i % len(names)]``."""
+    import httpx
+
+    latencies: list[float] = []
+    counter = iter(range(n))
+    failures = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal failures
+        for i in counter:
+            body = {"model": names[i % len(names)], "input": texts[i % len(texts)]}
+            t0 = time.perf_counter()
+            r = await http.post(url + "/v1/classify", json=body)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            if r.status_code != 200:
+                failures += 1
+                print(f"request failed ({r.status_code}): {r.text[:300]}", file=sys.stderr)
+
+    limits = httpx.Limits(max_connections=clients)  # one connection per client
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        start_t = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - start_t
+    if failures:
+        raise RuntimeError(f"{failures} of {n} requests failed")
+    q = statistics.quantiles(latencies, n=100)
+    return {"rps": n / wall, "p50_ms": statistics.median(latencies), "p99_ms": q[98]}
+
+
+def measure(args, serve: str, num_prompts: int, names: list[str], texts, clients: int, n: int) -> dict:
+    proc, url = start(args, serve, num_prompts)
+    try:
+        asyncio.run(load(url, names, texts, max(8, 2 * clients), clients))  # warm-up
+        result = asyncio.run(load(url, names, texts, n, clients))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    print(f"{serve:>6} {num_prompts:>5} prompts, {clients:>2} clients: {result['rps']:7.1f} req/s  "
+          f"p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms", flush=True)  # fmt: skip
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--requests", type=int, default=400, help="Requests per throughput configuration.")
+    ap.add_argument(
+        "--latency-requests", type=int, default=60, help="Requests per loaded-prompts configuration."
+    )
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in the server.")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--window-ms", type=float, default=5.0)
+    ap.add_argument("--smoke", action="store_true", help="A tiny random model and few requests (seconds).")
+    ap.add_argument("--output", default=str(RESULTS))
+    ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # child process: run a server
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--num-prompts", type=int, default=8, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        run_server(args)
+        return
+    if args.smoke:
+        args.requests, args.latency_requests = 48, 12
+    from softprompt.data import demo_paths, read_examples
+
+    texts = [ex.text for ex in read_examples(str(demo_paths()[1]))][:64]
+    names8 = [f"task{i}" for i in range(len(TASKS))]
+    out: dict = {"model": "tiny-random-llama" if args.smoke else args.model, "clients": args.clients,
+                 "requests": args.requests, "tasks": len(TASKS)}  # fmt: skip
+    for key, serve, names in [
+        ("mixed", "ours", names8),
+        ("single", "ours", ["task0"]),
+        ("peft", "peft", names8),
+    ]:
+        r = measure(args, serve, len(TASKS), names, texts, args.clients, args.requests)
+        out |= {f"{key}_{k}": v for k, v in r.items()}
+    for n in (1, 100, 1000):
+        r = measure(args, "ours", n, ["task0"], texts, 1, args.latency_requests)
+        out |= {f"loaded_{n}_{k}": v for k, v in r.items()}
+    out["mixed_ratio_vs_single"] = out["mixed_rps"] / out["single_rps"]
+    out["mixed_ratio_vs_peft"] = out["mixed_rps"] / out["peft_rps"]
+    out["loaded_1000_ratio_vs_1"] = out["loaded_1000_p50_ms"] / out["loaded_1_p50_ms"]
+    out["command"] = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    out["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    print(f"mixed/single throughput {out['mixed_ratio_vs_single']:.2f} (target >= 0.9), "
+          f"mixed/PEFT {out['mixed_ratio_vs_peft']:.2f} (target >= 3), "
+          f"p50 with 1000 prompts / 1 prompt {out['loaded_1000_ratio_vs_1']:.2f} (target <= 1.1)")  # fmt: skip
+    if not args.smoke or args.output != str(RESULTS):
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
