@@ -109,6 +109,12 @@ def setup(device: str = "auto") -> DistContext:
     ``device="auto"`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. Processes other
     than rank 0 log warnings only, so a run prints one log however many processes it has.
     """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ValueError(
+            "this run was launched with an accelerate DeepSpeed config, which softprompt does not drive "
+            "(every process would silently hold the whole model). Use examples/accelerate/fsdp.yaml to "
+            "shard the base model, or examples/accelerate/ddp_gpu.yaml for plain data parallelism."
+        )
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1 and not dist.is_initialized():
         return DistContext(device=device)
