@@ -161,6 +161,8 @@ def cmd_init(output: str, model: str, dtype: str, prompt) -> None:
 
     base, tokenizer = load_model(model, dtype=dtype, device="cpu")
     sp = SoftPrompt.initialize(prompt, base, tokenizer)
+    # `softprompt inspect` rebuilds the init from these to show how far training moved the prompt.
+    sp.meta.extra |= {"init_seed": prompt.seed, "vocab_top_k": prompt.vocab_top_k}
     path = save_prompt(sp, output, base)
     print(f"saved a {sp.num_virtual_tokens}-token prompt ({prompt.init.value} init) to {path}")
 
@@ -202,6 +204,29 @@ def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batc
     limits = ServeLimits(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
                          max_tokens=max_tokens)  # fmt: skip
     serve(store, model, dtype, host=host, port=port, limits=limits, allow_management=allow_management)
+
+
+def cmd_compare(cfg) -> None:
+    import shlex
+
+    from softprompt.compare import compare
+    from softprompt.compare_report import results_table
+
+    command = "softprompt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    figures = compare(cfg, command=command)
+    out = cfg.output_dir
+    print()
+    print(results_table(figures))
+    print(
+        f"\nreport: {out}/compare.md  charts: {out}/compare.png, {out}/sweep.png  figures: {out}/compare.json"
+    )
+
+
+def cmd_inspect(paths: list[str], model: str | None, dtype: str, top_k: int, as_json: bool) -> None:
+    from softprompt.inspect_prompt import format_inspection, inspect_paths
+
+    result = inspect_paths(paths, model, top_k=top_k, dtype=dtype)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_inspection(result))
 
 
 def _use_args(p: ArgumentParser, *, data: bool) -> None:
@@ -309,6 +334,23 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max_tokens", type=int, default=256, help="Largest max_tokens per completion.")
     p.add_argument("--allow_management", type=bool, default=True, help="Allow load/unload over HTTP.")
     sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
+
+    from softprompt.compare import CompareConfig
+
+    p = ArgumentParser(description="Prompt tuning vs LoRA vs full fine-tuning on the same data and budget.")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options.")
+    p.add_class_arguments(CompareConfig, nested_key=None, as_group=False)
+    sub.add_subcommand("compare", p, help="Measure accuracy, parameters, disk, memory, time and task switch.")
+
+    p = ArgumentParser(description="Look inside saved prompts: nearest tokens, norms, movement, similarity.")
+    p.add_argument(
+        "paths", type=str, nargs="+", help="Saved prompt folders (several: also their similarity)."
+    )
+    p.add_argument("--model", type=str | None, default=None, help="Base model; default: the first prompt's.")
+    p.add_argument("--dtype", type=str, default="float32", help="Base model dtype.")
+    p.add_argument("--top_k", type=int, default=5, help="Nearest vocabulary tokens per virtual token.")
+    p.add_argument("--as_json", type=bool, default=False, help="Print JSON.")
+    sub.add_subcommand("inspect", p, help="Nearest tokens, norms, distance from init, prompt similarity.")
     return parser
 
 
@@ -345,6 +387,12 @@ def main(argv: list[str] | None = None) -> None:
             cmd_init(a.output, a.model, a.dtype, PromptConfig(**dict(a.prompt)))
         elif name == "info":
             cmd_info(a.path, a.as_json)
+        elif name == "compare":
+            from softprompt.compare import CompareConfig
+
+            cmd_compare(CompareConfig(**{k: v for k, v in a.items() if k != "config"}))
+        elif name == "inspect":
+            cmd_inspect(a.paths, a.model, a.dtype, a.top_k, a.as_json)
         elif name == "serve":
             cmd_serve(a.store, a.model, a.dtype, a.host, a.port, a.max_batch_size, a.batch_window_ms,
                       a.max_queue, a.max_tokens, a.allow_management)  # fmt: skip

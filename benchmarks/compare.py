@@ -1,0 +1,65 @@
+"""Prompt tuning vs LoRA vs full fine-tuning on SST-2 with SmolLM2-135M (a thin wrapper over
+``softprompt compare`` with the SST-2 settings), figures to benchmarks/results/compare.json.
+
+    python benchmarks/compare.py            # the full comparison (see RESULTS.md for its duration)
+    python benchmarks/compare.py --smoke    # seconds-to-a-minute: tiny random model, SmolLM2's tokenizer
+
+Any other option is passed to ``softprompt compare`` (e.g. ``--max_steps 300``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+
+SST2_ARGS = [
+    "--train_file", str(SST2 / "train.tsv"), "--validation_file", str(SST2 / "dev.tsv"),
+    "--test_file", str(SST2 / "test.tsv"), "--template", "Review: {text}\nSentiment:",
+    "--verbalizer", "0=negative,1=positive", "--train_rows", "5000", "--validation_rows", "200",
+    "--max_steps", "150", "--batch_size", "16", "--sweep_steps", "30", "--threads", "2",
+    "--output_dir", "runs/compare-sst2",
+]  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    args, rest = ap.parse_known_args()
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/compare.py", *sys.argv[1:]])
+    if not (SST2 / "train.tsv").is_file():
+        print(f"skipped: {SST2 / 'train.tsv'} not found (the shared datasets live in ../shared/data)")
+        return
+    from softprompt.cli import main as cli_main
+
+    argv = ["compare", *SST2_ARGS]
+    if args.smoke:
+        from init_ablation import tiny_smollm2_dir  # same folder
+
+        work = Path(tempfile.mkdtemp(prefix="compare-smoke-"))
+        argv += ["--model", tiny_smollm2_dir(work / "tiny"), "--train_rows", "64", "--validation_rows", "16",
+                 "--test_rows", "16", "--max_steps", "3", "--batch_size", "4", "--sweep_steps", "2",
+                 "--switch_repeats", "2", "--output_dir", str(work / "run")]  # fmt: skip
+    argv += rest
+    sys.argv = ["softprompt", *argv]  # compare.md records the equivalent softprompt command
+    cli_main(argv)
+    out = Path([argv[i + 1] for i, a in enumerate(argv) if a == "--output_dir"][-1])  # the last one wins
+    figures = json.loads((out / "compare.json").read_text())
+    flat = {k: v for k, v in figures.items() if not isinstance(v, dict | list)} | {"command": command}
+    if args.smoke:
+        print("smoke run: figures not saved to benchmarks/results")
+        return
+    dest = ROOT / "benchmarks" / "results" / "compare.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(flat, indent=2) + "\n")
+    print(f"figures: {dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,529 @@
+"""Prompt tuning vs LoRA vs full fine-tuning, measured on the same data, budget and evaluation.
+
+    data (one fixed-seed subsample, written to <run>/data/) -> per method: lr sweep (short runs,
+    validation accuracy) -> final run at the best lr (a fresh process per method, so its peak
+    memory is its own) -> test accuracy, time per step, bytes on disk -> task-switch time
+    -> <run>/compare.md (tables), compare.png + sweep.png (charts), compare.json (all figures)
+
+What is the same for every method: the model, template, verbalizer, data rows and their order
+(seeded length-grouped batches), the loss (cross-entropy over the label words' scores at the last
+position, as ``softprompt train`` with ``loss=class``), AdamW with no weight decay, warmup then
+linear decay, gradient clipping, steps x batch, and the evaluation (``evaluate_split``). The base
+model runs in eval mode for all three (no dropout), so only *which* weights train differs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from softprompt.config import ConfigError, PromptConfig
+from softprompt.data import read_examples
+from softprompt.loading import load_model
+from softprompt.model import PromptedLM
+from softprompt.prompt import SoftPrompt
+from softprompt.train import (
+    DEMO_TEMPLATE,
+    Encoded,
+    TrainConfig,
+    encode,
+    evaluate_split,
+    load_splits,
+    lr_at,
+    make_verbalizer,
+    micro_batches,
+)
+from softprompt.verbalizer import Template, Verbalizer, class_scores
+
+log = logging.getLogger(__name__)
+
+METHODS = ("prompt", "lora", "full")
+ADAM_BYTES_PER_PARAM = 16  # fp32 weight + grad + AdamW's two moments
+
+
+@dataclass
+class CompareConfig:
+    """Settings of ``softprompt compare``. Saved as ``compare_config.json`` in the run folder."""
+
+    train_file: str | None = None
+    """Labelled training data (jsonl/csv/tsv); None: the built-in sentiment demo."""
+    validation_file: str | None = None
+    """Validation data (used to pick each method's lr); None: hold out validation_fraction of train."""
+    test_file: str | None = None
+    """Test data for the final accuracy; required unless train_file is None (the demo has one)."""
+    text_column: str | None = None
+    """Text column (name or index); default: detected."""
+    label_column: str | None = None
+    """Label column (name or index); default: detected."""
+    strip_prefix_word: bool = False
+    """Drop the first word of every text (TREC)."""
+    template: str = DEMO_TEMPLATE
+    """Input template with one {text} placeholder."""
+    verbalizer: str | None = None
+    """label=word pairs, e.g. '0=negative,1=positive'."""
+    model: str = "smollm2"
+    """Base model: smollm2, a local folder, a .gguf file or a hub id."""
+    device: str = "cpu"
+    """cpu, cuda or auto (peak memory is process RSS, so it is meaningful on cpu only)."""
+    methods: str = "prompt,lora,full"
+    """Comma-separated methods to compare: prompt, lora, full."""
+    train_rows: int = 0
+    """Subsample the training set to this many rows (fixed seed; 0: all). The same rows for every method."""
+    validation_rows: int = 0
+    """Subsample the validation set (0: all)."""
+    test_rows: int = 0
+    """Subsample the test set (0: all)."""
+    validation_fraction: float = 0.1
+    """Share of train held out for validation when no validation_file is given."""
+    max_steps: int = 200
+    """Optimizer steps of the final run (the same for every method)."""
+    batch_size: int = 16
+    """Rows per step (the same for every method): budget = max_steps x batch_size rows."""
+    warmup_steps: int = 10
+    """Linear warmup steps, then linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm of the trainable parameters (0 disables)."""
+    max_length: int = 256
+    """Longest input in tokens."""
+    sweep_steps: int = 50
+    """Steps of each lr-sweep run (same schedule shape); 0: no sweep, use the first lr of each list."""
+    prompt_lrs: str = "0.03,0.1,0.3"
+    """Learning rates tried for prompt tuning."""
+    lora_lrs: str = "3e-4,1e-3,3e-3"
+    """Learning rates tried for LoRA."""
+    full_lrs: str = "1e-5,3e-5,1e-4"
+    """Learning rates tried for full fine-tuning."""
+    num_virtual_tokens: int = 20
+    """Soft-prompt length P."""
+    init: str = "labels"
+    """Prompt init (labels, text, vocab, random)."""
+    init_text: str | None = None
+    """Text for init=text."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha (scale = alpha / r)."""
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    """Comma-separated module names LoRA adapts (GPT-2: c_attn,c_proj)."""
+    eval_batch_size: int = 32
+    """Rows per evaluation batch."""
+    switch_repeats: int = 5
+    """Repeats of each task-switch measurement (the median is reported)."""
+    isolate: bool = True
+    """Run each final training in a fresh process, so peak memory is that method's alone."""
+    baselines: bool = True
+    """Also report zero-shot test accuracy (the same template, no training)."""
+    keep_full_model: bool = False
+    """Keep the fully fine-tuned model copy on disk (it is as large as the model; deleted after measuring)."""
+    threads: int = 0
+    """torch threads (0: torch's default)."""
+    seed: int = 0
+    """Seed for subsampling, data order and initialisation."""
+    output_dir: str = "runs/compare"
+    """Run folder."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        unknown = [m for m in self.method_list() if m not in METHODS]
+        if unknown or not self.method_list():
+            problems.append(
+                f"methods={self.methods!r}; choose a comma-separated subset of {', '.join(METHODS)}"
+            )
+        for name in ("max_steps", "batch_size", "eval_batch_size", "switch_repeats", "lora_r", "max_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_rows", "validation_rows", "test_rows", "sweep_steps", "warmup_steps", "threads"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for method in METHODS:
+            try:
+                lrs = self.lrs(method)
+                if not lrs or not all(lr > 0 and math.isfinite(lr) for lr in lrs):
+                    raise ValueError
+            except ValueError:
+                problems.append(
+                    f"{method}_lrs={getattr(self, method + '_lrs')!r}: give positive numbers, e.g. '1e-4,3e-4'"
+                )
+        if self.train_file is not None and not self.test_file:
+            problems.append("test_file is required with train_file: compare reports test accuracy")
+        if problems:
+            raise ConfigError(problems)
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    def lrs(self, method: str) -> list[float]:
+        return [float(x) for x in getattr(self, f"{method}_lrs").split(",") if x.strip()]
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_data(cfg: CompareConfig, folder: Path) -> dict:
+    """Read, subsample (fixed seed) and write the splits as JSONL, so every run, in any process,
+    reads exactly the same rows. Returns the paths and the verbalizer."""
+    tcfg = train_config(cfg, cfg.lrs(cfg.method_list()[0])[0], 1, data=None)
+    train, val, test = load_splits(tcfg)
+    verbalizer = make_verbalizer(tcfg, train)
+    rng = random.Random(cfg.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows, n in (
+        ("train", train, cfg.train_rows),
+        ("validation", val, cfg.validation_rows),
+        ("test", test or [], cfg.test_rows),
+    ):
+        if n and n < len(rows):
+            rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), n))]
+        paths[name] = str(folder / f"{name}.jsonl")
+        with open(paths[name], "w") as f:
+            for ex in rows:
+                f.write(json.dumps({"text": ex.text, "label": ex.label}, ensure_ascii=False) + "\n")
+        paths[f"{name}_rows"] = len(rows)
+    return {**paths, "verbalizer": verbalizer.as_dict()}
+
+
+def train_config(cfg: CompareConfig, lr: float, steps: int, data: dict | None) -> TrainConfig:
+    """The TrainConfig that the shared helpers (encode, lr_at, micro_batches) read."""
+    files = (
+        {"train_file": data["train"], "validation_file": data["validation"], "test_file": data["test"]}
+        if data
+        else {
+            "train_file": cfg.train_file,
+            "validation_file": cfg.validation_file,
+            "test_file": cfg.test_file,
+        }
+    )
+    return TrainConfig(
+        **files,
+        text_column=None if data else cfg.text_column,
+        label_column=None if data else cfg.label_column,
+        strip_prefix_word=False if data else cfg.strip_prefix_word,
+        template=cfg.template,
+        verbalizer=cfg.verbalizer,
+        model=cfg.model,
+        device=cfg.device,
+        lr=lr,
+        max_steps=steps,
+        warmup_steps=min(cfg.warmup_steps, max(0, steps - 1)),
+        batch_size=cfg.batch_size,
+        max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length,
+        validation_fraction=cfg.validation_fraction,
+        seed=cfg.seed,
+    )
+
+
+@dataclass
+class Task:
+    """A loaded model and the encoded splits: what one run works on."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    prompted: PromptedLM
+    verbalizer: Verbalizer
+    label_ids: list[list[int]]
+    mode: str
+    sets: dict[str, Encoded]
+
+
+def load_task(cfg: CompareConfig, data: dict, splits=("train", "validation", "test")) -> Task:
+    model, tokenizer = load_model(cfg.model, dtype="float32", device=cfg.device)
+    verbalizer = Verbalizer.parse(data["verbalizer"])
+    tcfg = train_config(cfg, 1.0, 1, data)
+    template = Template(cfg.template)
+    sets = {s: encode(read_examples(data[s]), tokenizer, template, verbalizer, tcfg, s) for s in splits}
+    prompted = PromptedLM(model)  # freezes the model and puts it in eval mode
+    mode = verbalizer.scoring_mode(tokenizer)
+    return Task(model, tokenizer, prompted, verbalizer, verbalizer.token_ids(tokenizer), mode, sets)
+
+
+# ----------------------------------------------------------------------------- methods
+def build_method(method: str, task: Task, cfg: CompareConfig):
+    """Make ``method``'s trainable parameters. Returns (prompt or None, trainable params, peft model or None)."""
+    if method == "prompt":
+        pcfg = PromptConfig(
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            init=cfg.init,
+            init_text=cfg.init_text,
+            label_words=task.verbalizer.words,
+            seed=cfg.seed,
+        )
+        prompt = SoftPrompt.initialize(pcfg, task.model, task.tokenizer)
+        prompt.meta.template, prompt.meta.label_words = cfg.template, task.verbalizer.words
+        prompt.meta.extra = {
+            "verbalizer": task.verbalizer.as_dict(),
+            "scoring": task.mode,
+            "init_seed": cfg.seed,
+        }
+        return prompt, [prompt.weight], None
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0,
+                          bias="none", task_type="CAUSAL_LM")  # fmt: skip
+        # Injects LoRA layers in place into the model's modules, which PromptedLM already holds;
+        # only the LoRA matrices get requires_grad (A: seeded random, B: zeros, so step 0 = base model).
+        peft_model = get_peft_model(task.model, lcfg)
+        return None, [p for p in task.model.parameters() if p.requires_grad], peft_model
+    task.model.requires_grad_(True)  # full fine-tuning: every weight (tied embeddings counted once)
+    return None, list(task.model.parameters()), None
+
+
+def save_artifact(method: str, folder: Path, task: Task, prompt, peft_model) -> None:
+    """What one more task costs on disk: the prompt folder, the LoRA adapter, or a whole model copy."""
+    if method == "prompt":
+        from softprompt.store import save_prompt
+
+        save_prompt(prompt, folder, task.model)
+    elif method == "lora":
+        peft_model.save_pretrained(str(folder))
+    else:
+        if hasattr(task.model.config, "quantization_config"):  # a GGUF-loaded model: weights are fp32 now
+            del task.model.config.quantization_config
+        task.model.save_pretrained(str(folder))
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------- memory (Linux)
+def _proc_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the process's peak RSS (VmHWM) to its current RSS; returns that RSS in KiB (None off Linux)."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _proc_kib("VmRSS")
+
+
+# ----------------------------------------------------------------------------- one run
+def train_loop(task: Task, prompt, params: list, tcfg: TrainConfig, desc: str) -> dict:
+    """The same loop for every method: class loss on label-word scores, AdamW, clip, step."""
+    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
+    data = task.sets["train"]
+    lengths = [len(r) for r in data.rows]
+    orders: dict[int, list[list[int]]] = {}
+    pad_id = task.tokenizer.pad_token_id
+    step_seconds, losses, status = [], [], "completed"
+    rss0 = reset_peak_rss()  # after set-up: model, method and optimizer exist (AdamW moments come at step 1)
+    for step in tqdm(range(tcfg.max_steps), desc=desc, unit="step", leave=False):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tcfg)
+        optimizer.zero_grad(set_to_none=True)
+        [idx] = micro_batches(lengths, tcfg, step, 1, orders)
+        gold = torch.tensor([data.gold[i] for i in idx], device=task.prompted.device)
+        scores = class_scores(
+            task.prompted, [data.rows[i] for i in idx], task.label_ids, task.mode, pad_id, prompt
+        )
+        loss = F.cross_entropy(scores, gold)  # (B, C) log-scores -> softmax over the label words only
+        loss.backward()
+        if not math.isfinite(loss.item()):
+            log.error(
+                "%s: loss %s at step %d (lr %.3g): diverged, stopping", desc, loss.item(), step, tcfg.lr
+            )
+            status = "diverged"
+            break
+        if tcfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+        optimizer.step()
+        step_seconds.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    peak = _proc_kib("VmHWM") if rss0 is not None else None
+    del optimizer
+    timed = step_seconds[2:] or step_seconds  # the first steps pay one-off allocations
+    return {
+        "status": status,
+        "steps": len(step_seconds),
+        "train_seconds": sum(step_seconds),
+        "step_seconds_median": statistics.median(timed) if timed else None,
+        "final_loss": statistics.fmean(losses[-10:]) if losses else None,
+        "peak_rss_mib": peak / 1024 if peak else None,
+        "peak_rss_increase_mib": (peak - rss0) / 1024 if peak and rss0 else None,
+    }
+
+
+def run_method(cfg: CompareConfig, data: dict, method: str, lr: float, steps: int, splits: tuple[str, ...],
+               save_dir: str | None = None) -> dict:  # fmt: skip
+    """Load the model, train ``method`` at ``lr`` for ``steps``, evaluate ``splits``, save the artifact.
+
+    A top-level function so a fresh process can run it (``isolate``)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg, data, ("train", *splits))
+    prompt, params, peft_model = build_method(method, task, cfg)
+    tcfg = train_config(cfg, lr, steps, data)
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in task.model.parameters())  # LoRA's matrices now sit inside the model
+    base = total - trainable if method == "lora" else total
+    result = {"method": method, "lr": lr, "trainable_parameters": trainable, "model_parameters": base}
+    result |= train_loop(task, prompt, params, tcfg, desc=f"{method} lr {lr:g}")
+    pad_id = task.tokenizer.pad_token_id
+    for split in splits:
+        report = evaluate_split(task.prompted, prompt, task.sets[split], task.label_ids, task.mode, pad_id,
+                                task.verbalizer, cfg.eval_batch_size, desc=f"{method} {split}")  # fmt: skip
+        result[f"{split}_accuracy"], result[f"{split}_macro_f1"] = report["accuracy"], report["macro_f1"]
+    if save_dir:
+        save_artifact(method, Path(save_dir), task, prompt, peft_model)
+        result["disk_bytes"] = folder_bytes(save_dir)
+    return result
+
+
+def zero_shot(cfg: CompareConfig, data: dict) -> float:
+    task = load_task(cfg, data, ("test",))
+    report = evaluate_split(task.prompted, None, task.sets["test"], task.label_ids, task.mode,
+                            task.tokenizer.pad_token_id, task.verbalizer, cfg.eval_batch_size, desc="zero-shot")  # fmt: skip
+    return report["accuracy"]
+
+
+def _isolated(cfg: CompareConfig, *args) -> dict:
+    """``run_method(cfg, *args)`` in a fresh Python process, so its memory figures are its own.
+
+    A plain subprocess (not multiprocessing) so that it works from any caller, scripts without a
+    ``__main__`` guard included."""
+    with tempfile.TemporaryDirectory(prefix="softprompt-compare-") as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"cfg": asdict(cfg), "args": args}))
+        done = subprocess.run([sys.executable, "-m", "softprompt.compare", str(job), str(result)])
+        if done.returncode != 0 or not result.is_file():
+            raise RuntimeError(
+                f"the isolated {args[1]} run failed (exit code {done.returncode}; its error is printed above). "
+                "Fix that error, or pass isolate=False to run in this process."
+            )
+        return json.loads(result.read_text())
+
+
+# ----------------------------------------------------------------------------- task switching
+def switch_seconds(method: str, artifact: str, cfg: CompareConfig) -> float:
+    """Median seconds to make a saved task active on an already-loaded base model.
+
+    prompt: read the prompt folder (PromptedLM takes the prompt per call, nothing else changes);
+    lora: load_adapter + set_adapter into a PeftModel; full: load the fine-tuned model copy.
+    Files were just written, so all three read from the page cache: this is the software cost.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from softprompt.store import load_prompt
+
+    times = []
+    model, _ = load_model(cfg.model, dtype="float32", device=cfg.device)
+    peft_model = None
+    if method == "lora":
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, artifact, adapter_name="resident")
+    for i in range(cfg.switch_repeats):
+        t0 = time.perf_counter()
+        if method == "prompt":
+            load_prompt(artifact, model)
+        elif method == "lora":
+            peft_model.load_adapter(artifact, adapter_name=f"task{i}")
+            peft_model.set_adapter(f"task{i}")
+        else:
+            copy = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32).to(cfg.device)
+        times.append(time.perf_counter() - t0)
+        if method == "lora":
+            peft_model.set_adapter("resident")
+            peft_model.delete_adapter(f"task{i}")
+        elif method == "full":
+            del copy
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- the comparison
+def compare(cfg: CompareConfig, command: str | None = None) -> dict:
+    """Sweep, train, measure and report every method. Returns the figures (also in compare.json)."""
+    from softprompt.compare_report import write_report
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    data = prepare_data(cfg, out / "data")
+    log.info("data: %d train, %d validation, %d test rows (written to %s)", data["train_rows"],
+             data["validation_rows"], data["test_rows"], out / "data")  # fmt: skip
+    figures: dict = {"data": data, "sweep": [], "final": {}}
+    methods = cfg.method_list()
+    for method in methods:
+        lrs = cfg.lrs(method)
+        if cfg.sweep_steps and len(lrs) > 1:
+            for lr in lrs:
+                r = run_method(cfg, data, method, lr, cfg.sweep_steps, ("validation",))
+                log.info(
+                    "sweep %s lr %g: validation accuracy %.4f (%s)",
+                    method,
+                    lr,
+                    r["validation_accuracy"],
+                    r["status"],
+                )
+                figures["sweep"].append(r)
+            tried = [r for r in figures["sweep"] if r["method"] == method]
+            # Best validation accuracy; on a tie, the lower final loss.
+            best = max(tried, key=lambda r: (r["validation_accuracy"], -(r["final_loss"] or math.inf)))["lr"]
+        else:
+            best = lrs[0]
+        save_dir = str(out / method)
+        shutil.rmtree(save_dir, ignore_errors=True)
+        args = (cfg, data, method, best, cfg.max_steps, ("validation", "test"), save_dir)
+        final = _isolated(*args) if cfg.isolate else run_method(*args)
+        final["memory_isolated"] = cfg.isolate
+        final["trainable_state_mib"] = final["trainable_parameters"] * ADAM_BYTES_PER_PARAM / 2**20
+        final["switch_seconds"] = switch_seconds(method, save_dir, cfg)
+        if method == "full" and not cfg.keep_full_model:
+            shutil.rmtree(
+                save_dir, ignore_errors=True
+            )  # its size is recorded; a model copy per run is litter
+        log.info("%s: test accuracy %.4f at lr %g", method, final["test_accuracy"], best)
+        figures["final"][method] = final
+    if cfg.baselines:
+        figures["zero_shot_test_accuracy"] = zero_shot(cfg, data)
+    write_report(figures, cfg, out, command)
+    return figures
+
+
+def flat_figures(figures: dict) -> dict:
+    """One level of keys with units, for benchmarks/results/*.json."""
+    flat = {f"{k}_rows": figures["data"][f"{k}_rows"] for k in ("train", "validation", "test")}
+    if "zero_shot_test_accuracy" in figures:
+        flat["zero_shot_accuracy"] = figures["zero_shot_test_accuracy"]
+    for method, r in figures["final"].items():
+        for key in ("test_accuracy", "validation_accuracy", "lr", "trainable_parameters", "disk_bytes",
+                    "step_seconds_median", "train_seconds", "peak_rss_increase_mib", "peak_rss_mib",
+                    "trainable_state_mib", "switch_seconds", "status"):  # fmt: skip
+            flat[f"{method}_{key}"] = r.get(key)
+    for r in figures["sweep"]:
+        flat[f"sweep_{r['method']}_lr{r['lr']:g}_validation_accuracy"] = r["validation_accuracy"]
+    return flat
+
+
+if __name__ == "__main__":  # the isolated worker: python -m softprompt.compare JOB.json RESULT.json
+    _job = json.loads(Path(sys.argv[1]).read_text())
+    _result = run_method(CompareConfig(**_job["cfg"]), *_job["args"])
+    Path(sys.argv[2]).write_text(json.dumps(_result))

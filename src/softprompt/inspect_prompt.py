@@ -1,0 +1,211 @@
+"""Looking inside saved prompts: what each virtual token is near in the vocabulary, how large it is
+against real tokens, how far training moved it from its init, and how similar prompts of different
+tasks are (prompts as task embeddings, as in Vu et al.'s SPoT).
+
+Named ``inspect_prompt`` so it does not shadow the standard library's ``inspect``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from softprompt.config import ConfigError, InitMethod, PromptConfig
+from softprompt.prompt import SoftPrompt
+from softprompt.store import load_prompt
+
+log = logging.getLogger(__name__)
+
+
+def reconstruct_init(prompt: SoftPrompt, model, tokenizer) -> tuple[torch.Tensor | None, str]:
+    """The prompt's values before training, rebuilt from its metadata, and a note saying how.
+
+    ``text`` needs only the init text; ``labels``/``vocab``/``random`` need the seed, which
+    ``softprompt train`` and ``softprompt init`` record as ``extra.init_seed``; ``file`` needs the
+    source prompt to still exist. Returns (None, reason) when the init cannot be rebuilt.
+    """
+    meta, P = prompt.meta, prompt.num_virtual_tokens
+    extra = meta.extra or {}
+    try:
+        method = InitMethod(meta.init)
+    except ValueError:
+        return None, f"init {meta.init!r} is unknown to this version"
+    if method == InitMethod.FILE:
+        source = extra.get("init_file")
+        if not source or not Path(source).is_dir():
+            return None, "init=file and the source prompt is not recorded or no longer exists"
+        kwargs = {"init_file": source}
+    elif method == InitMethod.TEXT:
+        if not meta.init_text:
+            return None, "init=text but the init text is not recorded"
+        kwargs = {"init_text": meta.init_text}
+    elif "init_seed" not in extra:
+        return None, (
+            f"init={method.value} is random and the seed is not recorded (saved by PEFT or an older "
+            "softprompt); retrain to record it"
+        )
+    elif method == InitMethod.LABELS and not meta.label_words:
+        return None, "init=labels but the label words are not recorded"
+    else:
+        kwargs = {"label_words": meta.label_words}
+    try:
+        cfg = PromptConfig(
+            num_virtual_tokens=P,
+            init=method,
+            seed=int(extra.get("init_seed", 0)),
+            vocab_top_k=int(extra.get("vocab_top_k", 5000)),
+            **kwargs,
+        )
+        weight = SoftPrompt.initialize(cfg, model, tokenizer).weight.detach()
+    except (ConfigError, ValueError, OSError) as e:
+        return None, f"could not rebuild the init ({e})"
+    how = f"rebuilt from init={method.value}" + (
+        f" seed {cfg.seed}" if method not in (InitMethod.TEXT, InitMethod.FILE) else ""
+    )
+    return weight, how
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A readable token: decoded (so 'Ġgood' shows as ' good'), falling back to the raw piece."""
+    text = tokenizer.decode([token_id])
+    return text if text.strip() else tokenizer.convert_ids_to_tokens(token_id)
+
+
+def inspect_prompt(prompt: SoftPrompt, model, tokenizer, top_k: int = 5, path: str = "") -> dict:
+    """Per-virtual-token figures for one prompt (see the module docstring). Pure: nothing is printed."""
+    emb = model.get_input_embeddings().weight.detach().float().cpu()  # (V, D)
+    weight = prompt.weight.detach().float().cpu()  # (P, D)
+    if weight.shape[1] != emb.shape[1]:
+        raise ValueError(
+            f"prompt {path or ''} has {weight.shape[1]}-dimensional vectors but the model's embeddings have "
+            f"{emb.shape[1]}; inspect it with the base model it was trained on (--model)"
+        )
+    # Rows past the tokenizer (padding rows some models add) decode to nothing: leave them out.
+    V = min(emb.shape[0], len(tokenizer))
+    vocab_norms = emb[:V].norm(dim=1)  # (V,)
+    sorted_norms = vocab_norms.sort().values
+    cos = F.normalize(weight, dim=1) @ F.normalize(emb[:V], dim=1).T  # (P, V)
+    top = cos.topk(min(top_k, V), dim=1)
+    init, init_note = reconstruct_init(prompt, model, tokenizer)
+    tokens = []
+    for i in range(weight.shape[0]):
+        norm = float(weight[i].norm())
+        row = {
+            "index": i,
+            "norm": norm,
+            # Share of vocabulary vectors shorter than this one: 1.0 = longer than every real token.
+            "norm_percentile": float(torch.searchsorted(sorted_norms, torch.tensor(norm)) / V),
+            "nearest": [
+                {"token": token_text(tokenizer, int(t)), "id": int(t), "cosine": float(c)}
+                for c, t in zip(top.values[i], top.indices[i], strict=True)
+            ],
+        }
+        if init is not None:
+            start = init[i].float()
+            row["distance_from_init"] = float((weight[i] - start).norm())
+            row["relative_distance_from_init"] = row["distance_from_init"] / max(float(start.norm()), 1e-12)
+            row["cosine_to_init"] = float(F.cosine_similarity(weight[i], start, dim=0))
+        tokens.append(row)
+    return {
+        "path": path,
+        "num_virtual_tokens": weight.shape[0],
+        "token_dim": weight.shape[1],
+        "init": prompt.meta.init,
+        "init_reconstructed": init is not None,
+        "init_note": init_note,
+        "vocab_norm_min": float(sorted_norms[0]),
+        "vocab_norm_median": float(sorted_norms[V // 2]),
+        "vocab_norm_max": float(sorted_norms[-1]),
+        "norm_mean": float(weight.norm(dim=1).mean()),
+        "mean_distance_from_init": (
+            sum(t["distance_from_init"] for t in tokens) / len(tokens) if init is not None else None
+        ),
+        "tokens": tokens,
+    }
+
+
+def prompt_similarity(prompts: list[SoftPrompt], model) -> dict:
+    """Cosine similarity of prompts as task embeddings: each prompt mean-pooled over its tokens
+    (prompts of different lengths compare), raw and centred on the vocabulary's mean embedding.
+
+    Token embeddings share a common direction, so raw cosines of any two prompts tend to be high;
+    the centred cosine removes it and separates tasks better. Returns (N, N) lists.
+    """
+    emb_mean = model.get_input_embeddings().weight.detach().float().cpu().mean(dim=0)  # (D,)
+    pooled = torch.stack([p.weight.detach().float().cpu().mean(dim=0) for p in prompts])  # (N, D)
+    raw = F.normalize(pooled, dim=1)
+    centred = F.normalize(pooled - emb_mean, dim=1)
+    return {"cosine_raw": (raw @ raw.T).tolist(), "cosine_centred": (centred @ centred.T).tolist()}
+
+
+def inspect_paths(
+    paths: list[str], model_name: str | None = None, top_k: int = 5, dtype: str = "float32"
+) -> dict:
+    """Load the prompts in ``paths`` and their base model (``model_name``, else the first prompt's
+    recorded base model) and inspect them all."""
+    from softprompt.loading import load_model
+
+    if not paths:
+        raise ValueError("no prompts given; pass one or more saved prompt folders")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    loaded = [load_prompt(p) for p in paths]  # fail on a bad folder before waiting for the model
+    name = model_name or loaded[0].meta.base_model or "smollm2"
+    model, tokenizer = load_model(name, dtype=dtype, device="cpu")
+    prompts = [load_prompt(p, model) for p in paths]  # now with the base-model check
+    result = {
+        "base_model": name,
+        "prompts": [
+            inspect_prompt(p, model, tokenizer, top_k, path) for p, path in zip(prompts, paths, strict=True)
+        ],
+    }
+    if len(prompts) > 1:
+        result["similarity"] = {"paths": list(paths), **prompt_similarity(prompts, model)}
+    return result
+
+
+def format_inspection(result: dict) -> str:
+    """The terminal rendering of :func:`inspect_paths`'s result."""
+    lines = []
+    for r in result["prompts"]:
+        lines.append(
+            f"{r['path']}: {r['num_virtual_tokens']} virtual tokens x {r['token_dim']}, init {r['init']}"
+        )
+        lines.append(
+            f"  vocabulary norms: min {r['vocab_norm_min']:.3g}  median {r['vocab_norm_median']:.3g}  "
+            f"max {r['vocab_norm_max']:.3g};  this prompt's mean norm {r['norm_mean']:.3g}"
+        )
+        moved = r["init_reconstructed"]
+        lines.append(
+            f"  init: {r['init_note']}"
+            if moved
+            else f"  distance from init: not available ({r['init_note']})"
+        )
+        head = "   #    norm  pct" + ("   moved  rel   cos0" if moved else "") + "  nearest tokens (cosine)"
+        lines.append(head)
+        for t in r["tokens"]:
+            near = ", ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in t["nearest"])
+            move = (
+                f"  {t['distance_from_init']:6.2f}  {t['relative_distance_from_init']:4.2f}  {t['cosine_to_init']:5.2f}"
+                if moved
+                else ""
+            )
+            lines.append(
+                f"  {t['index']:>2}  {t['norm']:6.2f}  {100 * t['norm_percentile']:3.0f}%{move}  {near}"
+            )
+        lines.append("")
+    if "similarity" in result:
+        paths = result["similarity"]["paths"]
+        lines.append(
+            "similarity between prompts (cosine of mean-pooled prompts, centred on the vocabulary mean):"
+        )
+        for i, row in enumerate(result["similarity"]["cosine_centred"]):
+            lines.append(f"  [{i}] " + "  ".join(f"{x:5.2f}" for x in row) + f"  {paths[i]}")
+    lines.append(
+        "pct: share of vocabulary tokens with a smaller norm; moved: L2 distance from the init "
+        "(rel: divided by the init's norm); cos0: cosine to the init."
+    )
+    return "\n".join(lines)

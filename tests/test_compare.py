@@ -1,0 +1,142 @@
+"""softprompt compare: end to end on a tiny model (all three methods), parameter counts against
+the models' own counts, the report files, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama, write_sentiment_data
+
+from softprompt.cli import main
+from softprompt.compare import CompareConfig, compare
+from softprompt.config import ConfigError
+
+
+@pytest.fixture
+def data(tmp_path):
+    return (
+        str(write_sentiment_data(tmp_path / "train.jsonl", 48)),
+        str(write_sentiment_data(tmp_path / "test.jsonl", 12, seed=1)),
+    )
+
+
+def make_cfg(tiny_model_dir, data, out, **kw) -> CompareConfig:
+    train, test = data
+    settings = dict(
+        train_file=train, test_file=test, model=tiny_model_dir, template="{text} sentiment",
+        verbalizer="negative=negative,positive=positive", num_virtual_tokens=4, max_steps=4, batch_size=4,
+        warmup_steps=1, sweep_steps=2, prompt_lrs="0.1,0.3", lora_lrs="1e-3,3e-3", full_lrs="1e-4",
+        switch_repeats=2, output_dir=str(out),
+    )  # fmt: skip
+    return CompareConfig(**(settings | kw))
+
+
+def expected_lora_parameters(r: int, targets: list[str]) -> int:
+    """r x (in + out) per adapted Linear, counted from a plain tiny Llama (no peft involved)."""
+    model = tiny_llama()
+    return sum(
+        r * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+
+
+def test_compare_end_to_end(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    figures = compare(make_cfg(tiny_model_dir, data, out, isolate=True), command="test")
+    final = figures["final"]
+    assert list(final) == ["prompt", "lora", "full"]
+
+    # Parameter counts against the models' own, computed independently.
+    n_model = sum(p.numel() for p in tiny_llama().parameters())
+    assert final["prompt"]["trainable_parameters"] == 4 * 32
+    assert final["lora"]["trainable_parameters"] == expected_lora_parameters(
+        8, ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    assert final["full"]["trainable_parameters"] == n_model
+    assert all(r["model_parameters"] == n_model for r in final.values())
+
+    # The sweep ran every lr given; each final run used the sweep's best validation accuracy.
+    sweep = figures["sweep"]
+    assert [(r["method"], r["lr"]) for r in sweep] == [
+        ("prompt", 0.1),
+        ("prompt", 0.3),
+        ("lora", 1e-3),
+        ("lora", 3e-3),
+    ]  # full had one lr: no sweep
+    for method in ("prompt", "lora"):
+        tried = [r for r in sweep if r["method"] == method]
+        assert final[method]["lr"] in [r["lr"] for r in tried]
+        assert final[method]["validation_accuracy"] is not None
+    assert final["full"]["lr"] == 1e-4
+
+    for r in final.values():
+        assert r["steps"] == 4 and r["status"] == "completed"
+        assert 0 <= r["test_accuracy"] <= 1 and r["step_seconds_median"] > 0 and r["switch_seconds"] > 0
+        assert r["disk_bytes"] > 0 and r["memory_isolated"]
+        assert r["peak_rss_increase_mib"] is not None  # Linux: measured in the fresh process
+    # What each task costs on disk is ordered as the methods' sizes are.
+    assert final["prompt"]["disk_bytes"] < final["lora"]["disk_bytes"] < final["full"]["disk_bytes"]
+    assert (out / "prompt" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert not (out / "full").exists()  # the full model copy is measured, then removed
+
+    for name in ("compare.md", "compare.png", "sweep.png", "compare.json", "compare_config.json"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "compare.md").read_text()
+    assert "| LoRA (peft) |" in md and "(chosen)" in md
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["lora_trainable_parameters"] == final["lora"]["trainable_parameters"]
+    assert saved["command"] == "test" and "date" in saved
+    # Every method saw the same rows: the subsample is written once and read by every run.
+    assert saved["train_rows"] + saved["validation_rows"] == 48 and saved["test_rows"] == 12
+
+
+def test_same_data_gives_same_result(tiny_model_dir, data, tmp_path):
+    """Seeded end to end: two in-process runs of one method give identical losses and accuracy."""
+    kw = {"methods": "lora", "sweep_steps": 0, "isolate": False, "baselines": False}
+    a = compare(make_cfg(tiny_model_dir, data, tmp_path / "a", **kw))["final"]["lora"]
+    b = compare(make_cfg(tiny_model_dir, data, tmp_path / "b", **kw))["final"]["lora"]
+    assert a["final_loss"] == b["final_loss"] and a["test_accuracy"] == b["test_accuracy"]
+
+
+def test_lora_starts_as_the_base_model(tiny_model_dir, data, tmp_path):
+    """LoRA's B matrix starts at zero: before any step its scores equal the plain model's."""
+    from softprompt.compare import build_method, load_task, prepare_data
+    from softprompt.verbalizer import class_scores
+
+    cfg = make_cfg(tiny_model_dir, data, tmp_path)
+    d = prepare_data(cfg, tmp_path / "data")
+    task = load_task(cfg, d, ("train",))
+    rows = task.sets["train"].rows[:4]
+    pad = task.tokenizer.pad_token_id
+    before = class_scores(task.prompted, rows, task.label_ids, task.mode, pad, None)
+    build_method("lora", task, cfg)
+    after = class_scores(task.prompted, rows, task.label_ids, task.mode, pad, None)
+    torch.testing.assert_close(before, after)
+
+
+def test_config_errors_are_all_reported(tiny_model_dir, data):
+    with pytest.raises(ConfigError) as e:
+        CompareConfig(train_file=data[0], methods="prompt,adapters", max_steps=0, lora_lrs="fast")
+    msg = str(e.value)
+    assert "adapters" in msg and "max_steps" in msg and "lora_lrs" in msg and "test_file is required" in msg
+
+
+def test_cli_compare_and_errors(tiny_model_dir, data, tmp_path, capsys):
+    train, test = data
+    out = tmp_path / "cli"
+    main(["compare", "--train_file", train, "--test_file", test, "--model", tiny_model_dir,
+          "--template", "{text} sentiment", "--verbalizer", "negative=negative,positive=positive",
+          "--methods", "prompt,lora", "--max_steps", "2", "--batch_size", "4", "--sweep_steps", "0",
+          "--num_virtual_tokens", "2", "--switch_repeats", "1", "--isolate", "false", "--output_dir", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| prompt tuning (ours) |" in printed and "compare.md" in printed
+    assert (out / "compare.png").is_file()
+
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--train_file", train, "--model", tiny_model_dir, "--output_dir", str(out)])
+    assert e.value.code == 2
+    assert "test_file is required" in capsys.readouterr().err
