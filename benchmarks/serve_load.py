@@ -15,7 +15,7 @@ Reported: requests/s and p50/p99 latency (ms) per configuration, ``mixed_ratio_v
 >= 0.9), ``mixed_ratio_vs_peft`` (target >= 3) and ``loaded_1000_ratio_vs_1`` (target <= 1.1).
 The prompts are untrained (speed does not depend on the values). ``--smoke`` runs a tiny model.
 
-Run:  .venv/bin/python benchmarks/serve_load.py [--requests 400]   (writes results/serve_load.json)
+Run:  .venv/bin/python benchmarks/serve_load.py [--requests 256]   (writes results/serve_load.json)
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def measure(args, serve: str, num_prompts: int, names: list[str], texts, clients
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--requests", type=int, default=400, help="Requests per throughput configuration.")
+    ap.add_argument("--requests", type=int, default=256, help="Requests per throughput configuration.")
     ap.add_argument(
         "--latency-requests", type=int, default=60, help="Requests per loaded-prompts configuration."
     )
