@@ -99,6 +99,7 @@ def test_completions_follow_openai_format_and_equal_the_library(store):
         ("/v1/classify", {"model": "topic"}, 422),
         ("/v1/completions", {"model": "free", "prompt": "the", "max_tokens": 1000}, 400),
         ("/v1/completions", {"model": "free", "prompt": "the", "stream": True}, 400),
+        ("/v1/completions", {"model": "free", "prompt": "the", "seed": 1}, 400),
         ("/v1/completions", {"model": "free", "prompt": "the " * 100}, 400),  # input over max_input_tokens
         ("/v1/completions", {"model": "free", "prompt": ["the"] * 5, "n": 2}, 413),  # over max_items
         ("/v1/classify", {"model": "topic", "input": ["the"] * 9}, 413),

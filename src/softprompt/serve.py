@@ -205,6 +205,7 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     echo: bool = False
     logprobs: int | None = None
+    seed: int | None = None
 
 
 class ClassifyRequest(BaseModel):
@@ -297,6 +298,10 @@ def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None 
     async def completions(req: CompletionRequest):
         if req.stream or req.echo or req.logprobs is not None:
             raise APIError(400, "stream, echo and logprobs are not supported; leave them unset")
+        if req.seed is not None:  # rows of many requests share one sampling batch
+            raise APIError(
+                400, "seed is not supported: requests share batches; use temperature=0 for repeatable output"
+            )
         texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not texts:
             raise APIError(400, "prompt is an empty list; give at least one prompt")
