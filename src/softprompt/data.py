@@ -284,7 +284,10 @@ def read_examples(
     if blank:
         logger.warning("%s: skipped %d blank line(s): %s", path, len(blank), blank[:10])
     labels = Counter(e.label for e in examples)
-    logger.info("read %d examples from %s (%s; labels: %s)", len(examples), path, fmt, dict(labels))
+    if len(labels) <= 50:  # a class distribution; many distinct "labels" are generation targets
+        logger.info("read %d examples from %s (%s; labels: %s)", len(examples), path, fmt, dict(labels))
+    else:
+        logger.info("read %d examples from %s (%s; %d distinct labels)", len(examples), path, fmt, len(labels))
     return examples
 
 

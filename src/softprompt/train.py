@@ -18,7 +18,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -289,7 +289,14 @@ def train(cfg: TrainConfig) -> dict:
         label_words=task.label_words,
         seed=cfg.seed,
     )
-    prompt = SoftPrompt.initialize(prompt_cfg, model, tokenizer)
+    try:
+        prompt = SoftPrompt.initialize(prompt_cfg, model, tokenizer)
+    except ValueError:
+        if init == cfg.init and init_text == cfg.init_text:
+            raise  # the user's own choice: say what is wrong with it
+        log.info("init: the template's words do not suit text init here; using vocab init instead")
+        prompt_cfg = replace(prompt_cfg, init="vocab", init_text=None)
+        prompt = SoftPrompt.initialize(prompt_cfg, model, tokenizer)
     task.annotate(prompt.meta)  # template, label words, verbalizer: what using the prompt needs
     # The init's seed (and source file) let `softprompt inspect` rebuild the init and say how far training moved it.
     prompt.meta.extra |= {"init_seed": cfg.seed, **({"init_file": cfg.init_file} if init == "file" else {})}
