@@ -24,6 +24,8 @@ softprompt() {
   case "$1" in
     train) command softprompt "$@" --model "$TINY_MODEL" --max_steps 4 --eval_every 2 ;;
     init) command softprompt "$@" --model "$TINY_MODEL" ;;
+    compare) command softprompt "$@" --model "$TINY_MODEL" --max_steps 2 --sweep_steps 1 --switch_repeats 1 \
+      --num_virtual_tokens 4 --isolate false ;;
     serve) exec softprompt "$@" --model "$TINY_MODEL" ;;  # run with &: exec keeps $! the server's pid
     *) command softprompt "$@" ;;
   esac
