@@ -1,0 +1,135 @@
+"""Benchmark: data-to-text generation on E2E (cleaned) with SmolLM2-135M, a trained prompt vs zero-shot.
+
+../shared/data/e2e/devel.csv is split by distinct input (``mr``) with a fixed seed: ``--test-share`` of
+the inputs are held out, with all their references; no input is on both sides. A prompt is trained
+on the rest with ``softprompt.train`` (task=generation: loss on the target tokens and EOS only; its
+own validation split, again by input). The held-out inputs are then generated greedily and scored
+against all of their references (BLEU from sacrebleu, ROUGE-L from rouge-score, exact match) for:
+zero-shot (the plain model, same template) and the trained prompt.
+
+Run:  .venv/bin/python benchmarks/e2e.py [--steps 300] [--smoke]   (writes results/e2e.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from softprompt.train import TrainConfig, train
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "e2e.json"
+E2E = HERE.parent.parent / "shared" / "data" / "e2e" / "devel.csv"
+TEMPLATE = "Describe the restaurant in one sentence.\nData: {text}\nSentence:"
+
+
+def split_by_input(rows: list[dict], test_share: float, seed: int, folder: Path) -> tuple[str, str, dict]:
+    inputs = sorted({r["mr"] for r in rows})
+    random.Random(seed).shuffle(inputs)
+    held = set(inputs[: round(test_share * len(inputs))])
+    paths = {}
+    for name, keep in (("train", lambda r: r["mr"] not in held), ("test", lambda r: r["mr"] in held)):
+        paths[name] = folder / f"{name}.csv"
+        with open(paths[name], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["mr", "ref"])
+            w.writerows([r["mr"], r["ref"]] for r in rows if keep(r))
+    info = {
+        "inputs": len(inputs),
+        "test_inputs": len(held),
+        "train_pairs": sum(r["mr"] not in held for r in rows),
+        "test_pairs": sum(r["mr"] in held for r in rows),
+    }
+    return str(paths["train"]), str(paths["test"]), info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--num-virtual-tokens", type=int, default=20)
+    ap.add_argument("--test-share", type=float, default=0.2)
+    ap.add_argument(
+        "--max-test-inputs", type=int, default=150, help="held-out inputs scored (greedy decoding)"
+    )
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--smoke", action="store_true", help="a few steps on a few inputs, to check the script runs"
+    )
+    args = ap.parse_args()
+    if not E2E.is_file():
+        print(f"skipped: {E2E} not found (the E2E data lives in ../shared/data beside the project)")
+        return
+    if args.smoke:
+        args.steps, args.max_test_inputs, args.max_new_tokens = 4, 6, 8
+    torch.set_num_threads(args.threads)
+    rows = list(csv.DictReader(E2E.read_text().splitlines()))
+    work = Path(tempfile.mkdtemp(prefix="e2e-"))
+    train_file, test_file, info = split_by_input(rows, args.test_share, args.seed, work)
+    if args.max_test_inputs:  # a fixed subsample of held-out inputs (all their references kept)
+        test_rows = list(csv.DictReader(Path(test_file).read_text().splitlines()))
+        keep = sorted({r["mr"] for r in test_rows})
+        random.Random(args.seed + 1).shuffle(keep)
+        keep = set(keep[: args.max_test_inputs])
+        with open(test_file, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["mr", "ref"])
+            w.writerows([r["mr"], r["ref"]] for r in test_rows if r["mr"] in keep)
+        info["scored_test_inputs"] = len(keep)
+    cfg = TrainConfig(
+        task="generation", train_file=train_file, test_file=test_file, text_column="mr", target_column="ref",
+        template=TEMPLATE, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        num_virtual_tokens=args.num_virtual_tokens, eval_every=max(1, args.steps // 3), max_eval_inputs=60,
+        max_new_tokens=args.max_new_tokens, eval_batch_size=16, seed=args.seed, output_dir=str(work / "run"),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    results = train(cfg)
+    total = time.perf_counter() - t0
+    steps = [
+        json.loads(line)
+        for line in (work / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    train_seconds = sum(r["step_seconds"] for r in steps)
+    res = {**info}
+    for name in ("zero_shot", "initial_prompt", "trained"):
+        rep = results.get(f"test_{name}")
+        if rep:
+            for k in ("bleu", "rougeL", "exact_match", "mean_output_words"):
+                res[f"{name}_{k}"] = rep[k]
+            res[f"{name}_examples"] = rep["examples"][:3]
+    res.update(
+        train_seconds=train_seconds, total_seconds=total, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, num_virtual_tokens=args.num_virtual_tokens, template=TEMPLATE, seed=args.seed,
+        validation_rougeL=results["validation_accuracy"], threads=args.threads, smoke=args.smoke,
+        command="python benchmarks/e2e.py " + shlex.join(sys.argv[1:]),
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    )  # fmt: skip
+    for name in ("zero_shot", "initial_prompt", "trained"):
+        if f"{name}_bleu" in res:
+            print(f"{name:>15}: BLEU {res[f'{name}_bleu']:.4f}  ROUGE-L {res[f'{name}_rougeL']:.4f}  "
+                  f"exact {res[f'{name}_exact_match']:.3f}  words/output {res[f'{name}_mean_output_words']:.1f}")  # fmt: skip
+    print(
+        f"training: {train_seconds / 60:.1f} min for {args.steps} steps of {args.batch_size}; whole run {total / 60:.1f} min"
+    )
+    if not args.smoke:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
