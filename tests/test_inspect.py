@@ -91,10 +91,10 @@ def test_similarity_between_prompts(llama, tokenizer):
 
 def test_cli_inspect_table_and_json(tiny_model_dir, tmp_path, capsys):
     p1, p2 = str(tmp_path / "p1"), str(tmp_path / "p2")
-    main(["init", p1, "--model", tiny_model_dir, "--prompt.init", "TEXT", "--prompt.init_text", "good bad movie",
-          "--prompt.num_virtual_tokens", "3"])  # fmt: skip
-    main(["init", p2, "--model", tiny_model_dir, "--prompt.init", "VOCAB", "--prompt.num_virtual_tokens", "4",
-          "--prompt.seed", "3"])  # fmt: skip
+    main(["init", p1, "--model", tiny_model_dir, "--init", "text", "--init_text", "good bad movie",
+          "--num_virtual_tokens", "3"])  # fmt: skip
+    main(["init", p2, "--model", tiny_model_dir, "--init", "vocab", "--num_virtual_tokens", "4",
+          "--seed", "3"])  # fmt: skip
     capsys.readouterr()
     main(["inspect", p1, p2, "--top_k", "2"])
     table = capsys.readouterr().out
@@ -123,7 +123,7 @@ def test_cli_inspect_errors(tiny_model_dir, tmp_path, capsys):
         main(["inspect", str(tmp_path / "nothing-here")])
     assert e.value.code == 2 and "no saved prompt" in capsys.readouterr().err
     p = str(tmp_path / "p")
-    main(["init", p, "--model", tiny_model_dir, "--prompt.init", "TEXT", "--prompt.init_text", "good"])
+    main(["init", p, "--model", tiny_model_dir, "--init", "text", "--init_text", "good"])
     with pytest.raises(SystemExit) as e:
         main(["inspect", p, "--top_k", "0"])
     assert e.value.code == 2 and "top_k must be >= 1" in capsys.readouterr().err

@@ -262,7 +262,6 @@ def _use_args(p: ArgumentParser, *, data: bool) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    from softprompt.config import PromptConfig
     from softprompt.train import TrainConfig
 
     parser = ArgumentParser(
@@ -313,7 +312,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("output", type=str, help="Folder to save the prompt to.")
     p.add_argument("--model", type=str, default="smollm2", help="Base model.")
     p.add_argument("--dtype", type=str, default="float32", help="Base model dtype.")
-    p.add_class_arguments(PromptConfig, nested_key="prompt")
+    p.add_argument("--num_virtual_tokens", type=int, default=20, help="Number of virtual tokens P.")
+    p.add_argument("--init", type=str, default="text", help="text, vocab, labels, random or file.")
+    p.add_argument("--init_text", type=str | None, default=None, help="Text for init=text.")
+    p.add_argument("--label_words", type=list[str] | None, default=None, help="Words for init=labels.")
+    p.add_argument("--init_file", type=str | None, default=None, help="Saved prompt folder for init=file.")
+    p.add_argument("--vocab_top_k", type=int, default=5000, help="init=vocab/labels: sample the first K ids.")
+    p.add_argument("--seed", type=int, default=0, help="Seed for the random parts of the init.")
     sub.add_subcommand("init", p, help="Initialise a prompt (text, vocab, labels, random, file).")
 
     p = ArgumentParser(description="Describe a saved prompt.")
@@ -384,7 +389,16 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "init":
             from softprompt.config import PromptConfig
 
-            cmd_init(a.output, a.model, a.dtype, PromptConfig(**dict(a.prompt)))
+            names = (
+                "num_virtual_tokens",
+                "init",
+                "init_text",
+                "label_words",
+                "init_file",
+                "vocab_top_k",
+                "seed",
+            )
+            cmd_init(a.output, a.model, a.dtype, PromptConfig(**{k: a[k] for k in names}))
         elif name == "info":
             cmd_info(a.path, a.as_json)
         elif name == "compare":
