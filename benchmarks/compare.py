@@ -1,7 +1,7 @@
 """Prompt tuning vs LoRA vs full fine-tuning on SST-2 with SmolLM2-135M (a thin wrapper over
 ``softprompt compare`` with the SST-2 settings), figures to benchmarks/results/compare.json.
 
-    python benchmarks/compare.py            # the full comparison (see RESULTS.md for its duration)
+    python benchmarks/compare.py            # the full comparison: about 40 min on 2 idle cores
     python benchmarks/compare.py --smoke    # seconds-to-a-minute: tiny random model, SmolLM2's tokenizer
 
 Any other option is passed to ``softprompt compare`` (e.g. ``--max_steps 300``).
@@ -22,8 +22,8 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2"
 SST2_ARGS = [
     "--train_file", str(SST2 / "train.tsv"), "--validation_file", str(SST2 / "dev.tsv"),
     "--test_file", str(SST2 / "test.tsv"), "--template", "Review: {text}\nSentiment:",
-    "--verbalizer", "0=negative,1=positive", "--train_rows", "5000", "--validation_rows", "200",
-    "--max_steps", "150", "--batch_size", "16", "--sweep_steps", "30", "--threads", "2",
+    "--verbalizer", "0=negative,1=positive", "--train_rows", "6000", "--validation_rows", "200",
+    "--max_steps", "300", "--batch_size", "16", "--sweep_steps", "40", "--threads", "2",
     "--output_dir", "runs/compare-sst2",
 ]  # fmt: skip
 
