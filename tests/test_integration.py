@@ -91,3 +91,30 @@ def test_converted_cache_matches_the_gguf_exactly(smollm2, monkeypatch, tmp_path
         assert torch.equal(a, b), name
     monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", "off")
     assert gguf_source(gguf) == (str(gguf.parent), {"gguf_file": gguf.name})
+
+
+def test_generate_with_text_prompt_equals_hf_generate_on_the_tokens(smollm2):
+    """A prompt set to the embeddings of tokens t generates, cached or not, what HF's own generate
+    makes from t + x: the same greedy tokens, left-padded batch included."""
+    model, tok = smollm2
+    words = "Write a short, friendly sentence about the restaurant."
+    prompt = SoftPrompt.initialize(
+        PromptConfig(num_virtual_tokens=8, init="text", init_text=words), model, tok
+    )
+    t = tok(words, add_special_tokens=False)["input_ids"][:8]
+    texts = ["Data: name[Aromi], food[Chinese]\nSentence:", "Data: name[Cotto]\nSentence:"]
+    tok.padding_side = "left"
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    lm = PromptedLM(model)
+    cached = lm.generate(
+        batch.input_ids, batch.attention_mask, prefix=lm.prefix_cache(prompt), max_new_tokens=12
+    )
+    uncached = lm.generate(batch.input_ids, batch.attention_mask, prompt=prompt, max_new_tokens=12)
+    assert cached.tokens == uncached.tokens
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            ids = torch.tensor([t + tok(text, add_special_tokens=False)["input_ids"]])
+            ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1] :].tolist()  # fmt: skip
+            ref = ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
+            assert cached.tokens[i] == ref, f"row {i}"

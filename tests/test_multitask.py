@@ -36,8 +36,6 @@ def separate_probs(store, name: str, texts: list[str]) -> torch.Tensor:
 @pytest.mark.parametrize("use_prefix", [False, True], ids=["bank", "prefix"])
 def test_mixed_classification_equals_separate_runs(arch, use_prefix, tmp_path):
     store = make_store(tmp_path / "store", MODEL_FACTORIES[arch]())
-    if use_prefix and not store.supports_prefix:
-        pytest.skip("PromptedLM.prefix_cache is not available in this version of model.py")
     names = ["sentiment", "topic", "quality"]
     # Every text under every task, interleaved so each batch mixes tasks and prompt lengths.
     pairs = [(n, t) for t in TEXTS for n in names]
@@ -133,10 +131,6 @@ def test_hot_replace_during_mixed_requests(llama, tmp_path):
 @pytest.mark.parametrize("use_prefix", [False, True], ids=["bank", "prefix"])
 def test_mixed_generation_equals_separate_runs(llama, tmp_path, use_prefix):
     store = make_store(tmp_path / "store", llama)
-    if not hasattr(store.prompted, "generate"):
-        pytest.skip("PromptedLM.generate is not available yet in this version of model.py")
-    if use_prefix and not store.supports_prefix:
-        pytest.skip("PromptedLM.prefix_cache is not available in this version of model.py")
     names = ["sentiment", "topic", "quality", "topic"]
     texts = ["the food was", "news of the", "a boring", "sports and business"]
     entries = [store.get(n) for n in names]

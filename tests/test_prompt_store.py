@@ -109,8 +109,6 @@ def test_prompt_of_another_model_is_refused(tmp_path):
 
 def test_prefix_is_cached_per_version_and_dropped_on_replace(llama, tmp_path):
     store = make_store(tmp_path / "store", llama)
-    if not store.supports_prefix:
-        pytest.skip("PromptedLM.prefix_cache is not available in this version of model.py")
     entry = store.get("topic")
     first = store.prefix(entry)
     assert store.prefix(entry) is first and store.cached_prefixes() == 1

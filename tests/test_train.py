@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import write_sentiment_data
 
-import softprompt.train as train_mod
 import softprompt.tasks as tasks_mod
+import softprompt.train as train_mod
 from softprompt import load_prompt
 from softprompt.cli import main
 from softprompt.config import ConfigError

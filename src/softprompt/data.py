@@ -287,7 +287,9 @@ def read_examples(
     if len(labels) <= 50:  # a class distribution; many distinct "labels" are generation targets
         logger.info("read %d examples from %s (%s; labels: %s)", len(examples), path, fmt, dict(labels))
     else:
-        logger.info("read %d examples from %s (%s; %d distinct labels)", len(examples), path, fmt, len(labels))
+        logger.info(
+            "read %d examples from %s (%s; %d distinct labels)", len(examples), path, fmt, len(labels)
+        )
     return examples
 
 

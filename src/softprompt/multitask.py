@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def prompt_inputs(store: PromptStore, entries: list[PromptEntry], use_prefix: bool | None = None) -> dict:
     """The keyword arguments that give row b of a batch the prompt ``entries[b]``.
 
-    With the cached prefixes (default when the model supports them) only the input tokens run;
+    With the cached prefixes (the default) only the input tokens run;
     otherwise a bank (k, P_max, D) of the k distinct prompts, padded at the end, with each row's
     prompt length.
     """
@@ -34,9 +34,7 @@ def prompt_inputs(store: PromptStore, entries: list[PromptEntry], use_prefix: bo
     distinct = list({(e.name, e.version): e for e in entries}.values())  # in slot order
     device = store.prompted.device
     prompt_index = torch.tensor(index, dtype=torch.long, device=device)
-    if use_prefix is None:
-        use_prefix = store.supports_prefix
-    if use_prefix:
+    if use_prefix is None or use_prefix:  # default: the cached prefixes
         prefixes = [store.prefix(e) for e in distinct]
         prefix = prefixes[0] if len(prefixes) == 1 else type(prefixes[0]).cat(prefixes)
         return {"prefix": prefix, "prompt_index": prompt_index}
@@ -234,8 +232,6 @@ def generate_mixed(
     template first (the form the prompt was trained on).
     """
     prompted, tokenizer = store.prompted, store.tokenizer
-    if not hasattr(prompted, "generate"):
-        raise NotImplementedError("this version of PromptedLM has no generate(); update softprompt")
     rows = [
         list(tokenizer(render(e, t) if apply_template else t, add_special_tokens=False)["input_ids"])
         for e, t in zip(entries, texts, strict=True)

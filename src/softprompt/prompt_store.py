@@ -279,10 +279,6 @@ class PromptStore:
         return entry
 
     # ------------------------------------------------------------------ prefix cache
-    @property
-    def supports_prefix(self) -> bool:
-        return hasattr(self.prompted, "prefix_cache")
-
     def prefix(self, entry: PromptEntry):
         """The cached key/value prefix of ``entry`` (computed once per version, dtype and device)."""
         key = (entry.name, entry.version, self.prompted.dtype, str(self.prompted.device))
