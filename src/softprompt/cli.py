@@ -212,7 +212,12 @@ def cmd_compare(cfg) -> None:
     from softprompt.compare import compare
     from softprompt.compare_report import results_table
 
-    command = "softprompt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    def quote(arg: str) -> str:  # one line: a newline in a template is written as $'...\n...'
+        if "\n" not in arg:
+            return shlex.quote(arg)
+        return "$'" + arg.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+    command = "softprompt " + " ".join(quote(a) for a in sys.argv[1:])
     figures = compare(cfg, command=command)
     out = cfg.output_dir
     print()
