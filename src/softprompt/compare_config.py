@@ -1,0 +1,126 @@
+"""Settings of ``softprompt compare`` (prompt tuning vs LoRA vs full fine-tuning), validated at once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from softprompt.config import ConfigError
+from softprompt.train import DEMO_TEMPLATE
+
+METHODS = ("prompt", "lora", "full")
+
+
+@dataclass
+class CompareConfig:
+    """Settings of ``softprompt compare``. Saved as ``compare_config.json`` in the run folder."""
+
+    train_file: str | None = None
+    """Labelled training data (jsonl/csv/tsv); None: the built-in sentiment demo."""
+    validation_file: str | None = None
+    """Validation data (used to pick each method's lr); None: hold out validation_fraction of train."""
+    test_file: str | None = None
+    """Test data for the final accuracy; required unless train_file is None (the demo has one)."""
+    text_column: str | None = None
+    """Text column (name or index); default: detected."""
+    label_column: str | None = None
+    """Label column (name or index); default: detected."""
+    strip_prefix_word: bool = False
+    """Drop the first word of every text (TREC)."""
+    template: str = DEMO_TEMPLATE
+    """Input template with one {text} placeholder."""
+    verbalizer: str | None = None
+    """label=word pairs, e.g. '0=negative,1=positive'."""
+    model: str = "smollm2"
+    """Base model: smollm2, a local folder, a .gguf file or a hub id."""
+    device: str = "cpu"
+    """cpu, cuda or auto (peak memory is process RSS, so it is meaningful on cpu only)."""
+    methods: str = "prompt,lora,full"
+    """Comma-separated methods to compare: prompt, lora, full."""
+    train_rows: int = 0
+    """Subsample the training set to this many rows (fixed seed; 0: all). The same rows for every method."""
+    validation_rows: int = 0
+    """Subsample the validation set (0: all)."""
+    test_rows: int = 0
+    """Subsample the test set (0: all)."""
+    validation_fraction: float = 0.1
+    """Share of train held out for validation when no validation_file is given."""
+    max_steps: int = 200
+    """Optimizer steps of the final run (the same for every method)."""
+    batch_size: int = 16
+    """Rows per step (the same for every method): budget = max_steps x batch_size rows."""
+    warmup_steps: int = 10
+    """Linear warmup steps, then linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm of the trainable parameters (0 disables)."""
+    max_length: int = 256
+    """Longest input in tokens."""
+    sweep_steps: int = 50
+    """Steps of each lr-sweep run (same schedule shape); 0: no sweep, use the first lr of each list."""
+    prompt_lrs: str = "0.03,0.1,0.3"
+    """Learning rates tried for prompt tuning."""
+    lora_lrs: str = "3e-4,1e-3,3e-3"
+    """Learning rates tried for LoRA."""
+    full_lrs: str = "1e-5,3e-5,1e-4"
+    """Learning rates tried for full fine-tuning."""
+    num_virtual_tokens: int = 20
+    """Soft-prompt length P."""
+    init: str = "labels"
+    """Prompt init (labels, text, vocab, random)."""
+    init_text: str | None = None
+    """Text for init=text."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha (scale = alpha / r)."""
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    """Comma-separated module names LoRA adapts (GPT-2: c_attn,c_proj)."""
+    eval_batch_size: int = 32
+    """Rows per evaluation batch."""
+    switch_repeats: int = 5
+    """Repeats of each task-switch measurement (the median is reported)."""
+    isolate: bool = True
+    """Run each final training in a fresh process, so peak memory is that method's alone."""
+    baselines: bool = True
+    """Also report zero-shot test accuracy (the same template, no training)."""
+    keep_full_model: bool = False
+    """Keep the fully fine-tuned model copy on disk (it is as large as the model; deleted after measuring)."""
+    threads: int = 0
+    """torch threads (0: torch's default)."""
+    seed: int = 0
+    """Seed for subsampling, data order and initialisation."""
+    output_dir: str = "runs/compare"
+    """Run folder."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        unknown = [m for m in self.method_list() if m not in METHODS]
+        if unknown or not self.method_list():
+            problems.append(
+                f"methods={self.methods!r}; choose a comma-separated subset of {', '.join(METHODS)}"
+            )
+        for name in ("max_steps", "batch_size", "eval_batch_size", "switch_repeats", "lora_r", "max_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_rows", "validation_rows", "test_rows", "sweep_steps", "warmup_steps", "threads"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for method in METHODS:
+            try:
+                lrs = self.lrs(method)
+                if not lrs or not all(lr > 0 and math.isfinite(lr) for lr in lrs):
+                    raise ValueError
+            except ValueError:
+                problems.append(
+                    f"{method}_lrs={getattr(self, method + '_lrs')!r}: give positive numbers, e.g. '1e-4,3e-4'"
+                )
+        if self.train_file is not None and not self.test_file:
+            problems.append("test_file is required with train_file: compare reports test accuracy")
+        if problems:
+            raise ConfigError(problems)
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    def lrs(self, method: str) -> list[float]:
+        return [float(x) for x in getattr(self, f"{method}_lrs").split(",") if x.strip()]
