@@ -33,12 +33,19 @@ E2E = HERE.parent.parent / "shared" / "data" / "e2e" / "devel.csv"
 TEMPLATE = "Describe the restaurant in one sentence.\nData: {text}\nSentence:"
 
 
-def split_by_input(rows: list[dict], test_share: float, seed: int, folder: Path) -> tuple[str, str, dict]:
+def split_by_input(
+    rows: list[dict], test_share: float, max_test: int | None, seed: int, folder: Path
+) -> tuple[str, str, dict]:
+    """Hold out ``test_share`` of the distinct inputs (never trained on); of those, a fixed-seed
+    ``max_test`` are scored, with all their references."""
     inputs = sorted({r["mr"] for r in rows})
     random.Random(seed).shuffle(inputs)
     held = set(inputs[: round(test_share * len(inputs))])
+    scored = sorted(held)
+    random.Random(seed + 1).shuffle(scored)
+    scored = set(scored[:max_test] if max_test else scored)
     paths = {}
-    for name, keep in (("train", lambda r: r["mr"] not in held), ("test", lambda r: r["mr"] in held)):
+    for name, keep in (("train", lambda r: r["mr"] not in held), ("test", lambda r: r["mr"] in scored)):
         paths[name] = folder / f"{name}.csv"
         with open(paths[name], "w", newline="") as f:
             w = csv.writer(f)
@@ -49,6 +56,7 @@ def split_by_input(rows: list[dict], test_share: float, seed: int, folder: Path)
         "test_inputs": len(held),
         "train_pairs": sum(r["mr"] not in held for r in rows),
         "test_pairs": sum(r["mr"] in held for r in rows),
+        "scored_test_inputs": len(scored),
     }
     return str(paths["train"]), str(paths["test"]), info
 
@@ -78,17 +86,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = list(csv.DictReader(E2E.read_text().splitlines()))
     work = Path(tempfile.mkdtemp(prefix="e2e-"))
-    train_file, test_file, info = split_by_input(rows, args.test_share, args.seed, work)
-    if args.max_test_inputs:  # a fixed subsample of held-out inputs (all their references kept)
-        test_rows = list(csv.DictReader(Path(test_file).read_text().splitlines()))
-        keep = sorted({r["mr"] for r in test_rows})
-        random.Random(args.seed + 1).shuffle(keep)
-        keep = set(keep[: args.max_test_inputs])
-        with open(test_file, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["mr", "ref"])
-            w.writerows([r["mr"], r["ref"]] for r in test_rows if r["mr"] in keep)
-        info["scored_test_inputs"] = len(keep)
+    train_file, test_file, info = split_by_input(rows, args.test_share, args.max_test_inputs, args.seed, work)
     cfg = TrainConfig(
         task="generation", train_file=train_file, test_file=test_file, text_column="mr", target_column="ref",
         template=TEMPLATE, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,

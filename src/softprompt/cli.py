@@ -54,19 +54,53 @@ def cmd_train(cfg) -> None:
         print(f'predict with:  softprompt predict {out}/prompt "the staff were friendly and quick"')
 
 
-def _classifier(
-    prompt: str, model: str, dtype: str, template: str | None, verbalizer: str | None, batch_size: int
-):
-    from softprompt.classify import Classifier
+def _prompt_and_model(prompt: str, model: str | None, dtype: str):
+    """The saved prompt and its base model (the prompt's own unless ``model`` is given), checked together."""
     from softprompt.loading import load_model
     from softprompt.store import load_prompt
 
     loaded = load_prompt(prompt)  # fail on a bad folder before waiting for the model
     base, tokenizer = load_model(model or loaded.meta.base_model or "smollm2", dtype=dtype)
-    loaded = load_prompt(prompt, base)  # now with the base-model check
+    return load_prompt(prompt, base), base, tokenizer  # now with the base-model check
+
+
+def _classifier(
+    prompt: str, model: str, dtype: str, template: str | None, verbalizer: str | None, batch_size: int
+):
+    from softprompt.classify import Classifier
+
+    loaded, base, tokenizer = _prompt_and_model(prompt, model, dtype)
     return Classifier(
         base, tokenizer, loaded, template=template, verbalizer=verbalizer, batch_size=batch_size
     )
+
+
+def _read_inputs(texts: list[str], file: str | None, text_column: str | None, what: str) -> list[str]:
+    """Texts from the arguments, then ``file``; from standard input when there are none (or ``-``)."""
+    from softprompt.data import read_examples
+
+    if file:
+        texts = [*texts, *(ex.text for ex in read_examples(file, text_column=text_column, labelled=False))]
+    if not texts or texts == ["-"]:
+        if sys.stdin.isatty() and not texts:
+            raise ValueError(
+                f"no {what}: give them as arguments, with --file, or on standard input (one per line)"
+            )
+        texts = [line.strip() for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError(f"no {what} given")
+    return texts
+
+
+def _write_jsonl(records, output: str | None) -> None:
+    """One JSON object per line, to ``output`` or standard output."""
+    sink = open(output, "w") if output else sys.stdout  # noqa: SIM115
+    try:
+        for record in records:
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if output:
+            sink.close()
 
 
 def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str | None, strip_prefix_word: bool,
@@ -88,26 +122,9 @@ def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str 
 
 def cmd_predict(prompt: str, texts: list[str], file: str | None, text_column: str | None, model: str | None,
                 dtype: str, template: str | None, verbalizer: str | None, batch_size: int, output: str | None) -> None:  # fmt: skip
-    from softprompt.data import read_examples
-
-    if file:
-        texts = [*texts, *(ex.text for ex in read_examples(file, text_column=text_column, labelled=False))]
-    if not texts or texts == ["-"]:
-        if sys.stdin.isatty() and not texts:
-            raise ValueError(
-                "no texts: give them as arguments, with --file, or on standard input (one per line)"
-            )
-        texts = [line.strip() for line in sys.stdin if line.strip()]
-    if not texts:
-        raise ValueError("no texts to classify")
+    texts = _read_inputs(texts, file, text_column, "texts")
     clf = _classifier(prompt, model, dtype, template, verbalizer, batch_size)
-    sink = open(output, "w") if output else sys.stdout  # noqa: SIM115
-    try:
-        for result in clf.classify(texts, desc="classifying" if len(texts) > 64 else None):
-            sink.write(json.dumps(result, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            sink.close()
+    _write_jsonl(clf.classify(texts, desc="classifying" if len(texts) > 64 else None), output)
 
 
 def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: str | None, model: str | None,
@@ -115,24 +132,10 @@ def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: s
                  top_p: float, stop: list[str], seed: int, prefix_cache: bool, output: str | None) -> None:  # fmt: skip
     import torch
 
-    from softprompt.data import read_examples
     from softprompt.generation import Generator
-    from softprompt.loading import load_model
-    from softprompt.store import load_prompt
 
-    if file:
-        texts = [*texts, *(ex.text for ex in read_examples(file, text_column=text_column, labelled=False))]
-    if not texts or texts == ["-"]:
-        if sys.stdin.isatty() and not texts:
-            raise ValueError(
-                "no inputs: give them as arguments, with --file, or on standard input (one per line)"
-            )
-        texts = [line.strip() for line in sys.stdin if line.strip()]
-    if not texts:
-        raise ValueError("no inputs to generate from")
-    loaded = load_prompt(prompt)  # fail on a bad folder before waiting for the model
-    base, tokenizer = load_model(model or loaded.meta.base_model or "smollm2", dtype=dtype)
-    loaded = load_prompt(prompt, base)
+    texts = _read_inputs(texts, file, text_column, "inputs")
+    loaded, base, tokenizer = _prompt_and_model(prompt, model, dtype)
     default_new = int(loaded.meta.extra.get("max_new_tokens", 64))
     gen = Generator(
         base, tokenizer, loaded, template=template, batch_size=batch_size, use_prefix_cache=prefix_cache
@@ -142,16 +145,8 @@ def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: s
         max_new_tokens=max_new_tokens or default_new, do_sample=temperature > 0, temperature=temperature,
         top_p=top_p, stop_strings=stop, generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
-    sink = open(output, "w") if output else sys.stdout  # noqa: SIM115
-    try:
-        for text, result, reason in zip(texts, out.texts, out.finish_reasons, strict=True):
-            sink.write(
-                json.dumps({"input": text, "output": result, "finish_reason": reason}, ensure_ascii=False)
-                + "\n"
-            )
-    finally:
-        if output:
-            sink.close()
+    records = zip(texts, out.texts, out.finish_reasons, strict=True)
+    _write_jsonl(({"input": t, "output": o, "finish_reason": r} for t, o, r in records), output)
 
 
 def cmd_init(output: str, model: str, dtype: str, prompt) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from softprompt.model import PromptedLM, PromptLike, PromptPrefix
 from softprompt.prompt import SoftPrompt
-from softprompt.verbalizer import Template, encode_text
+from softprompt.verbalizer import Template, encode_text, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,9 @@ def generate(
     active = torch.ones(B, dtype=torch.bool)
     for step in range(max_new_tokens):
         tokens = pick_tokens(logits, do_sample, temperature, top_p, generator)
+        picked = tokens.tolist()  # one device-to-host copy per step
         for b in torch.nonzero(active).flatten().tolist():
-            token = int(tokens[b])
+            token = picked[b]
             if token in eos:
                 active[b], reasons[b] = False, "stop"
                 continue
@@ -199,13 +200,8 @@ class Generator:
         starts = range(0, len(order), self.batch_size)
         for s in tqdm(starts, desc=progress, leave=False, disable=progress is None):
             idx = order[s : s + self.batch_size]
-            batch = [rows[i] for i in idx]
-            T = max(len(r) for r in batch)
-            ids = torch.full((len(batch), T), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, r in enumerate(batch):  # left padding: the continuation starts right after the text
-                ids[j, T - len(r) :] = torch.tensor(r)
-                mask[j, T - len(r) :] = 1
+            # left padding: the continuation starts right after the text
+            ids, mask = pad_rows([rows[i] for i in idx], pad, side="left")
             use_prompt = self.prompt if self.prefix is None else None
             res = generate(
                 self.prompted, ids, mask, use_prompt, prefix=self.prefix, tokenizer=self.tokenizer, **kwargs

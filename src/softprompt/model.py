@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import DynamicCache
 
 from softprompt.config import MAX_VIRTUAL_TOKENS
 from softprompt.prompt import SoftPrompt
@@ -178,8 +179,6 @@ class PromptedLM(nn.Module):
                 input_ids, attention_mask, prompt, prompt_index, prompt_lengths
             )
         if keep_cache and cache is None:
-            from transformers import DynamicCache
-
             cache = DynamicCache(config=self.config)
         kwargs = {self._cache_kwarg: cache} if cache is not None else {}
         out = self.decoder(
@@ -262,8 +261,6 @@ class PromptedLM(nn.Module):
         rows = torch.gather(rows, 1, src.to(self.device).unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
         mask = real.long().to(self.device)
         positions = src.to(self.device) * mask
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=self.config)
         self.decoder(
             inputs_embeds=rows,
@@ -415,8 +412,6 @@ class PromptPrefix:
 
     def as_cache(self, config):
         """A fresh transformers ``DynamicCache`` holding these keys and values (ours stay untouched)."""
-        from transformers import DynamicCache
-
         return DynamicCache(ddp_cache_data=self.layers, config=config)
 
     @staticmethod

@@ -239,13 +239,7 @@ def generate_mixed(
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
         raise ValueError(f"texts {empty} tokenise to nothing; give each row some text to continue")
-    T = max(len(r) for r in rows)
-    # Left padding: every row's next token goes at the same column.
-    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r) :] = torch.tensor(r)
-        mask[i, T - len(r) :] = 1
+    ids, mask = pad_rows(rows, tokenizer.pad_token_id, side="left")
     kwargs = prompt_inputs(store, entries, use_prefix)
     out = prompted.generate(
         ids,

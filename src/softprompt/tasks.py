@@ -28,7 +28,7 @@ from softprompt.evaluate import (
     generation_report,
 )
 from softprompt.model import PromptedLM
-from softprompt.verbalizer import Template, Verbalizer, class_scores, encode_text
+from softprompt.verbalizer import Template, Verbalizer, class_scores, encode_text, pad_rows
 
 if TYPE_CHECKING:
     from softprompt.train import TrainConfig
@@ -355,13 +355,10 @@ class GenerationTask:
 
     def batch_loss(self, prompted: PromptedLM, prompt, idx: list[int]) -> tuple[torch.Tensor, int]:
         rows = [self.train_set.rows[i] for i in idx]
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        ids, mask = pad_rows(rows, self.pad_id)
         labels = torch.full_like(ids, -100)  # input and padding never count
-        for j, i in enumerate(idx):
-            r, s = self.train_set.rows[i], self.train_set.starts[i]
-            ids[j, : len(r)], mask[j, : len(r)] = torch.tensor(r), 1
+        for j, (r, i) in enumerate(zip(rows, idx, strict=True)):
+            s = self.train_set.starts[i]
             labels[j, s : len(r)] = torch.tensor(r[s:])
         loss = prompted.loss(ids, mask, labels, prompt)
         return loss, sum(len(r) + prompt.num_virtual_tokens for r in rows)
