@@ -11,11 +11,13 @@ Each configuration runs its server in a child process (uvicorn on 127.0.0.1) and
 * ``loaded_N``: one client, requests for one task, with N = 1, 100 and 1,000 prompts loaded: the
   latency must not grow with the number of prompts in the store.
 
-Reported: requests/s and p50/p99 latency (ms) per configuration, ``mixed_ratio_vs_single`` (target
+Reported: requests/s and p50/p99 latency (ms) per configuration (``mixed``, ``single`` and ``peft``
+each run ``--rounds`` times, interleaved, medians reported), ``mixed_ratio_vs_single`` (target
 >= 0.9), ``mixed_ratio_vs_peft`` (target >= 3) and ``loaded_1000_ratio_vs_1`` (target <= 1.1).
-The prompts are untrained (speed does not depend on the values). ``--smoke`` runs a tiny model.
+The prompts are untrained (speed does not depend on the values). ``--dtype bfloat16`` runs every
+server (ours and PEFT) in bf16. ``--smoke`` runs a tiny model.
 
-Run:  .venv/bin/python benchmarks/serve_load.py [--requests 256]   (writes results/serve_load.json)
+Run:  .venv/bin/python benchmarks/serve_load.py [--dtype bfloat16 --output results/serve_load_bf16.json]
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class PeftRequest(BaseModel):
 def load_base(args):
     from softprompt.loading import load_model
 
-    model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     if args.smoke:  # the real tokenizer on a tiny random model with the same vocabulary
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -98,7 +100,8 @@ def run_server(args) -> None:
         store = PromptStore(tempfile.mkdtemp(), model, tokenizer)
         for i in range(args.num_prompts):
             store.add(f"task{i}", task_prompt(i, model, tokenizer), save=False)
-        limits = ServeLimits(max_batch_size=args.max_batch_size, batch_window_ms=args.window_ms)
+        limits = ServeLimits(max_batch_size=args.max_batch_size, batch_window_ms=args.window_ms,
+                             batch_gap_ms=args.gap_ms)  # fmt: skip
         app = create_app(model, tokenizer, store, limits)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
@@ -162,7 +165,7 @@ def start(args, serve: str, num_prompts: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, __file__, "--serve", serve, "--port", str(port), "--num-prompts", str(num_prompts),
            "--model", args.model, "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-           "--window-ms", str(args.window_ms)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+           "--window-ms", str(args.window_ms), "--gap-ms", str(args.gap_ms), "--dtype", args.dtype] + (["--smoke"] if args.smoke else [])  # fmt: skip
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -210,16 +213,52 @@ async def load(url: str, names: list[str], texts: list[str], n: int, clients: in
     return {"rps": n / wall, "p50_ms": statistics.median(latencies), "p99_ms": q[98]}
 
 
-def measure(args, serve: str, num_prompts: int, names: list[str], texts, clients: int, n: int) -> dict:
-    proc, url = start(args, serve, num_prompts)
+def report(label: str, result: dict) -> None:
+    print(f"{label:<28} {result['rps']:7.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
+          f"p99 {result['p99_ms']:7.1f} ms", flush=True)  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def throughput(args, names8: list[str], texts: list[str]) -> dict:
+    """``mixed``, ``single`` and ``peft`` measured in turn, ``--rounds`` times; medians per configuration.
+
+    Both servers stay up for the whole test (an idle server uses no CPU), so the rounds interleave
+    the configurations and slow drift of the machine hits all of them alike.
+    """
+    servers = {"ours": start(args, "ours", len(TASKS)), "peft": start(args, "peft", len(TASKS))}
+    configs = {"mixed": ("ours", names8), "single": ("ours", ["task0"]), "peft": ("peft", names8)}
+    rounds: dict[str, list[dict]] = {key: [] for key in configs}
+    try:
+        for key, (serve, names) in configs.items():  # warm-up
+            asyncio.run(load(servers[serve][1], names, texts, max(8, 2 * args.clients), args.clients))
+        for r in range(args.rounds):
+            for key, (serve, names) in configs.items():
+                res = asyncio.run(load(servers[serve][1], names, texts, args.requests, args.clients))
+                rounds[key].append(res)
+                report(f"round {r + 1} {key} ({args.clients} clients)", res)
+    finally:
+        for proc, _ in servers.values():
+            stop(proc)
+    out: dict = {}
+    for key, results in rounds.items():
+        for k in ("rps", "p50_ms", "p99_ms"):
+            out[f"{key}_{k}"] = statistics.median(res[k] for res in results)
+        out[f"{key}_rps_rounds"] = [round(res["rps"], 2) for res in results]
+    return out
+
+
+def measure(args, num_prompts: int, names: list[str], texts, clients: int, n: int) -> dict:
+    proc, url = start(args, "ours", num_prompts)
     try:
         asyncio.run(load(url, names, texts, max(8, 2 * clients), clients))  # warm-up
         result = asyncio.run(load(url, names, texts, n, clients))
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    print(f"{serve:>6} {num_prompts:>5} prompts, {clients:>2} clients: {result['rps']:7.1f} req/s  "
-          f"p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms", flush=True)  # fmt: skip
+        stop(proc)
+    report(f"ours, {num_prompts} prompts ({clients} client)", result)
     return result
 
 
@@ -231,9 +270,12 @@ def main() -> None:
         "--latency-requests", type=int, default=60, help="Requests per loaded-prompts configuration."
     )
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="Throughput rounds (medians are reported).")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in the server.")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--window-ms", type=float, default=5.0)
+    ap.add_argument("--window-ms", type=float, default=25.0, help="The batcher's longest wait (ms).")
+    ap.add_argument("--gap-ms", type=float, default=5.0, help="The batch closes after this quiet gap (ms).")
+    ap.add_argument("--dtype", default="float32", help="Model dtype of every server (ours and PEFT).")
     ap.add_argument("--smoke", action="store_true", help="A tiny random model and few requests (seconds).")
     ap.add_argument("--output", default=str(RESULTS))
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # child process: run a server
@@ -244,22 +286,17 @@ def main() -> None:
         run_server(args)
         return
     if args.smoke:
-        args.requests, args.latency_requests = 48, 12
+        args.requests, args.latency_requests, args.rounds = 48, 12, 1
     from softprompt.data import demo_paths, read_examples
 
     texts = [ex.text for ex in read_examples(str(demo_paths()[1]))][:64]
     names8 = [f"task{i}" for i in range(len(TASKS))]
     out: dict = {"model": "tiny-random-llama" if args.smoke else args.model, "clients": args.clients,
-                 "requests": args.requests, "tasks": len(TASKS)}  # fmt: skip
-    for key, serve, names in [
-        ("mixed", "ours", names8),
-        ("single", "ours", ["task0"]),
-        ("peft", "peft", names8),
-    ]:
-        r = measure(args, serve, len(TASKS), names, texts, args.clients, args.requests)
-        out |= {f"{key}_{k}": v for k, v in r.items()}
+                 "requests": args.requests, "tasks": len(TASKS), "rounds": args.rounds, "dtype": args.dtype,
+                 "batch_window_ms": args.window_ms, "batch_gap_ms": args.gap_ms}  # fmt: skip
+    out |= throughput(args, names8, texts)
     for n in (1, 100, 1000):
-        r = measure(args, "ours", n, ["task0"], texts, 1, args.latency_requests)
+        r = measure(args, n, ["task0"], texts, 1, args.latency_requests)
         out |= {f"loaded_{n}_{k}": v for k, v in r.items()}
     out["mixed_ratio_vs_single"] = out["mixed_rps"] / out["single_rps"]
     out["mixed_ratio_vs_peft"] = out["mixed_rps"] / out["peft_rps"]

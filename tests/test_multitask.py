@@ -34,13 +34,15 @@ def separate_probs(store, name: str, texts: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
 @pytest.mark.parametrize("use_prefix", [False, True], ids=["bank", "prefix"])
-def test_mixed_classification_equals_separate_runs(arch, use_prefix, tmp_path):
+@pytest.mark.parametrize("overhead", [0, 10**6], ids=["length-batches", "full-batches"])
+def test_mixed_classification_equals_separate_runs(arch, use_prefix, overhead, tmp_path):
     store = make_store(tmp_path / "store", MODEL_FACTORIES[arch]())
     names = ["sentiment", "topic", "quality"]
     # Every text under every task, interleaved so each batch mixes tasks and prompt lengths.
     pairs = [(n, t) for t in TEXTS for n in names]
     entries = [store.get(n) for n, _ in pairs]
-    logps = score_mixed(store, entries, [t for _, t in pairs], batch_size=7, use_prefix=use_prefix)
+    logps = score_mixed(store, entries, [t for _, t in pairs], batch_size=7, use_prefix=use_prefix,
+                        overhead=overhead)  # fmt: skip
     for name in names:
         ref = separate_probs(store, name, TEXTS)
         ours = torch.stack([lp.softmax(0) for (n, _), lp in zip(pairs, logps, strict=True) if n == name])

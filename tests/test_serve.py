@@ -125,7 +125,7 @@ def test_body_too_large_is_413(store):
 def test_concurrent_requests_for_different_tasks_share_batches(store):
     names = ["sentiment", "topic", "quality", "sentiment-b"] * 2
     results: dict[int, dict] = {}
-    with client_for(store, batch_window_ms=300) as client:
+    with client_for(store, batch_window_ms=300, batch_gap_ms=None) as client:
 
         def call(i: int) -> None:
             results[i] = client.post("/v1/classify", json={"model": names[i], "input": "the film"}).json()
@@ -142,6 +142,20 @@ def test_concurrent_requests_for_different_tasks_share_batches(store):
         assert results[i]["data"][0]["scores"] == pytest.approx(want["scores"], abs=1e-5)
 
 
+def test_batch_closes_after_a_quiet_gap_not_the_whole_window(store):
+    body = {"model": "topic", "input": "the film"}
+    with client_for(store, batch_window_ms=3000, batch_gap_ms=20) as client:
+        t0 = time.monotonic()
+        assert client.post("/v1/classify", json=body).status_code == 200
+        gap_closed = time.monotonic() - t0
+    with client_for(store, batch_window_ms=400, batch_gap_ms=None) as client:
+        t0 = time.monotonic()
+        assert client.post("/v1/classify", json=body).status_code == 200
+        window_closed = time.monotonic() - t0
+    assert gap_closed < 2.0  # a lone request does not wait out the 3 s window
+    assert window_closed >= 0.4  # without a gap it does
+
+
 def test_a_failing_request_does_not_fail_the_others(store, monkeypatch):
     import softprompt.serve as serve
 
@@ -154,7 +168,7 @@ def test_a_failing_request_does_not_fail_the_others(store, monkeypatch):
 
     monkeypatch.setattr(serve, "score_mixed", flaky)
     codes: dict[str, int] = {}
-    with client_for(store, batch_window_ms=300) as client:
+    with client_for(store, batch_window_ms=300, batch_gap_ms=None) as client:
 
         def call(text: str) -> None:
             codes[text] = client.post("/v1/classify", json={"model": "topic", "input": text}).status_code

@@ -189,7 +189,8 @@ def cmd_info(path: str, as_json: bool) -> None:
 
 
 def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batch_size: int,
-              batch_window_ms: float, max_queue: int, max_tokens: int, allow_management: bool) -> None:  # fmt: skip
+              batch_window_ms: float, batch_gap_ms: float, max_queue: int, max_tokens: int,
+              allow_management: bool) -> None:  # fmt: skip
     try:
         from softprompt.serve import ServeLimits, serve
     except ImportError as e:
@@ -197,7 +198,7 @@ def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batc
             f"softprompt serve needs fastapi and uvicorn ({e}); pip install 'softprompt[serve]'"
         ) from None
     limits = ServeLimits(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                         max_tokens=max_tokens)  # fmt: skip
+                         batch_gap_ms=batch_gap_ms if batch_gap_ms > 0 else None, max_tokens=max_tokens)  # fmt: skip
     serve(store, model, dtype, host=host, port=port, limits=limits, allow_management=allow_management)
 
 
@@ -334,7 +335,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (0.0.0.0: all).")
     p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     p.add_argument("--max_batch_size", type=int, default=32, help="Most rows in one shared batch.")
-    p.add_argument("--batch_window_ms", type=float, default=5.0, help="Wait for more requests (ms).")
+    p.add_argument("--batch_window_ms", type=float, default=25.0, help="Longest wait for a batch to fill (ms).")
+    p.add_argument("--batch_gap_ms", type=float, default=5.0,
+                   help="Close the batch when no request came for this long (ms; 0: wait out the window).")
     p.add_argument("--max_queue", type=int, default=256, help="Queued requests before 503.")
     p.add_argument("--max_tokens", type=int, default=256, help="Largest max_tokens per completion.")
     p.add_argument("--allow_management", type=bool, default=True, help="Allow load/unload over HTTP.")
@@ -409,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd_inspect(a.paths, a.model, a.dtype, a.top_k, a.as_json)
         elif name == "serve":
             cmd_serve(a.store, a.model, a.dtype, a.host, a.port, a.max_batch_size, a.batch_window_ms,
-                      a.max_queue, a.max_tokens, a.allow_management)  # fmt: skip
+                      a.batch_gap_ms, a.max_queue, a.max_tokens, a.allow_management)  # fmt: skip
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         # Expected user errors: the message says what and how to fix; a traceback would bury it.
         print(f"error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from softprompt.batching import default_overhead, length_batches
 from softprompt.prompt_store import PromptEntry, PromptStore, StoreSnapshot
 from softprompt.verbalizer import Template, encode_text, pad_rows
 
@@ -60,6 +61,7 @@ def score_mixed(
     max_length: int = 256,
     batch_size: int = 32,
     use_prefix: bool | None = None,
+    overhead: float | None = None,
 ) -> list[torch.Tensor]:
     """Log-score of each class for text i under prompt ``entries[i]``: a (C_i,) tensor per text.
 
@@ -88,9 +90,9 @@ def score_mixed(
                 )
 
     per_row = [torch.empty(0)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))  # similar lengths share a batch
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    if overhead is None:
+        overhead = default_overhead(store.prompted.device)
+    for chunk in length_batches([len(r[1]) for r in rows], batch_size, overhead):
         ids, mask = pad_rows([rows[r][1] for r in chunk], tokenizer.pad_token_id)
         K = max(len(rows[r][2]) for r in chunk)
         # (B, K) head positions; short rows repeat their last position (ignored below).

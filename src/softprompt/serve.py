@@ -43,8 +43,11 @@ class ServeLimits:
 
     max_batch_size: int = 32
     """Most rows run in one forward pass (classification rows or generated sequences)."""
-    batch_window_ms: float = 5.0
-    """How long the batcher waits after the first queued request for others to join its batch."""
+    batch_window_ms: float = 25.0
+    """Longest the batcher waits after the first queued request for others to join its batch."""
+    batch_gap_ms: float | None = 5.0
+    """The batch closes early when no request arrives for this long (``None``: wait out the window).
+    One client alone waits only this gap; a burst of requests from many clients fills the batch."""
     max_queue: int = 256
     """Requests waiting beyond this are refused with 503 (the client should retry later)."""
     max_input_tokens: int = 512
@@ -121,9 +124,13 @@ class Batcher:
                 return
             jobs, rows, stop = [first], len(first.texts), False
             deadline = time.monotonic() + self.limits.batch_window_ms / 1000
+            gap = self.limits.batch_gap_ms
             while rows < self.limits.max_batch_size:
+                wait = deadline - time.monotonic()
+                if gap is not None:
+                    wait = min(wait, gap / 1000)
                 try:
-                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    job = self.queue.get(timeout=max(0.0, wait))
                 except queue.Empty:
                     break
                 if job is None:

@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from softprompt.batching import default_overhead, length_batches
 from softprompt.data import DataError, Example, demo_paths, load_hf_dataset, read_examples, split_validation
 from softprompt.evaluate import (
     classification_report,
@@ -136,11 +137,9 @@ def predict_scores(
     The prompt's keys and values are computed once (the cached prefix) and reused for every batch.
     """
     prefix = None if prompt is None else prompted.prefix_cache(prompt)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    batches = length_batches([len(r) for r in rows], batch_size, default_overhead(prompted.device))
     scores = torch.empty(len(rows), len(label_ids))
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=desc, leave=False, disable=desc is None):
-        idx = order[s : s + batch_size]
+    for idx in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         scores[idx] = (
             class_scores(prompted, [rows[i] for i in idx], label_ids, mode, pad_id, prefix=prefix)
             .float()
