@@ -156,6 +156,52 @@ def test_batch_closes_after_a_quiet_gap_not_the_whole_window(store):
     assert window_closed >= 0.4  # without a gap it does
 
 
+def test_late_request_joins_its_peers_instead_of_running_alone(store, monkeypatch):
+    """After a batch of 3 requests, the next batch waits (up to the window) for 3 again, so a client
+    that is 80 ms late, well past the 20 ms gap, still shares the batch."""
+    body = {"model": "topic", "input": "the film"}
+    sizes: list[int] = []
+    with client_for(store, batch_window_ms=3000, batch_gap_ms=20) as client:
+        batcher = client.app.state.batcher
+        real, held = batcher._compute, threading.Event()
+
+        def record(key, jobs):
+            sizes.append(len(jobs))
+            if len(sizes) == 1:
+                held.wait(timeout=30)  # hold the worker until three requests are queued
+            return real(key, jobs)
+
+        monkeypatch.setattr(batcher, "_compute", record)
+
+        def post_all(delays: list[float]) -> list[int]:
+            codes: list[int] = []
+
+            def call(delay: float) -> None:
+                time.sleep(delay)
+                codes.append(client.post("/v1/classify", json=body).status_code)
+
+            threads = [threading.Thread(target=call, args=(d,)) for d in delays]
+            for t in threads:
+                t.start()
+            return threads, codes
+
+        first, _ = post_all([0.0])
+        deadline = time.monotonic() + 30
+        while not sizes and time.monotonic() < deadline:
+            time.sleep(0.005)
+        three, _ = post_all([0.0, 0.0, 0.0])
+        while batcher.queue.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        held.set()
+        for t in first + three:
+            t.join()
+        late, codes = post_all([0.0, 0.0, 0.08])
+        for t in late:
+            t.join()
+    assert codes == [200, 200, 200]
+    assert sizes == [1, 3, 3]
+
+
 def test_a_failing_request_does_not_fail_the_others(store, monkeypatch):
     import softprompt.serve as serve
 

@@ -46,8 +46,9 @@ class ServeLimits:
     batch_window_ms: float = 25.0
     """Longest the batcher waits after the first queued request for others to join its batch."""
     batch_gap_ms: float | None = 5.0
-    """The batch closes early when no request arrives for this long (``None``: wait out the window).
-    One client alone waits only this gap; a burst of requests from many clients fills the batch."""
+    """The batch closes early when no request arrives for this long (``None``: wait out the window),
+    once it holds as many requests as the batch before it (if that one ended under a second ago).
+    One client alone waits only this gap; many clients fill the batch with their next requests."""
     max_queue: int = 256
     """Requests waiting beyond this are refused with 503 (the client should retry later)."""
     max_input_tokens: int = 512
@@ -81,6 +82,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     params: dict = field(default_factory=dict)
+
+
+RECENT_S = 1.0  # a batch that ended this recently predicts how many requests come back
 
 
 class Batcher:
@@ -118,16 +122,21 @@ class Batcher:
         return await job.future
 
     def _work(self) -> None:
+        last_jobs, last_end = 0, float("-inf")
         while True:
             first = self.queue.get()
             if first is None:
                 return
             jobs, rows, stop = [first], len(first.texts), False
-            deadline = time.monotonic() + self.limits.batch_window_ms / 1000
+            start = time.monotonic()
+            deadline = start + self.limits.batch_window_ms / 1000
             gap = self.limits.batch_gap_ms
+            # Clients answered by the last batch (if it just ended) usually send their next request
+            # now: keep the batch open for as many, so a late one does not run alone in a batch of 1.
+            expect = last_jobs if start - last_end < RECENT_S else 1
             while rows < self.limits.max_batch_size:
                 wait = deadline - time.monotonic()
-                if gap is not None:
+                if gap is not None and len(jobs) >= expect:
                     wait = min(wait, gap / 1000)
                 try:
                     job = self.queue.get(timeout=max(0.0, wait))
@@ -143,6 +152,7 @@ class Batcher:
                 groups[job.key].append(job)
             for key, group in groups.items():
                 self._run_group(key, group)
+            last_jobs, last_end = len(jobs), time.monotonic()
             if stop:
                 return
 
