@@ -233,7 +233,7 @@ def throughput(args, names8: list[str], texts: list[str]) -> dict:
     configs = {"mixed": ("ours", names8), "single": ("ours", ["task0"]), "peft": ("peft", names8)}
     rounds: dict[str, list[dict]] = {key: [] for key in configs}
     try:
-        for key, (serve, names) in configs.items():  # warm-up
+        for serve, names in configs.values():  # warm-up
             asyncio.run(load(servers[serve][1], names, texts, max(8, 2 * args.clients), args.clients))
         for r in range(args.rounds):
             for key, (serve, names) in configs.items():
