@@ -335,9 +335,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (0.0.0.0: all).")
     p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     p.add_argument("--max_batch_size", type=int, default=32, help="Most rows in one shared batch.")
-    p.add_argument("--batch_window_ms", type=float, default=25.0, help="Longest wait for a batch to fill (ms).")
-    p.add_argument("--batch_gap_ms", type=float, default=5.0,
-                   help="Close the batch when no request came for this long (ms; 0: wait out the window).")
+    p.add_argument(
+        "--batch_window_ms", type=float, default=25.0, help="Longest wait for a batch to fill (ms)."
+    )
+    p.add_argument(
+        "--batch_gap_ms",
+        type=float,
+        default=5.0,
+        help="Close the batch when no request came for this long (ms; 0: wait out the window).",
+    )
     p.add_argument("--max_queue", type=int, default=256, help="Queued requests before 503.")
     p.add_argument("--max_tokens", type=int, default=256, help="Largest max_tokens per completion.")
     p.add_argument("--allow_management", type=bool, default=True, help="Allow load/unload over HTTP.")
