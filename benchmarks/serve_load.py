@@ -30,8 +30,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -89,20 +89,23 @@ def run_server(args) -> None:
 
     import uvicorn
 
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_base(args)
-    if args.serve == "peft":
-        app = peft_app(model, tokenizer)
-    else:
-        from softprompt.prompt_store import PromptStore
-        from softprompt.serve import ServeLimits, create_app
+    from softprompt.serve import one_torch_thread
 
-        store = PromptStore(tempfile.mkdtemp(), model, tokenizer)
-        for i in range(args.num_prompts):
-            store.add(f"task{i}", task_prompt(i, model, tokenizer), save=False)
-        limits = ServeLimits(max_batch_size=args.max_batch_size, batch_window_ms=args.window_ms,
-                             batch_gap_ms=args.gap_ms)  # fmt: skip
-        app = create_app(model, tokenizer, store, limits)
+    torch.set_num_threads(args.threads)
+    with one_torch_thread():  # as `softprompt serve` does: model compute only in the serving thread
+        model, tokenizer = load_base(args)
+        if args.serve == "peft":
+            app = peft_app(model, tokenizer)
+        else:
+            from softprompt.prompt_store import PromptStore
+            from softprompt.serve import ServeLimits, create_app
+
+            store = PromptStore(tempfile.mkdtemp(), model, tokenizer)
+            for i in range(args.num_prompts):
+                store.add(f"task{i}", task_prompt(i, model, tokenizer), save=False)
+            limits = ServeLimits(max_batch_size=args.max_batch_size, batch_window_ms=args.window_ms,
+                                 batch_gap_ms=args.gap_ms)  # fmt: skip
+            app = create_app(model, tokenizer, store, limits)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -127,18 +130,15 @@ def peft_app(model, tokenizer):
     for i in range(1, len(TASKS)):
         peft_model.load_adapter(root / f"task{i}", adapter_name=f"task{i}")
     peft_model.eval()
-    lock = threading.Lock()  # one active adapter per model: requests take turns
+    # One active adapter per model, so requests take turns: one thread runs them all, as our batcher
+    # does (a single compute thread also avoids a second OpenMP team; see serve.one_torch_thread).
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peft-baseline")
     app = FastAPI()
 
-    @app.get("/health")
-    def health():
-        return {"status": "ok"}
-
-    @app.post("/v1/classify")
-    def classify(req: PeftRequest):  # a sync endpoint: FastAPI runs it in its thread pool
+    def run_one(req: PeftRequest) -> dict:
         template, labels, firsts = specs[int(req.model.removeprefix("task"))]
         ids = tokenizer(template.replace("{text}", req.input), return_tensors="pt").input_ids
-        with lock, torch.no_grad():
+        with torch.no_grad():
             peft_model.set_adapter(req.model)
             logits = peft_model(input_ids=ids).logits[0, -1]
         probs = logits.float().log_softmax(-1)[firsts].softmax(-1)
@@ -150,6 +150,14 @@ def peft_app(model, tokenizer):
                 }
             ]
         }
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/classify")
+    async def classify(req: PeftRequest):
+        return await asyncio.get_running_loop().run_in_executor(worker, run_one, req)
 
     return app
 

@@ -15,9 +15,10 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -241,6 +242,8 @@ def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None 
 
     Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/classify``,
     ``GET /v1/prompts``, ``POST /v1/prompts/{name}/load``, ``DELETE /v1/prompts/{name}``.
+    All model compute runs in one batcher thread; on CPU, build the model and store inside
+    :func:`one_torch_thread` (as :func:`serve` does) so that thread runs at full speed.
     """
     limits = limits or ServeLimits()
     if store.tokenizer is None:
@@ -427,6 +430,23 @@ def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None 
     return app
 
 
+@contextmanager
+def one_torch_thread():
+    """Run set-up work (loading the model and the store) on one torch thread.
+
+    On CPU, a thread that has run multi-threaded torch work keeps its own OpenMP thread team; the
+    batcher's thread, which does all model compute while serving, then runs about 20-25% slower
+    (measured with ``benchmarks/serve_load.py``). Loading on one thread avoids that team. The thread
+    count is restored on exit, so the batcher runs with torch's usual number of threads.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device: str = "auto",
           host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
           allow_management: bool = True) -> None:  # fmt: skip
@@ -435,8 +455,9 @@ def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device
 
     from softprompt.loading import load_model
 
-    base, tokenizer = load_model(model, dtype=dtype, device=device)
-    store = PromptStore(store_dir, base, tokenizer)
+    with one_torch_thread():
+        base, tokenizer = load_model(model, dtype=dtype, device=device)
+        store = PromptStore(store_dir, base, tokenizer)
     log.info("serving %d prompt(s) from %s on http://%s:%d/v1", len(store), store.root, host, port)
     app = create_app(base, tokenizer, store, limits, allow_management=allow_management)
     uvicorn.run(app, host=host, port=port, log_level="info")
