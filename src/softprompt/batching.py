@@ -5,11 +5,12 @@ length of the longest one, and each forward pass has a fixed cost on top (readin
 launching every kernel). :func:`length_batches` picks, for rows sorted by length, the cut into
 consecutive batches that minimises that total (dynamic programming, exact for this cost).
 
-The fixed cost, in tokens, depends on the hardware. On CPU a forward pass of SmolLM2-135M costs about
-50 ms plus about 1.4 ms per token (``benchmarks/serve_load.py`` prints both), so the default
-overhead there is 32 tokens: a 6-token and an 84-token request run apart, not as 2 x 84 tokens. On a
-GPU a forward pass costs nearly the same for 1 or 1,000 tokens, so the default there (2,048 tokens)
-keeps batches whole unless padding is extreme.
+The fixed cost, in tokens, depends on the hardware. On 2 CPU cores a forward pass of SmolLM2-135M
+costs a fixed part worth a few dozen tokens (``benchmarks/forward_cost.py`` fits it; figures in
+``benchmarks/RESULTS.md``), so the CPU default is 32 tokens: a 6-token and an 84-token request run
+apart, not as 2 x 84 tokens. On a GPU a small forward pass costs nearly the same for 1 or 1,000
+tokens, so the default there (2,048 tokens, not measured here) keeps batches whole unless padding is
+extreme.
 """
 
 from __future__ import annotations
