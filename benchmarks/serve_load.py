@@ -18,6 +18,7 @@ The prompts are untrained (speed does not depend on the values). ``--dtype bfloa
 server (ours and PEFT) in bf16. ``--smoke`` runs a tiny model.
 
 Run:  .venv/bin/python benchmarks/serve_load.py [--dtype bfloat16 --output results/serve_load_bf16.json]
+      [--device cuda]
 """
 
 from __future__ import annotations
@@ -61,14 +62,14 @@ class PeftRequest(BaseModel):
 def load_base(args):
     from softprompt.loading import load_model
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.smoke:  # the real tokenizer on a tiny random model with the same vocabulary
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
-        model = LlamaForCausalLM(cfg).eval()
+        model = LlamaForCausalLM(cfg).eval().to(args.device)
     return model, tokenizer
 
 
@@ -137,7 +138,9 @@ def peft_app(model, tokenizer):
 
     def run_one(req: PeftRequest) -> dict:
         template, labels, firsts = specs[int(req.model.removeprefix("task"))]
-        ids = tokenizer(template.replace("{text}", req.input), return_tensors="pt").input_ids
+        ids = tokenizer(template.replace("{text}", req.input), return_tensors="pt").input_ids.to(
+            peft_model.device
+        )
         with torch.no_grad():
             peft_model.set_adapter(req.model)
             logits = peft_model(input_ids=ids).logits[0, -1]
@@ -173,7 +176,8 @@ def start(args, serve: str, num_prompts: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, __file__, "--serve", serve, "--port", str(port), "--num-prompts", str(num_prompts),
            "--model", args.model, "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-           "--window-ms", str(args.window_ms), "--gap-ms", str(args.gap_ms), "--dtype", args.dtype] + (["--smoke"] if args.smoke else [])  # fmt: skip
+           "--window-ms", str(args.window_ms), "--gap-ms", str(args.gap_ms), "--dtype", args.dtype,
+           "--device", args.device] + (["--smoke"] if args.smoke else [])  # fmt: skip
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -284,6 +288,7 @@ def main() -> None:
     ap.add_argument("--window-ms", type=float, default=25.0, help="The batcher's longest wait (ms).")
     ap.add_argument("--gap-ms", type=float, default=5.0, help="The batch closes after this quiet gap (ms).")
     ap.add_argument("--dtype", default="float32", help="Model dtype of every server (ours and PEFT).")
+    ap.add_argument("--device", default="cpu", help="Device of every server's model, e.g. cuda.")
     ap.add_argument("--smoke", action="store_true", help="A tiny random model and few requests (seconds).")
     ap.add_argument("--output", default=str(RESULTS))
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # child process: run a server
@@ -301,7 +306,7 @@ def main() -> None:
     names8 = [f"task{i}" for i in range(len(TASKS))]
     out: dict = {"model": "tiny-random-llama" if args.smoke else args.model, "clients": args.clients,
                  "requests": args.requests, "tasks": len(TASKS), "rounds": args.rounds, "dtype": args.dtype,
-                 "batch_window_ms": args.window_ms, "batch_gap_ms": args.gap_ms}  # fmt: skip
+                 "device": args.device, "batch_window_ms": args.window_ms, "batch_gap_ms": args.gap_ms}  # fmt: skip
     out |= throughput(args, names8, texts)
     for n in (1, 100, 1000):
         r = measure(args, n, ["task0"], texts, 1, args.latency_requests)
