@@ -316,3 +316,19 @@ def test_real_server_with_the_openai_client(store):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_one_torch_thread_loads_on_one_thread_and_restores_the_count():
+    from softprompt.serve import one_torch_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_torch_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_torch_thread():
+            raise RuntimeError("a failed load")
+        assert torch.get_num_threads() == 2  # restored after an error too
+    finally:
+        torch.set_num_threads(before)
