@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import write_results
 
 from softprompt.train import TrainConfig, train
 
@@ -124,9 +125,7 @@ def main() -> None:
         f"training: {train_seconds / 60:.1f} min for {args.steps} steps of {args.batch_size}; whole run {total / 60:.1f} min"
     )
     if not args.smoke:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {RESULTS}")
+        write_results(RESULTS, res)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,12 @@ Run:  .venv/bin/python benchmarks/forward_cost.py [--dtype bfloat16]   (writes r
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import run_command, utc_now, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(1, 8), (1, 16), (1, 32), (1, 64), (1, 128), (4, 32), (8, 32), (16, 16), (16, 32), (8, 96)]
@@ -70,15 +67,13 @@ def main() -> None:
         "per_token_ms": round(per_token, 3),
         "overhead_tokens": round(fixed / per_token, 1),
         "default_cpu_overhead_tokens": CPU_OVERHEAD_TOKENS,
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": run_command(),
+        "date": utc_now(),
     }
     print(f"fit: {fixed:.1f} ms per forward pass + {per_token:.3f} ms per token -> overhead "
           f"{fixed / per_token:.0f} tokens (the CPU default is {CPU_OVERHEAD_TOKENS})")  # fmt: skip
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
-    path = RESULTS / f"forward_cost{suffix}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_results(RESULTS / f"forward_cost{suffix}.json", out)
 
 
 if __name__ == "__main__":

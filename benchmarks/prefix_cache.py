@@ -23,7 +23,6 @@ Run:  .venv/bin/python benchmarks/prefix_cache.py [--repeats 7] [--smoke]   (wri
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -33,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import write_results
 
 from softprompt import PromptConfig, PromptedLM, SoftPrompt, save_prompt
 from softprompt.loading import load_model
@@ -188,9 +188,7 @@ def main() -> None:
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     )  # fmt: skip
     if not args.smoke:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {RESULTS}")
+        write_results(RESULTS, res)
 
 
 if __name__ == "__main__":

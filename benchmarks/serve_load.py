@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel
+from results_io import run_command, utc_now, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
 TASKS = [  # (template, verbalizer): eight tasks, each with its own words and prompt length
@@ -314,15 +312,12 @@ def main() -> None:
     out["mixed_ratio_vs_single"] = out["mixed_rps"] / out["single_rps"]
     out["mixed_ratio_vs_peft"] = out["mixed_rps"] / out["peft_rps"]
     out["loaded_1000_ratio_vs_1"] = out["loaded_1000_p50_ms"] / out["loaded_1_p50_ms"]
-    out["command"] = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
-    out["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out["command"], out["date"] = run_command(), utc_now()
     print(f"mixed/single throughput {out['mixed_ratio_vs_single']:.2f} (target >= 0.9), "
           f"mixed/PEFT {out['mixed_ratio_vs_peft']:.2f} (target >= 3), "
           f"p50 with 1000 prompts / 1 prompt {out['loaded_1000_ratio_vs_1']:.2f} (target <= 1.1)")  # fmt: skip
     if not args.smoke or args.output != str(RESULTS):
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.output}")
+        write_results(args.output, out)
 
 
 if __name__ == "__main__":

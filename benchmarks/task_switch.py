@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import shlex
 import statistics
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import run_command, utc_now, write_results
 
 from softprompt import SoftPrompt, save_prompt
 from softprompt.config import PromptMeta
@@ -182,8 +179,7 @@ def main() -> None:
     out["full_load_ratio_vs_ours"] = out["full_load_copy_ms"] / out["ours_load_from_disk_ms"]
     out["lora_memory_ratio_vs_ours"] = out["lora_bytes_per_task"] / out["ours_bytes_per_task"]
     out["full_memory_ratio_vs_ours"] = out["full_bytes_per_task"] / out["ours_bytes_per_task"]
-    out["command"] = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
-    out["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out["command"], out["date"] = run_command(), utc_now()
     print(f"{'':28}{'switch (loaded)':>18}{'switch (from disk)':>20}{'memory per task':>18}")
     rows = [
         ("prompt tuning (ours)", out["ours_switch_loaded_ms"], out["ours_load_from_disk_ms"], out["ours_bytes_per_task"]),
@@ -195,9 +191,7 @@ def main() -> None:
         print(f"{name:28}{loaded_s:>18}{disk:>17.2f} ms{nbytes / 2**20:>15.3f} MiB")
     print(f"one forward (1 x 32 tokens): {forward_ms:.2f} ms")
     if not args.smoke or args.output != str(RESULTS):
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.output}")
+        write_results(args.output, out)
 
 
 if __name__ == "__main__":
