@@ -108,49 +108,53 @@ def run_server(args) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
+class PeftBaseline:
+    """Each request run alone the way PEFT allows: ``set_adapter(task)`` + forward, one at a time."""
+
+    def __init__(self, model, tokenizer):
+        import tempfile
+
+        from peft import PeftModel
+
+        from softprompt import save_prompt
+
+        root = Path(tempfile.mkdtemp())
+        self.tokenizer, self.specs = tokenizer, []
+        for i in range(len(TASKS)):
+            save_prompt(task_prompt(i, model, tokenizer), root / f"task{i}", model)
+            template, verbalizer = TASKS[i]
+            firsts = [
+                tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in verbalizer.values()
+            ]
+            self.specs.append((template, list(verbalizer), firsts))
+        self.model = PeftModel.from_pretrained(model, root / "task0", adapter_name="task0")
+        for i in range(1, len(TASKS)):
+            self.model.load_adapter(root / f"task{i}", adapter_name=f"task{i}")
+        self.model.eval()
+
+    def __call__(self, name: str, text: str) -> dict:
+        """The label and per-label scores of ``text`` under task ``name`` (``"task3"``)."""
+        template, labels, firsts = self.specs[int(name.removeprefix("task"))]
+        ids = self.tokenizer(template.replace("{text}", text), return_tensors="pt").input_ids
+        with torch.no_grad():
+            self.model.set_adapter(name)
+            logits = self.model(input_ids=ids.to(self.model.device)).logits[0, -1]
+        probs = logits.float().log_softmax(-1)[firsts].softmax(-1)
+        return {
+            "label": labels[int(probs.argmax())],
+            "scores": dict(zip(labels, probs.tolist(), strict=True)),
+        }
+
+
 def peft_app(model, tokenizer):
-    """The baseline: the same /v1/classify API, each request run alone with PEFT's active adapter."""
-    import tempfile
-
+    """The baseline server: the same /v1/classify API, each request run by :class:`PeftBaseline`."""
     from fastapi import FastAPI
-    from peft import PeftModel
 
-    from softprompt import save_prompt
-
-    root = Path(tempfile.mkdtemp())
-    specs = []
-    for i in range(len(TASKS)):
-        prompt = task_prompt(i, model, tokenizer)
-        save_prompt(prompt, root / f"task{i}", model)
-        template, verbalizer = TASKS[i]
-        firsts = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in verbalizer.values()]
-        specs.append((template, list(verbalizer), firsts))
-    peft_model = PeftModel.from_pretrained(model, root / "task0", adapter_name="task0")
-    for i in range(1, len(TASKS)):
-        peft_model.load_adapter(root / f"task{i}", adapter_name=f"task{i}")
-    peft_model.eval()
+    baseline = PeftBaseline(model, tokenizer)
     # One active adapter per model, so requests take turns: one thread runs them all, as our batcher
     # does (a single compute thread also avoids a second OpenMP team; see serve.one_torch_thread).
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peft-baseline")
     app = FastAPI()
-
-    def run_one(req: PeftRequest) -> dict:
-        template, labels, firsts = specs[int(req.model.removeprefix("task"))]
-        ids = tokenizer(template.replace("{text}", req.input), return_tensors="pt").input_ids.to(
-            peft_model.device
-        )
-        with torch.no_grad():
-            peft_model.set_adapter(req.model)
-            logits = peft_model(input_ids=ids).logits[0, -1]
-        probs = logits.float().log_softmax(-1)[firsts].softmax(-1)
-        return {
-            "data": [
-                {
-                    "label": labels[int(probs.argmax())],
-                    "scores": dict(zip(labels, probs.tolist(), strict=True)),
-                }
-            ]
-        }
 
     @app.get("/health")
     def health():
@@ -158,7 +162,8 @@ def peft_app(model, tokenizer):
 
     @app.post("/v1/classify")
     async def classify(req: PeftRequest):
-        return await asyncio.get_running_loop().run_in_executor(worker, run_one, req)
+        result = await asyncio.get_running_loop().run_in_executor(worker, baseline, req.model, req.input)
+        return {"data": [result]}
 
     return app
 

@@ -1,0 +1,100 @@
+"""Benchmark: the most any server could gain over the PEFT baseline on this machine (no HTTP, no waiting).
+
+``serve_load.py`` measures the servers end to end. This script times only the model work behind them,
+in one process, for the same 8 tasks and texts:
+
+* ``peft``: each request alone, ``set_adapter(task)`` + forward (:class:`serve_load.PeftBaseline`);
+* ``ours_16``: :func:`softprompt.multitask.classify_mixed` on consecutive groups of 16 requests, the
+  batches our server forms with 16 clients;
+* ``ours_all``: ``classify_mixed`` on all requests at once with no batch-size limit: an oracle batcher
+  that sees every request in advance and groups them by length with almost no padding. No server
+  that answers 16 clients as they come can do better, so ``peft / ours_all`` bounds the ratio that
+  ``serve_load.py`` can reach.
+
+The configurations run ``--rounds`` times, interleaved; medians of milliseconds per request are
+reported, with the ratios against ``peft``.
+
+Run:  .venv/bin/python benchmarks/serve_ceiling.py [--dtype bfloat16]   (writes results/serve_ceiling*.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from results_io import run_command, utc_now, write_results
+from serve_load import TASKS, PeftBaseline, load_base, task_prompt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--requests", type=int, default=128, help="Requests per configuration and round.")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="A tiny random model and few requests (seconds).")
+    ap.add_argument("--output", default=None, help="Default: results/serve_ceiling[_<dtype>].json.")
+    args = ap.parse_args()
+    if args.smoke:
+        args.requests, args.rounds = 16, 1
+    from softprompt.data import demo_paths, read_examples
+    from softprompt.multitask import classify_mixed
+    from softprompt.prompt_store import PromptStore
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_base(args)
+    store = PromptStore(tempfile.mkdtemp(), model, tokenizer)
+    for i in range(len(TASKS)):
+        store.add(f"task{i}", task_prompt(i, model, tokenizer), save=False)
+    peft = PeftBaseline(model, tokenizer)  # wraps the same frozen model; our store does not go through it
+    texts = [ex.text for ex in read_examples(str(demo_paths()[1]))][:64]
+    n = args.requests
+    names = [f"task{i % len(TASKS)}" for i in range(n)]
+    inputs = [texts[i % len(texts)] for i in range(n)]
+
+    def run_peft() -> None:
+        for name, text in zip(names, inputs, strict=True):
+            peft(name, text)
+
+    def run_ours(group: int) -> None:
+        for s in range(0, n, group):
+            classify_mixed(store, names[s : s + group], inputs[s : s + group], batch_size=group)
+
+    configs = {"peft": run_peft, "ours_16": lambda: run_ours(16), "ours_all": lambda: run_ours(n)}
+    for run in configs.values():  # warm-up
+        run()
+    rounds: dict[str, list[float]] = {key: [] for key in configs}
+    for r in range(args.rounds):
+        for key, run in configs.items():
+            t0 = time.perf_counter()
+            run()
+            rounds[key].append((time.perf_counter() - t0) / n * 1000)
+        print(
+            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} ms/request" for k, v in rounds.items()),
+            flush=True,
+        )
+    out: dict = {"model": "tiny-random-llama" if args.smoke else args.model, "dtype": args.dtype,
+                 "device": args.device, "threads": args.threads, "requests": n, "rounds": args.rounds}  # fmt: skip
+    for key, values in rounds.items():
+        out[f"{key}_ms_per_request"] = round(statistics.median(values), 2)
+        out[f"{key}_ms_rounds"] = [round(v, 2) for v in values]
+    for key in ("ours_16", "ours_all"):
+        out[f"peft_over_{key}"] = round(out["peft_ms_per_request"] / out[f"{key}_ms_per_request"], 3)
+    out["command"], out["date"] = run_command(), utc_now()
+    print(f"PEFT / ours in batches of 16: {out['peft_over_ours_16']:.2f}x; "
+          f"PEFT / ours with every request at once (the ceiling): {out['peft_over_ours_all']:.2f}x")  # fmt: skip
+    if not args.smoke or args.output:
+        suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+        write_results(args.output or RESULTS / f"serve_ceiling{suffix}.json", out)
+
+
+if __name__ == "__main__":
+    main()
