@@ -18,6 +18,7 @@ from softprompt.generation import Generator, pick_tokens
 from softprompt.model import PromptedLM, PromptPrefix
 from softprompt.tasks import GenerationTask
 from softprompt.train import TrainConfig, train
+from softprompt.verbalizer import pad_rows
 
 EOS = 1
 
@@ -302,3 +303,25 @@ def test_cli_train_and_generate(tmp_path, tiny_model_dir, capsys):
     # cached and uncached give the same text
     main(["generate", str(out / "prompt"), "the film", "good food", "--prefix_cache", "false"])
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == lines
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_prefix_with_fixed_tokens_equals_running_them_as_input(arch):
+    """prefix_cache(tokens=head): inputs without the head give the logits of head + input run in full."""
+    model = MODEL_FACTORIES[arch]()
+    lm = PromptedLM(model)
+    bank = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([6, 2, 5])
+    head = [7, 11, 4]
+    g = torch.Generator().manual_seed(4)
+    rest = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (5, 1, 3, 4)]
+    index = torch.tensor([2, 0, 1, 1])
+    ids, mask = pad_rows(rest, 0)
+    full_ids, full_mask = pad_rows([head + r for r in rest], 0)
+    with torch.no_grad():
+        ours = lm(ids, mask, prefix=lm.prefix_cache(bank, lengths, tokens=head), prompt_index=index,
+                  positions="all")  # fmt: skip
+        ref = lm(full_ids, full_mask, prompt=bank, prompt_index=index, prompt_lengths=lengths[index],
+                 positions="all")[:, len(head):]  # fmt: skip
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=0)

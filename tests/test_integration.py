@@ -118,3 +118,31 @@ def test_generate_with_text_prompt_equals_hf_generate_on_the_tokens(smollm2):
                                  do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1] :].tolist()  # fmt: skip
             ref = ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
             assert cached.tokens[i] == ref, f"row {i}"
+
+
+def test_template_head_in_the_prefix_gives_the_same_scores_on_real_reviews(smollm2):
+    """SmolLM2's BPE: "Review: " leaves "Review:" as the head; scores match full runs of each input."""
+    from softprompt.tasks import predict_scores
+    from softprompt.verbalizer import Template, Verbalizer, class_scores, encode_text
+
+    model, tok = smollm2
+    template = Template("Review: {text}\nSentiment:")
+    head = template.head_ids(tok)
+    assert head == tuple(tok("Review:", add_special_tokens=False)["input_ids"])
+    texts = [
+        "a wonderful, moving film",
+        "Dull.",
+        "'s not bad",
+        "1999's best",
+        "  spaced out",
+        "\nnewline first",
+    ]
+    rows = [encode_text(tok, template, t, 64)[0] for t in texts]
+    assert all(tuple(r[: len(head)]) == head for r in rows)
+    prompt = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=8, init="vocab", seed=1), model, tok)
+    label_ids = Verbalizer.parse("0=negative,1=positive").token_ids(tok)
+    lm = PromptedLM(model)
+    with torch.no_grad():
+        ref = class_scores(lm, rows, label_ids, "first_token", tok.pad_token_id, prompt=prompt)
+    ours = predict_scores(lm, prompt, rows, label_ids, "first_token", tok.pad_token_id, batch_size=4)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -13,6 +14,7 @@ from softprompt.classify import Classifier
 from softprompt.generation import Generator
 from softprompt.multitask import classify_mixed, ensemble_classify, generate_mixed, score_mixed
 from softprompt.prompt_store import UnknownPromptError
+from softprompt.verbalizer import class_scores, encode_text
 
 TEXTS = [
     "the food was good",
@@ -26,10 +28,14 @@ ATOL = 1e-5  # fp32; rows are padded and batched differently from the separate r
 
 
 def separate_probs(store, name: str, texts: list[str]) -> torch.Tensor:
-    """The reference: the task's prompt alone, through the single-task Classifier."""
+    """The reference: the task's prompt alone, run with each full input (no cached prefix or head)."""
     entry = store.get(name)
     clf = Classifier(store.prompted.model, store.tokenizer, entry.prompt)
-    return clf.scores(texts)
+    rows = [encode_text(clf.tokenizer, clf.template, t, 256)[0] for t in texts]
+    with torch.no_grad():
+        logp = class_scores(clf.prompted, rows, clf.label_ids, clf.mode, clf.tokenizer.pad_token_id,
+                            prompt=entry.prompt.weight)  # fmt: skip
+    return logp.softmax(dim=1)
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
@@ -46,6 +52,38 @@ def test_mixed_classification_equals_separate_runs(arch, use_prefix, overhead, t
     for name in names:
         ref = separate_probs(store, name, TEXTS)
         ours = torch.stack([lp.softmax(0) for (n, _), lp in zip(pairs, logps, strict=True) if n == name])
+        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+
+
+def test_inputs_run_without_their_template_head_and_fall_back_when_it_is_missing(
+    llama, tmp_path, monkeypatch
+):
+    store = make_store(tmp_path / "store", llama)
+    names = ["sentiment", "topic", "quality"]
+    assert all(len(store.get(n).task.head_ids) == 1 for n in names)  # "review", "news", "text"
+    widths: list[int] = []
+    forward = store.prompted.forward
+    monkeypatch.setattr(
+        store.prompted, "forward", lambda ids, *a, **k: widths.append(ids.shape[1]) or forward(ids, *a, **k)
+    )
+    texts = ["the food was good", "a boring film"]
+    pairs = [(n, t) for t in texts for n in names]
+    logps = score_mixed(store, [store.get(n) for n, _ in pairs], [t for _, t in pairs], overhead=10**6)
+    full = max(len(encode_text(store.tokenizer, store.get(n).task.template, t, 256)[0]) + (2 if n == "quality" else 0)
+               for n, t in pairs)  # fmt: skip
+    assert widths == [full - 1]  # one batch, every row one token (its head) shorter
+    # A head that the inputs do not start with: those rows run in full, with the same scores.
+    entry = store.get("topic")
+    wrong = dataclasses.replace(entry, task=dataclasses.replace(entry.task, head_ids=(5, 6)))
+    entries = [wrong if n == "topic" else store.get(n) for n, _ in pairs]
+    widths.clear()
+    again = score_mixed(store, entries, [t for _, t in pairs], overhead=10**6)
+    assert widths == [full - 1]  # "quality" rows are the longest and still lose their head
+    for a, b in zip(logps, again, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    for name in names:
+        ref = separate_probs(store, name, texts)
+        ours = torch.stack([lp.softmax(0) for (n, _), lp in zip(pairs, again, strict=True) if n == name])
         torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
 

@@ -78,3 +78,56 @@ def test_truncation_cuts_the_text_not_the_template(tokenizer, side):
     )
     with pytest.raises(ValueError, match="template alone"):
         encode_text(tokenizer, template, text, max_length=2)
+
+
+class SpaceJoiningTokenizer:
+    """A GPT-2-like toy: a space joins the word after it (" a"), so "Review: " + "a" re-splits."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        import re
+
+        pieces = re.findall(r" ?\w+| ?[^\w\s]+|\s+", text)
+        return {"input_ids": [self.vocab.setdefault(p, len(self.vocab)) for p in pieces]}
+
+
+def test_template_head_ids_leave_out_the_token_that_merges_with_the_text(tokenizer):
+    toy = SpaceJoiningTokenizer()
+    t = Template("Review: {text}\nSentiment:")
+    head = t.head_ids(toy)
+    assert head == tuple(toy("Review:")["input_ids"])  # the trailing space joins the text's first word
+    for text in ["a", "Great film", " two spaces", "1999", "'quoted'", "\nline"]:
+        assert tuple(toy(t.render(text))["input_ids"][: len(head)]) == head
+    assert Template("{text}\nSentiment:").head_ids(toy) == ()
+    # Word-level tokenizer: whole words never merge, so the head word stays.
+    assert Template("review {text} sentiment").head_ids(tokenizer) == tuple(tokenizer("review")["input_ids"])
+
+
+def test_shared_head_keeps_a_token_of_each_row():
+    from softprompt.tasks import shared_head
+
+    assert shared_head([[1, 2, 3], [1, 2, 4, 5]]) == 2
+    assert shared_head([[1, 2], [1, 2, 3]]) == 1  # the shorter row keeps its last token
+    assert shared_head([[7, 8, 9]]) == 2
+    assert shared_head([[5], [5]]) == 0
+    assert shared_head([[1, 2], [3, 2]]) == 0
+    assert shared_head([]) == 0
+
+
+@pytest.mark.parametrize("mode", ["first_token", "sequence"])
+def test_scores_with_the_shared_head_in_the_prefix_equal_full_runs(tiny_model, mode):
+    from softprompt.tasks import predict_scores
+
+    lm = PromptedLM(tiny_model)
+    prompt = SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(2)))
+    g = torch.Generator().manual_seed(5)
+    rows = [[9, 14, 3] + torch.randint(3, 60, (n,), generator=g).tolist() for n in (1, 6, 2, 4, 3)]
+    label_ids = [[10], [12]] if mode == "first_token" else [[10, 11], [10, 13]]
+    with torch.no_grad():
+        ref = class_scores(lm, rows, label_ids, mode, 0, prompt=prompt)
+    shared = predict_scores(lm, prompt, rows, label_ids, mode, 0, batch_size=2)
+    plain = predict_scores(lm, prompt, rows, label_ids, mode, 0, batch_size=2, share_head=False)
+    torch.testing.assert_close(shared, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain, ref, atol=1e-5, rtol=0)

@@ -236,14 +236,24 @@ class PromptedLM(nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
-    def prefix_cache(self, prompt: PromptLike, prompt_lengths: torch.Tensor | None = None) -> PromptPrefix:
+    def prefix_cache(
+        self,
+        prompt: PromptLike,
+        prompt_lengths: torch.Tensor | None = None,
+        tokens: list[int] | None = None,
+    ) -> PromptPrefix:
         """The key/value cache of the prompt(s) alone, computed once and reused for every input.
 
         In a causal model the virtual tokens attend only to each other, so their keys and values do not
         depend on what follows. A (P, D) prompt gives a one-entry prefix; a bank (N, P, D) gives N
         entries (``prompt_lengths`` (N,) for banks padded to the longest prompt: prompt n fills slots
-        0..L_n-1 of row n, as in :meth:`build_inputs`; in the cache it is right-aligned). The prefix is tied to this model's dtype and device, and to the prompt's
-        values when it was made: make a new one after the prompt changes (e.g. during training).
+        0..L_n-1 of row n, as in :meth:`build_inputs`; in the cache it is right-aligned). The prefix is
+        tied to this model's dtype and device, and to the prompt's values when it was made: make a new
+        one after the prompt changes (e.g. during training).
+
+        ``tokens``: token ids that every input starts with (a template's fixed head, e.g. "Review:"),
+        cached after each prompt. Inputs then pass only what follows them: the result is the same as
+        running ``tokens + input`` with the plain prompt prefix, with fewer tokens per forward pass.
         """
         bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
         bank = bank.unsqueeze(0) if bank.dim() == 2 else bank
@@ -261,6 +271,14 @@ class PromptedLM(nn.Module):
         rows = torch.gather(rows, 1, src.to(self.device).unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
         mask = real.long().to(self.device)
         positions = src.to(self.device) * mask
+        if tokens:  # the fixed tokens follow each prompt at positions L_n, L_n + 1, ...
+            h = len(tokens)
+            ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+            rows = torch.cat([rows, self.embed_tokens(ids).expand(N, h, -1)], dim=1)
+            mask = torch.cat([mask, torch.ones(N, h, dtype=mask.dtype, device=self.device)], dim=1)
+            after = lengths.to(self.device).unsqueeze(1) + torch.arange(h, device=self.device)
+            positions = torch.cat([positions, after], dim=1)
+            lengths = lengths + h
         cache = DynamicCache(config=self.config)
         self.decoder(
             inputs_embeds=rows,

@@ -23,22 +23,33 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- prompts per row
-def prompt_inputs(store: PromptStore, entries: list[PromptEntry], use_prefix: bool | None = None) -> dict:
+def prompt_inputs(
+    store: PromptStore,
+    entries: list[PromptEntry],
+    use_prefix: bool | None = None,
+    heads: list[bool] | None = None,
+) -> dict:
     """The keyword arguments that give row b of a batch the prompt ``entries[b]``.
 
-    With the cached prefixes (the default) only the input tokens run;
-    otherwise a bank (k, P_max, D) of the k distinct prompts, padded at the end, with each row's
-    prompt length.
+    With the cached prefixes (the default) only the input tokens run, and ``heads[b]`` says that row
+    b's input has its template head cut off (the prefix then holds the head too, see
+    :meth:`PromptStore.prefix`); otherwise a bank (k, P_max, D) of the k distinct prompts, padded at
+    the end, with each row's prompt length.
     """
-    slots: dict[tuple[str, int], int] = {}
-    index = [slots.setdefault((e.name, e.version), len(slots)) for e in entries]
-    distinct = list({(e.name, e.version): e for e in entries}.values())  # in slot order
+    heads = heads or [False] * len(entries)
+    keys = [(e.name, e.version, h) for e, h in zip(entries, heads, strict=True)]
+    slots: dict[tuple[str, int, bool], int] = {}
+    index = [slots.setdefault(k, len(slots)) for k in keys]
+    distinct = list({k: (e, k[2]) for k, e in zip(keys, entries, strict=True)}.values())  # in slot order
     device = store.prompted.device
     prompt_index = torch.tensor(index, dtype=torch.long, device=device)
     if use_prefix is None or use_prefix:  # default: the cached prefixes
-        prefixes = [store.prefix(e) for e in distinct]
+        prefixes = [store.prefix(e, head=h) for e, h in distinct]
         prefix = prefixes[0] if len(prefixes) == 1 else type(prefixes[0]).cat(prefixes)
         return {"prefix": prefix, "prompt_index": prompt_index}
+    if any(heads):
+        raise ValueError("rows without their template head need the cached prefixes (use_prefix=True)")
+    distinct = [e for e, _ in distinct]
     P = max(e.num_virtual_tokens for e in distinct)
     bank = torch.zeros(len(distinct), P, store.prompted.hidden_size, device=device)  # (k, P, D)
     for k, e in enumerate(distinct):
@@ -67,13 +78,16 @@ def score_mixed(
 
     Rows of all tasks share forward passes. ``first_token`` tasks take one row and one head position;
     ``sequence`` tasks take one row per class, scored on the label word's tokens (as in
-    :func:`softprompt.verbalizer.class_scores`).
+    :func:`softprompt.verbalizer.class_scores`). With the cached prefixes, an input that starts with
+    its template's head tokens runs without them (the prefix holds them): same scores, fewer tokens.
     """
     if len(entries) != len(texts):
         raise ValueError(f"got {len(entries)} prompts for {len(texts)} texts; give one prompt per text")
     tokenizer = store.tokenizer
+    cut_heads = use_prefix is None or use_prefix
     # One scoring row: (item, token ids, head positions (K,), target tokens per position or None).
     rows: list[tuple[int, list[int], list[int], list[int] | None]] = []
+    headless: list[bool] = []  # per item: its input runs without the template head
     for i, (e, text) in enumerate(zip(entries, texts, strict=True)):
         if e.task.verbalizer is None:
             raise ValueError(
@@ -81,6 +95,10 @@ def score_mixed(
                 "train it for classification or use it for generation"
             )
         ids = encode_text(tokenizer, e.task.template or Template(), text, max_length)[0]
+        h = len(e.task.head_ids)
+        headless.append(cut_heads and 0 < h < len(ids) and tuple(ids[:h]) == e.task.head_ids)
+        if headless[-1]:
+            ids = ids[h:]
         if e.task.mode == "first_token":
             rows.append((i, ids, [len(ids) - 1], None))
         else:
@@ -97,7 +115,8 @@ def score_mixed(
         K = max(len(rows[r][2]) for r in chunk)
         # (B, K) head positions; short rows repeat their last position (ignored below).
         pos = torch.tensor([rows[r][2] + rows[r][2][-1:] * (K - len(rows[r][2])) for r in chunk])
-        kwargs = prompt_inputs(store, [entries[rows[r][0]] for r in chunk], use_prefix)
+        items = [rows[r][0] for r in chunk]
+        kwargs = prompt_inputs(store, [entries[i] for i in items], use_prefix, [headless[i] for i in items])
         with torch.no_grad():
             logits = store.prompted(ids, mask, positions=pos, **kwargs)  # (B, K, V)
         logp = F.log_softmax(logits.float(), dim=-1).cpu()

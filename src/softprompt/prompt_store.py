@@ -60,12 +60,14 @@ class TaskSpec:
     """How a prompt's task turns text into token ids and label-word scores (from its softprompt.json).
 
     ``verbalizer``/``label_ids``/``mode`` are None for prompts without label words (generation only).
+    ``head_ids``: the tokens every input starts with (:meth:`Template.head_ids`), cached with the prompt.
     """
 
     template: Template | None
     verbalizer: Verbalizer | None
     label_ids: tuple[tuple[int, ...], ...] | None
     mode: str | None
+    head_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_prompt(cls, prompt: SoftPrompt, tokenizer) -> TaskSpec:
@@ -77,7 +79,8 @@ class TaskSpec:
         verbalizer = Verbalizer.parse(spec)
         label_ids = tuple(tuple(t) for t in verbalizer.token_ids(tokenizer))
         mode = verbalizer.scoring_mode(tokenizer, (meta.extra or {}).get("scoring") or "auto")
-        return cls(template, verbalizer, label_ids, mode)
+        head = template.head_ids(tokenizer) if template is not None else ()
+        return cls(template, verbalizer, label_ids, mode, head)
 
 
 @dataclass(frozen=True)
@@ -279,14 +282,18 @@ class PromptStore:
         return entry
 
     # ------------------------------------------------------------------ prefix cache
-    def prefix(self, entry: PromptEntry):
-        """The cached key/value prefix of ``entry`` (computed once per version, dtype and device)."""
-        key = (entry.name, entry.version, self.prompted.dtype, str(self.prompted.device))
+    def prefix(self, entry: PromptEntry, head: bool = False):
+        """The cached key/value prefix of ``entry`` (computed once per version, dtype and device).
+
+        ``head=True``: of the prompt followed by its template's head tokens (``entry.task.head_ids``).
+        """
+        key = (entry.name, entry.version, self.prompted.dtype, str(self.prompted.device), head)
         cached = self._prefixes.get(key)
         if cached is not None:
             return cached
+        tokens = list(entry.task.head_ids) if head else None
         with torch.no_grad():
-            prefix = self.prompted.prefix_cache(entry.prompt.weight)
+            prefix = self.prompted.prefix_cache(entry.prompt.weight, tokens=tokens)
         with self._prefix_lock:
             current = self._snapshot.get(entry.name)
             # Cache only what is still live: an entry replaced meanwhile would never be evicted.

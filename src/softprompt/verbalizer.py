@@ -20,6 +20,11 @@ from softprompt.model import PromptedLM, PromptLike, PromptPrefix
 PLACEHOLDER = "{text}"
 
 
+# Texts that follow a template's head in :meth:`Template.head_ids`: letters, digits, punctuation,
+# spaces and newlines, so a head token that merges with any of them is left out.
+HEAD_PROBES = ("a", "The", " the", "1", ".", "'s", "\n", " ", "  x", "é", "-")
+
+
 @dataclass
 class Template:
     """A string with one ``{text}`` placeholder, e.g. ``"Review: {text}\\nSentiment:"``.
@@ -39,6 +44,23 @@ class Template:
 
     def render(self, text: str) -> str:
         return self.text.replace(PLACEHOLDER, text)
+
+    def head_ids(self, tokenizer) -> tuple[int, ...]:
+        """Token ids that start every rendered input, whatever the text: the fixed head before
+        ``{text}`` (e.g. "Review:"), less any token that can merge with the text (e.g. the space in
+        "Review: "). Callers still check each input starts with them; this only says what to expect.
+        """
+        head = self.text.split(PLACEHOLDER, 1)[0]
+        if not head:
+            return ()
+        stable = list(tokenizer(head, add_special_tokens=False)["input_ids"])
+        for probe in HEAD_PROBES:
+            ids = tokenizer(head + probe, add_special_tokens=False)["input_ids"]
+            n = 0
+            while n < min(len(stable), len(ids)) and stable[n] == ids[n]:
+                n += 1
+            stable = stable[:n]
+        return tuple(stable)
 
 
 class Verbalizer:
