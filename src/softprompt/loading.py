@@ -71,6 +71,21 @@ def cache_root() -> Path | None:
     return Path(base) / "softprompt"
 
 
+def gguf_key(gguf: Path, sample: int = 4 << 20) -> str:
+    """A key for the converted copy of ``gguf``, from its contents (size, first and last 4 MiB) and the
+    transformers version that converts it: every install of the same file shares one converted copy
+    (not one per virtual environment), and a different file or converter gets its own."""
+    import transformers
+
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(f"{size}|{transformers.__version__}|".encode())
+    with open(gguf, "rb") as f:
+        digest.update(f.read(sample))
+        f.seek(max(size - sample, 0))
+        digest.update(f.read(sample))
+    return digest.hexdigest()[:16]
+
+
 def gguf_source(gguf: Path) -> tuple[str, dict]:
     """``from_pretrained`` arguments for a GGUF file, converting it once to a safetensors folder.
 
@@ -81,9 +96,7 @@ def gguf_source(gguf: Path) -> tuple[str, dict]:
     root = cache_root()
     if root is None:
         return direct
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
-    folder = root / f"{gguf.stem}-{key}"
+    folder = root / f"{gguf.stem}-{gguf_key(gguf)}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return str(folder), {}
     from transformers import AutoModelForCausalLM, AutoTokenizer
