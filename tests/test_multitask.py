@@ -87,6 +87,14 @@ def test_inputs_run_without_their_template_head_and_fall_back_when_it_is_missing
         torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
 
+def test_single_task_classifier_equals_full_runs(tiny_model, tmp_path):
+    """Classifier (eval, predict) caches the rows' shared head; its scores equal full runs."""
+    store = make_store(tmp_path / "store", tiny_model)
+    for name in ["sentiment", "quality"]:  # first-token and sequence scoring
+        clf = Classifier(store.prompted.model, store.tokenizer, store.get(name).prompt, batch_size=4)
+        torch.testing.assert_close(clf.scores(TEXTS), separate_probs(store, name, TEXTS), atol=ATOL, rtol=0)
+
+
 def test_classify_mixed_results_carry_each_tasks_labels(llama, tmp_path):
     store = make_store(tmp_path / "store", llama)
     out = classify_mixed(store, ["topic", "sentiment", "quality"], TEXTS[:3])

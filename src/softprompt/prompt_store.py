@@ -60,7 +60,8 @@ class TaskSpec:
     """How a prompt's task turns text into token ids and label-word scores (from its softprompt.json).
 
     ``verbalizer``/``label_ids``/``mode`` are None for prompts without label words (generation only).
-    ``head_ids``: the tokens every input starts with (:meth:`Template.head_ids`), cached with the prompt.
+    ``head_ids``: the tokens the template's inputs start with (:meth:`Template.head_ids`), cached with
+    the prompt; each input is checked to start with them before they are cut.
     """
 
     template: Template | None
@@ -287,13 +288,13 @@ class PromptStore:
 
         ``head=True``: of the prompt followed by its template's head tokens (``entry.task.head_ids``).
         """
-        key = (entry.name, entry.version, self.prompted.dtype, str(self.prompted.device), head)
+        tokens = entry.task.head_ids if head else ()
+        key = (entry.name, entry.version, self.prompted.dtype, str(self.prompted.device), tokens)
         cached = self._prefixes.get(key)
         if cached is not None:
             return cached
-        tokens = list(entry.task.head_ids) if head else None
         with torch.no_grad():
-            prefix = self.prompted.prefix_cache(entry.prompt.weight, tokens=tokens)
+            prefix = self.prompted.prefix_cache(entry.prompt.weight, tokens=list(tokens) or None)
         with self._prefix_lock:
             current = self._snapshot.get(entry.name)
             # Cache only what is still live: an entry replaced meanwhile would never be evicted.

@@ -46,9 +46,10 @@ class Template:
         return self.text.replace(PLACEHOLDER, text)
 
     def head_ids(self, tokenizer) -> tuple[int, ...]:
-        """Token ids that start every rendered input, whatever the text: the fixed head before
-        ``{text}`` (e.g. "Review:"), less any token that can merge with the text (e.g. the space in
-        "Review: "). Callers still check each input starts with them; this only says what to expect.
+        """Token ids that rendered inputs start with: the fixed head before ``{text}`` (e.g.
+        "Review:"), less any token that merged with one of :data:`HEAD_PROBES` (e.g. the space in
+        "Review: "). Unusual text can still merge with the head, so callers check each input starts
+        with these ids before cutting them; this only says what to expect.
         """
         head = self.text.split(PLACEHOLDER, 1)[0]
         if not head:
