@@ -4,6 +4,7 @@ internals (embeddings, masks, positions, the decoder stack and the LM head)."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -240,7 +241,7 @@ class PromptedLM(nn.Module):
         self,
         prompt: PromptLike,
         prompt_lengths: torch.Tensor | None = None,
-        tokens: list[int] | None = None,
+        tokens: Sequence[int] | None = None,
     ) -> PromptPrefix:
         """The key/value cache of the prompt(s) alone, computed once and reused for every input.
 

@@ -294,7 +294,7 @@ class PromptStore:
         if cached is not None:
             return cached
         with torch.no_grad():
-            prefix = self.prompted.prefix_cache(entry.prompt.weight, tokens=list(tokens) or None)
+            prefix = self.prompted.prefix_cache(entry.prompt.weight, tokens=tokens)
         with self._prefix_lock:
             current = self._snapshot.get(entry.name)
             # Cache only what is still live: an entry replaced meanwhile would never be evicted.

@@ -11,6 +11,7 @@ the loss of a micro-batch and evaluates a prompt on a split (its ``metric`` pick
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -157,13 +158,7 @@ def shared_head(rows: list[list[int]]) -> int:
     """How many leading tokens all ``rows`` share, leaving every row at least one token of its own."""
     if not rows:
         return 0
-    first, n = rows[0], min(len(r) for r in rows) - 1
-    for r in rows[1:]:
-        k = 0
-        while k < n and r[k] == first[k]:
-            k += 1
-        n = k
-    return max(n, 0)
+    return max(min(len(os.path.commonprefix(rows)), min(len(r) for r in rows) - 1), 0)
 
 
 def evaluate_split(

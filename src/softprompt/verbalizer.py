@@ -10,6 +10,7 @@ Two ways to score a class (both give the same ranking where both apply):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -54,14 +55,10 @@ class Template:
         head = self.text.split(PLACEHOLDER, 1)[0]
         if not head:
             return ()
-        stable = list(tokenizer(head, add_special_tokens=False)["input_ids"])
-        for probe in HEAD_PROBES:
-            ids = tokenizer(head + probe, add_special_tokens=False)["input_ids"]
-            n = 0
-            while n < min(len(stable), len(ids)) and stable[n] == ids[n]:
-                n += 1
-            stable = stable[:n]
-        return tuple(stable)
+        tokenized = [
+            tokenizer(head + probe, add_special_tokens=False)["input_ids"] for probe in ("", *HEAD_PROBES)
+        ]
+        return tuple(os.path.commonprefix([list(ids) for ids in tokenized]))  # works on lists too
 
 
 class Verbalizer:
