@@ -1,13 +1,31 @@
-"""softprompt: prompt tuning for Hugging Face causal language models."""
+"""softprompt: prompt tuning for Hugging Face causal language models.
 
-from softprompt.config import ConfigError, InitMethod, PromptConfig, PromptMeta
+The top-level modules are the core (prompt, model, files, text, scoring, decoding, data, metrics);
+``softprompt.training``, ``softprompt.serving`` and ``softprompt.compare`` are built on it, and the
+core never imports them.
+"""
+
+from softprompt.classifier import Classifier
+from softprompt.config import InitMethod, PromptConfig
+from softprompt.decoding import Generator, generate
+from softprompt.errors import (
+    ConfigError,
+    DataError,
+    ModelMismatchError,
+    PromptFormatError,
+    SoftpromptError,
+    UsageError,
+)
 from softprompt.loading import load_model
+from softprompt.meta import PromptMeta
 from softprompt.model import PromptedLM
-from softprompt.prompt import SoftPrompt
-from softprompt.store import ModelMismatchError, PromptFormatError, load_prompt, save_prompt
+from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
 
 __all__ = [
+    "Classifier",
     "ConfigError",
+    "DataError",
+    "Generator",
     "InitMethod",
     "ModelMismatchError",
     "PromptConfig",
@@ -15,6 +33,9 @@ __all__ = [
     "PromptMeta",
     "PromptedLM",
     "SoftPrompt",
+    "SoftpromptError",
+    "UsageError",
+    "generate",
     "load_model",
     "load_prompt",
     "save_prompt",

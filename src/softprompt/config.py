@@ -1,23 +1,16 @@
-"""Typed configuration. Each dataclass validates itself in ``__post_init__`` and reports every
+"""Typed configuration of a soft prompt. Each dataclass validates itself in ``__post_init__`` and reports every
 problem at once, so a user fixes a bad config in one round instead of one error at a time."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
+
+from softprompt.errors import ConfigError
 
 # Beyond this a "prompt" is no longer a prompt: it costs more attention than most inputs and
 # usually means a typo (e.g. 2000 instead of 20). Lester et al. saw no gain past ~20-100 tokens.
 MAX_VIRTUAL_TOKENS = 1024
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, out of range or inconsistent with another one."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
 
 
 class InitMethod(str, Enum):
@@ -83,16 +76,3 @@ class PromptConfig:
             problems.append(f"vocab_top_k must be >= 1, got {self.vocab_top_k}")
         if problems:
             raise ConfigError(problems)
-
-
-@dataclass
-class PromptMeta:
-    """What PEFT's adapter_config.json has no field for; saved as softprompt.json beside it."""
-
-    init: str = InitMethod.RANDOM.value
-    init_text: str | None = None
-    label_words: list[str] | None = None
-    template: str | None = None
-    base_model: str | None = None
-    embedding_fingerprint: dict | None = None
-    extra: dict = field(default_factory=dict)

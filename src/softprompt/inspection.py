@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from softprompt.config import ConfigError, InitMethod, PromptConfig
-from softprompt.prompt import SoftPrompt
-from softprompt.store import load_prompt
+from softprompt.config import InitMethod, PromptConfig
+from softprompt.errors import SoftpromptError, UsageError
+from softprompt.loading import load_model
+from softprompt.prompt import SoftPrompt, load_prompt
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +25,16 @@ def reconstruct_init(prompt: SoftPrompt, model, tokenizer) -> tuple[torch.Tensor
     """The prompt's values before training, rebuilt from its metadata, and a note saying how.
 
     ``text`` needs only the init text; ``labels``/``vocab``/``random`` need the seed, which
-    ``softprompt train`` and ``softprompt init`` record as ``extra.init_seed``; ``file`` needs the
+    ``softprompt train`` and ``softprompt init`` record as ``init_seed``; ``file`` needs the
     source prompt to still exist. Returns (None, reason) when the init cannot be rebuilt.
     """
     meta, P = prompt.meta, prompt.num_virtual_tokens
-    extra = meta.extra or {}
     try:
         method = InitMethod(meta.init)
     except ValueError:
         return None, f"init {meta.init!r} is unknown to this version"
     if method == InitMethod.FILE:
-        source = extra.get("init_file")
+        source = meta.init_file
         if not source or not Path(source).is_dir():
             return None, "init=file and the source prompt is not recorded or no longer exists"
         kwargs = {"init_file": source}
@@ -42,7 +42,7 @@ def reconstruct_init(prompt: SoftPrompt, model, tokenizer) -> tuple[torch.Tensor
         if not meta.init_text:
             return None, "init=text but the init text is not recorded"
         kwargs = {"init_text": meta.init_text}
-    elif "init_seed" not in extra:
+    elif meta.init_seed is None:
         return None, (
             f"init={method.value} is random and the seed is not recorded (saved by PEFT or an older "
             "softprompt); retrain to record it"
@@ -55,12 +55,12 @@ def reconstruct_init(prompt: SoftPrompt, model, tokenizer) -> tuple[torch.Tensor
         cfg = PromptConfig(
             num_virtual_tokens=P,
             init=method,
-            seed=int(extra.get("init_seed", 0)),
-            vocab_top_k=int(extra.get("vocab_top_k", 5000)),
+            seed=meta.init_seed or 0,
+            vocab_top_k=meta.vocab_top_k or PromptConfig.vocab_top_k,
             **kwargs,
         )
         weight = SoftPrompt.initialize(cfg, model, tokenizer).weight.detach()
-    except (ConfigError, ValueError, OSError) as e:
+    except (SoftpromptError, ValueError, OSError) as e:
         return None, f"could not rebuild the init ({e})"
     how = f"rebuilt from init={method.value}" + (
         f" seed {cfg.seed}" if method not in (InitMethod.TEXT, InitMethod.FILE) else ""
@@ -79,7 +79,7 @@ def inspect_prompt(prompt: SoftPrompt, model, tokenizer, top_k: int = 5, path: s
     emb = model.get_input_embeddings().weight.detach().float().cpu()  # (V, D)
     weight = prompt.weight.detach().float().cpu()  # (P, D)
     if weight.shape[1] != emb.shape[1]:
-        raise ValueError(
+        raise UsageError(
             f"prompt {path or ''} has {weight.shape[1]}-dimensional vectors but the model's embeddings have "
             f"{emb.shape[1]}; inspect it with the base model it was trained on (--model)"
         )
@@ -146,12 +146,10 @@ def inspect_paths(
 ) -> dict:
     """Load the prompts in ``paths`` and their base model (``model_name``, else the first prompt's
     recorded base model) and inspect them all."""
-    from softprompt.loading import load_model
-
     if not paths:
-        raise ValueError("no prompts given; pass one or more saved prompt folders")
+        raise UsageError("no prompts given; pass one or more saved prompt folders")
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise UsageError(f"top_k must be >= 1, got {top_k}")
     loaded = [load_prompt(p) for p in paths]  # fail on a bad folder before waiting for the model
     name = model_name or loaded[0].meta.base_model or "smollm2"
     model, tokenizer = load_model(name, dtype=dtype, device="cpu")

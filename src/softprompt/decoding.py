@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.model import PromptedLM, PromptLike, PromptPrefix
+from softprompt.batching import default_overhead, length_batches
+from softprompt.errors import UsageError
+from softprompt.model import PromptedLM, PromptLike
+from softprompt.prefix import PromptPrefix
 from softprompt.prompt import SoftPrompt
-from softprompt.verbalizer import Template, encode_text, pad_rows
+from softprompt.text import Template, encode_text, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_i
         return input_ids, torch.ones_like(input_ids)
     mask = attention_mask.long()
     if not mask.any(dim=1).all():
-        raise ValueError("every row needs at least one real token (a row's attention mask is all zeros)")
+        raise UsageError("every row needs at least one real token (a row's attention mask is all zeros)")
     if bool((mask[:, -1] == 1).all()):
         return input_ids, mask  # already left-padded (or unpadded)
     lengths = mask.sum(dim=1)
@@ -98,14 +101,14 @@ def generate(
     left- or right-padded; they are decoded left-padded.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UsageError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
     stops = [s for s in (stop_strings or []) if s]
     if stops and tokenizer is None:
-        raise ValueError("stop_strings need the tokenizer (to read the generated text)")
+        raise UsageError("stop_strings need the tokenizer (to read the generated text)")
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None) or prompted.config.eos_token_id
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
@@ -192,14 +195,15 @@ class Generator:
         from tqdm.auto import tqdm
 
         rows = self.encode(texts)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         tokens: list = [None] * len(rows)
         out_texts: list = [None] * len(rows)
         reasons: list = [None] * len(rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        starts = range(0, len(order), self.batch_size)
-        for s in tqdm(starts, desc=progress, leave=False, disable=progress is None):
-            idx = order[s : s + self.batch_size]
+        # A batch pays the fixed cost of a forward pass once to prefill and once per decoding step.
+        steps = 1 + kwargs.get("max_new_tokens", 32)
+        overhead = default_overhead(self.prompted.device) * steps
+        batches = length_batches([len(r) for r in rows], self.batch_size, overhead)
+        for idx in tqdm(batches, desc=progress, leave=False, disable=progress is None):
             # left padding: the continuation starts right after the text
             ids, mask = pad_rows([rows[i] for i in idx], pad, side="left")
             use_prompt = self.prompt if self.prefix is None else None

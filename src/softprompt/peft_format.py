@@ -1,4 +1,6 @@
-"""Saving and loading soft prompts in PEFT's format (plus our metadata beside it).
+"""The files of a saved prompt: PEFT's format plus our metadata beside it. Works on a ``(P, D)``
+tensor and a :class:`PromptMeta`; :func:`softprompt.prompt.save_prompt` and ``load_prompt`` wrap
+these for :class:`SoftPrompt`.
 
 A saved prompt is a folder::
 
@@ -26,8 +28,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt.config import MAX_VIRTUAL_TOKENS, InitMethod, PromptMeta
-from softprompt.prompt import SoftPrompt, check_finite
+from softprompt.config import MAX_VIRTUAL_TOKENS, InitMethod
+from softprompt.errors import FolderInUseError, MissingFileError, ModelMismatchError, PromptFormatError
+from softprompt.meta import PromptMeta
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "softprompt.json"
 TENSOR_KEY = "prompt_embeddings"
-FORMAT_VERSION = 1
 OUR_FILES = {CONFIG_NAME, WEIGHTS_NAME, META_NAME}
 
 # Relative difference of embedding row norms below which two models count as the same weights
@@ -43,12 +45,16 @@ OUR_FILES = {CONFIG_NAME, WEIGHTS_NAME, META_NAME}
 FINGERPRINT_TOLERANCE = 0.05
 
 
-class PromptFormatError(ValueError):
-    """A saved prompt is missing, truncated, corrupt or not a prompt-tuning adapter."""
-
-
-class ModelMismatchError(ValueError):
-    """A saved prompt was made for a different base model."""
+def check_finite(weight: torch.Tensor, what: str) -> None:
+    """Refuse NaN/inf values: they poison every forward pass silently."""
+    bad = ~torch.isfinite(weight)
+    if bad.any():
+        rows = sorted(set(torch.nonzero(bad)[:, 0].tolist()))
+        raise PromptFormatError(
+            f"{what} contains {int(bad.sum())} NaN/inf value(s) in virtual token(s) {rows[:10]}; "
+            "expected finite numbers. The prompt was probably saved after a diverged step: "
+            "re-train with a lower learning rate or use the last good checkpoint."
+        )
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -111,20 +117,17 @@ def _model_dims(model: torch.nn.Module | None) -> tuple[int | None, int | None, 
     return heads, layers, getattr(cfg, "name_or_path", None) or None
 
 
-def adapter_config(
-    prompt: SoftPrompt, model: torch.nn.Module | None = None, meta: PromptMeta | None = None
-) -> dict:
-    """PEFT's PromptTuningConfig as JSON. ``inference_mode`` is true so PEFT does not try to
-    re-initialise (and load a tokenizer) when it reads the prompt back."""
+def adapter_config(weight: torch.Tensor, meta: PromptMeta, model: torch.nn.Module | None = None) -> dict:
+    """PEFT's PromptTuningConfig as JSON for a ``(P, D)`` prompt. ``inference_mode`` is true so PEFT
+    does not try to re-initialise (and load a tokenizer) when it reads the prompt back."""
     heads, layers, name = _model_dims(model)
-    meta = meta or prompt.meta
     is_text = meta.init == InitMethod.TEXT.value and bool(meta.init_text)
     base = meta.base_model or name
     return {
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
-        "num_virtual_tokens": prompt.num_virtual_tokens,
-        "token_dim": prompt.token_dim,
+        "num_virtual_tokens": weight.shape[0],
+        "token_dim": weight.shape[1],
         "num_transformer_submodules": 1,
         "num_attention_heads": heads,
         "num_layers": layers,
@@ -139,38 +142,39 @@ def adapter_config(
     }
 
 
-def save_prompt(prompt: SoftPrompt, path: str | os.PathLike, model: torch.nn.Module | None = None) -> Path:
-    """Save ``prompt`` to the folder ``path`` in PEFT's format, atomically.
+def write_prompt_folder(
+    weight: torch.Tensor, meta: PromptMeta, path: str | os.PathLike, model: torch.nn.Module | None = None
+) -> Path:
+    """Write a ``(P, D)`` prompt and its metadata to the folder ``path`` in PEFT's format, atomically.
 
     The files are written to a temporary folder beside ``path`` and swapped in with renames, so a
     crash leaves either the old prompt or the new one, never a torn mix. With ``model`` given, its
     dimensions and embedding fingerprint are recorded so loading on the wrong model is refused.
     """
     dest = Path(path)
-    check_finite(prompt.weight.detach(), "soft prompt to save")
+    check_finite(weight, "soft prompt to save")
     if dest.exists() and not dest.is_dir():
-        raise FileExistsError(
+        raise FolderInUseError(
             f"{dest} exists and is a file; a prompt is saved as a folder. Choose another path."
         )
     if dest.is_dir():
         foreign = sorted(p.name for p in dest.iterdir() if p.name not in OUR_FILES)
         if foreign:
-            raise FileExistsError(
+            raise FolderInUseError(
                 f"{dest} already holds other files ({', '.join(foreign[:5])}); refusing to replace it. "
                 "Save the prompt to an empty or new folder."
             )
-    meta = dataclasses.replace(prompt.meta)
+    meta = dataclasses.replace(meta)
     if model is not None:
         meta.embedding_fingerprint = embedding_fingerprint(model)
         meta.base_model = meta.base_model or _model_dims(model)[2]
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        weight = prompt.weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        weight = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
         save_file({TENSOR_KEY: weight}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = adapter_config(prompt, model, meta)
-        _write_json(tmp / CONFIG_NAME, config)
-        _write_json(tmp / META_NAME, {"format_version": FORMAT_VERSION, **dataclasses.asdict(meta)})
+        _write_json(tmp / CONFIG_NAME, adapter_config(weight, meta, model))
+        _write_json(tmp / META_NAME, meta.to_json())
         swap_in_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -222,10 +226,10 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
-def load_prompt(
+def read_prompt_folder(
     path: str | os.PathLike, model: torch.nn.Module | None = None, check_model: bool = True
-) -> SoftPrompt:
-    """Load a prompt saved by softprompt or by PEFT (prompt tuning, causal LM).
+) -> tuple[torch.Tensor, PromptMeta]:
+    """Read a prompt folder saved by softprompt or by PEFT: its ``(P, D)`` float32 weight and metadata.
 
     With ``model`` given, the hidden size is checked and, where the prompt carries a fingerprint,
     the base model too (``check_model=False`` skips the fingerprint check).
@@ -233,7 +237,7 @@ def load_prompt(
     folder = Path(path)
     if not folder.is_dir():
         hint = " (it is a file: pass the folder that holds it)" if folder.exists() else ""
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no saved prompt at {folder}{hint}: expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
@@ -242,7 +246,7 @@ def load_prompt(
         extra = ""
         if any(n.endswith((".bin", ".pt", ".pth")) for n in present):
             extra = " Pickle files (.bin/.pt) are never loaded: re-save the prompt with safetensors."
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder} is missing {', '.join(missing)} (found: {', '.join(present) or 'nothing'}); "
             f"a saved prompt needs {CONFIG_NAME} and {WEIGHTS_NAME}.{extra}"
         )
@@ -285,24 +289,21 @@ def load_prompt(
         )
     check_finite(weight, f"prompt at {folder}")
     meta = _load_meta(folder, config)
-    prompt = SoftPrompt(weight, meta)
     if model is not None:
         hidden = model.get_input_embeddings().weight.shape[1]
-        if prompt.token_dim != hidden:
+        if weight.shape[1] != hidden:
             raise ModelMismatchError(
-                f"prompt at {folder} has {prompt.token_dim}-dimensional vectors but the model's hidden size is "
+                f"prompt at {folder} has {weight.shape[1]}-dimensional vectors but the model's hidden size is "
                 f"{hidden}; it was made for another model ({meta.base_model or 'unknown'})."
             )
         if check_model:
             check_fingerprint(meta.embedding_fingerprint, model, f"prompt at {folder}")
-    return prompt
+    return weight.float(), meta
 
 
 def _load_meta(folder: Path, config: dict) -> PromptMeta:
     if (folder / META_NAME).is_file():
-        raw = _read_json(folder / META_NAME)
-        known = {f.name for f in dataclasses.fields(PromptMeta)}
-        return PromptMeta(**{k: v for k, v in raw.items() if k in known})
+        return PromptMeta.from_json(_read_json(folder / META_NAME), str(folder / META_NAME))
     # A PEFT-saved prompt: take what its config says.
     init = str(config.get("prompt_tuning_init") or "RANDOM").lower()
     return PromptMeta(

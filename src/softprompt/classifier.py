@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 from softprompt.data import Example
-from softprompt.evaluate import classification_report
+from softprompt.errors import DataError, UsageError
+from softprompt.metrics import classification_report
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt
-from softprompt.train import predict_scores
-from softprompt.verbalizer import Template, Verbalizer, encode_text
+from softprompt.scoring import predict_scores
+from softprompt.text import Template, encode_text
+from softprompt.verbalizer import Verbalizer
 
 
 class Classifier:
@@ -34,13 +36,9 @@ class Classifier:
     ):
         meta = prompt.meta if prompt is not None else None
         template = template or (meta.template if meta else None)
-        spec = (
-            verbalizer
-            or (meta.extra.get("verbalizer") if meta else None)
-            or (meta.label_words if meta else None)
-        )
+        spec = verbalizer or (meta.verbalizer or meta.label_words if meta else None)
         if not template or not spec:
-            raise ValueError(
+            raise UsageError(
                 "this prompt has no template/label words in its softprompt.json (e.g. it was trained with PEFT); "
                 "pass --template 'Review: {text}\\nSentiment:' and --verbalizer '0=negative,1=positive'"
             )
@@ -48,20 +46,16 @@ class Classifier:
         self.verbalizer = Verbalizer.parse(spec)
         self.tokenizer = tokenizer
         self.prompt = prompt
-        self.prompted = PromptedLM(model)
-        self.label_ids = self.verbalizer.token_ids(tokenizer)
-        self.mode = self.verbalizer.scoring_mode(
-            tokenizer, (meta.extra.get("scoring") if meta else None) or "auto"
-        )
+        self.prompted = model if isinstance(model, PromptedLM) else PromptedLM(model)
+        self.space = self.verbalizer.label_space(tokenizer, (meta.scoring if meta else None) or "auto")
         self.max_length, self.batch_size = max_length, batch_size
 
     def scores(self, texts: list[str], desc: str | None = None) -> torch.Tensor:
         """Class probabilities (N, C), softmax over the label words' scores."""
         rows = [encode_text(self.tokenizer, self.template, t, self.max_length)[0] for t in texts]
         logp = predict_scores(
-            self.prompted, self.prompt, rows, self.label_ids, self.mode, self.tokenizer.pad_token_id,
-            self.batch_size, desc,
-        )  # fmt: skip
+            self.prompted, self.prompt, rows, self.space, self.tokenizer.pad_token_id, self.batch_size, desc
+        )
         return logp.softmax(dim=1)
 
     def classify(self, texts: list[str], desc: str | None = None) -> list[dict]:
@@ -78,11 +72,13 @@ class Classifier:
         ]
 
     def evaluate(self, examples: list[Example], desc: str | None = None) -> dict:
-        unknown = sorted({ex.label for ex in examples} - set(self.verbalizer.labels))
+        unknown = [
+            f"{ex.source}: label {ex.label!r} is not in the prompt's verbalizer {self.verbalizer.labels}"
+            for ex in examples
+            if ex.label not in self.verbalizer.labels
+        ]
         if unknown:
-            raise ValueError(
-                f"labels {unknown} in the data are not in the prompt's verbalizer {self.verbalizer.labels}"
-            )
+            raise DataError(unknown, "evaluate on data with the prompt's labels, or pass --verbalizer.")
         results = self.classify([ex.text for ex in examples], desc)
         return classification_report(
             [ex.label for ex in examples], [r["label"] for r in results], self.verbalizer.labels

@@ -19,16 +19,15 @@ across ranks; the embeddings stay whole on every rank because the prompt lives i
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from softprompt.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def setup(device: str = "auto") -> DistContext:
     than rank 0 log warnings only, so a run prints one log however many processes it has.
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ValueError(
+        raise UsageError(
             "this run was launched with an accelerate DeepSpeed config, which softprompt does not drive "
             "(every process would silently hold the whole model). Use examples/accelerate/fsdp.yaml to "
             "shard the base model, or examples/accelerate/ddp_gpu.yaml for plain data parallelism."
@@ -153,20 +152,6 @@ def fsdp_requested() -> bool:
 
 
 # ----------------------------------------------------------------------------- sharded models
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (what sharding and checkpointing work on)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no transformer blocks softprompt knows how to find (modules "
-            "derived from transformers' GradientCheckpointingLayer); sharding and gradient checkpointing "
-            "need them. Use a current transformers model class, or train without fsdp/gradient_checkpointing."
-        )
-    return layers
-
-
 def shard_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     """Shard the frozen decoder's weights across ranks with PyTorch FSDP2 (``fully_shard``), in place.
 
@@ -178,6 +163,8 @@ def shard_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from softprompt.model import decoder_layers
 
     if not ctx.active:
         log.warning("fsdp requested with one process: nothing to shard across; running unsharded")
@@ -196,86 +183,6 @@ def shard_model(model: nn.Module, ctx: DistContext) -> nn.Module:
         ctx.world_size,
     )
     return model
-
-
-@contextlib.contextmanager
-def full_embedding_weight(model: nn.Module) -> Iterator[torch.Tensor]:
-    """The whole input-embedding matrix (V, D), even when a sharding framework holds only a shard.
-
-    Plain, DDP and :func:`shard_model` models: the weight itself. FSDP2 (a DTensor): gathered with
-    ``full_tensor()``. FSDP1 (flat parameters): ``summon_full_params`` on the enclosing FSDP module.
-    DeepSpeed ZeRO-3 (an empty placeholder with ``ds_id``): ``deepspeed.zero.GatheredParameters``.
-    Gathers are collective: call this on every rank, not only on the main one.
-    """
-    embed = model.get_input_embeddings()
-    weight = embed.weight
-    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter (not tested here: no deepspeed)
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-            yield weight.detach()
-        return
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed tensors
-        DTensor = ()  # noqa: N806
-    if isinstance(weight, DTensor):
-        yield weight.full_tensor().detach()
-        return
-    fsdp1 = _enclosing_fsdp1(model, embed)
-    if fsdp1 is not None:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(fsdp1, writeback=False, recurse=True):
-            yield embed.weight.detach()
-        return
-    if weight.dim() != 2 or weight.numel() == 0:
-        raise ValueError(
-            f"the input embedding weight has shape {tuple(weight.shape)}, not (vocab, hidden): it looks "
-            "sharded by a framework softprompt cannot gather from. Build the prompt before sharding the "
-            "model, or use softprompt's own fsdp option."
-        )
-    yield weight.detach()
-
-
-def _enclosing_fsdp1(model: nn.Module, target: nn.Module) -> nn.Module | None:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return None
-    found = None
-    for module in model.modules():
-        if isinstance(module, FullyShardedDataParallel) and any(m is target for m in module.modules()):
-            found = module  # keep the innermost one that holds the embeddings
-    return found
-
-
-# ----------------------------------------------------------------------------- activation checkpointing
-def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each transformer block's activations in the backward pass instead of storing them.
-
-    transformers' own ``gradient_checkpointing_enable`` only acts in training mode, and a frozen base
-    model runs in eval mode (no dropout), so each block's ``forward`` is wrapped here instead, with
-    non-reentrant checkpointing: gradients still reach the prompt through ``inputs_embeds``. Under
-    ``torch.no_grad`` (evaluation) blocks run as usual. Returns the number of blocks wrapped.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    layers = decoder_layers(model)
-    for layer in layers:
-        if getattr(layer, "_softprompt_checkpointed", False):
-            continue
-        plain = layer.forward
-
-        @functools.wraps(plain)
-        def forward(*args, _plain=plain, **kwargs):
-            if not torch.is_grad_enabled():
-                return _plain(*args, **kwargs)
-            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
-
-        layer.forward = forward  # instance attribute: FSDP hooks on __call__ stay outside the checkpoint
-        layer._softprompt_checkpointed = True
-    return len(layers)
 
 
 def teardown() -> None:

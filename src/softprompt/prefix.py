@@ -1,0 +1,95 @@
+"""What a frozen model keeps between calls: the cached keys and values of soft prompts (computed
+once per prompt and reused for every input) and the state of a decoding loop. Plain tensors; the
+transformers cache objects built from them are made in :mod:`softprompt.model`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class DecodeState:
+    """What :meth:`PromptedLM.decode_step` needs between steps: the cache, the full attention mask
+    (B, L) and each row's next position (B,)."""
+
+    cache: object
+    mask: torch.Tensor
+    next_position: torch.Tensor
+
+
+@dataclass
+class PromptPrefix:
+    """Cached keys and values of N prompts: per layer ``(K, V)`` of shape (N, H_kv, P, head_dim).
+
+    Entry n holds a prompt of ``lengths[n]`` tokens, right-aligned (front slots are padding). Build
+    one with :meth:`PromptedLM.prefix_cache`; combine several with :meth:`cat`.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    lengths: torch.Tensor  # (N,)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.layers[0][0].shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0][0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0][0].device
+
+    def mask(self) -> torch.Tensor:
+        """Attention mask of the prefix slots: (N, P), 0 on the front padding."""
+        P = self.max_length
+        slots = torch.arange(P, device=self.device).unsqueeze(0)
+        return (slots >= (P - self.lengths).unsqueeze(1)).long()
+
+    def select(
+        self, index: torch.Tensor | None, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> PromptPrefix:
+        """One entry per row of a batch: ``index`` (B,) picks the prompt of each row."""
+        if self.device != device or self.dtype != dtype:
+            raise ValueError(
+                f"this prefix was computed on {self.device}/{self.dtype} but the model runs on {device}/{dtype}; "
+                "make the prefix with the model as it is now"
+            )
+        if index is None:
+            if self.num_prompts != 1:
+                raise ValueError(f"a prefix of {self.num_prompts} prompts needs prompt_index (B,)")
+            index = torch.zeros(batch_size, dtype=torch.long, device=device)
+        index = index.to(device)
+        if index.shape != (batch_size,):
+            raise ValueError(f"prompt_index must have shape ({batch_size},), got {tuple(index.shape)}")
+        if index.numel() and (index.min() < 0 or index.max() >= self.num_prompts):
+            raise ValueError(
+                f"prompt_index values must be in 0..{self.num_prompts - 1}, got {index.tolist()}"
+            )
+        return PromptPrefix([(k[index], v[index]) for k, v in self.layers], self.lengths[index])
+
+    @staticmethod
+    def cat(prefixes: list[PromptPrefix]) -> PromptPrefix:
+        """Stack prefixes (of prompts with different lengths) into one; shorter ones are front-padded."""
+        if not prefixes:
+            raise ValueError("cat() needs at least one prefix")
+        P = max(p.max_length for p in prefixes)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:  # (n, H, p, hd) -> (n, H, P, hd), zeros in front
+            return F.pad(t, (0, 0, P - t.shape[2], 0))
+
+        layers = [
+            (
+                torch.cat([pad(p.layers[i][0]) for p in prefixes]),
+                torch.cat([pad(p.layers[i][1]) for p in prefixes]),
+            )
+            for i in range(len(prefixes[0].layers))
+        ]
+        return PromptPrefix(layers, torch.cat([p.lengths for p in prefixes]))
