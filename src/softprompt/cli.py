@@ -12,6 +12,8 @@ import sys
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from softprompt.errors import SoftpromptError, UsageError
+
 log = logging.getLogger("softprompt")
 
 
@@ -27,8 +29,8 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_train(cfg) -> None:
-    from softprompt.distributed import is_main_process, teardown
-    from softprompt.train import train
+    from softprompt.training import train
+    from softprompt.training.distributed import is_main_process, teardown
 
     results = train(cfg)
     main_process = is_main_process()
@@ -42,7 +44,7 @@ def cmd_train(cfg) -> None:
         names = [n for n in ("zero_shot", "initial_prompt", "trained") if f"test_{n}" in results]
         line = [f"{n.replace('_', '-')} {results[f'test_{n}'][metric]:.4f}" for n in names]
         print(f"test {metric}: " + "  ->  ".join(line))
-    val, steps, status = results["validation_accuracy"], results["steps"], results["status"]
+    val, steps, status = results["validation_score"], results["steps"], results["status"]
     if val is None:
         print(f"no validation ran ({status} after {steps} steps)")
     else:
@@ -57,7 +59,7 @@ def cmd_train(cfg) -> None:
 def _prompt_and_model(prompt: str, model: str | None, dtype: str):
     """The saved prompt and its base model (the prompt's own unless ``model`` is given), checked together."""
     from softprompt.loading import load_model
-    from softprompt.store import load_prompt
+    from softprompt.prompt import load_prompt
 
     loaded = load_prompt(prompt)  # fail on a bad folder before waiting for the model
     base, tokenizer = load_model(model or loaded.meta.base_model or "smollm2", dtype=dtype)
@@ -67,7 +69,7 @@ def _prompt_and_model(prompt: str, model: str | None, dtype: str):
 def _classifier(
     prompt: str, model: str, dtype: str, template: str | None, verbalizer: str | None, batch_size: int
 ):
-    from softprompt.classify import Classifier
+    from softprompt.classifier import Classifier
 
     loaded, base, tokenizer = _prompt_and_model(prompt, model, dtype)
     return Classifier(
@@ -83,12 +85,12 @@ def _read_inputs(texts: list[str], file: str | None, text_column: str | None, wh
         texts = [*texts, *(ex.text for ex in read_examples(file, text_column=text_column, labelled=False))]
     if not texts or texts == ["-"]:
         if sys.stdin.isatty() and not texts:
-            raise ValueError(
+            raise UsageError(
                 f"no {what}: give them as arguments, with --file, or on standard input (one per line)"
             )
         texts = [line.strip() for line in sys.stdin if line.strip()]
     if not texts:
-        raise ValueError(f"no {what} given")
+        raise UsageError(f"no {what} given")
     return texts
 
 
@@ -107,7 +109,7 @@ def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str 
              model: str | None, dtype: str, template: str | None, verbalizer: str | None, batch_size: int,
              output: str | None) -> None:  # fmt: skip
     from softprompt.data import read_examples
-    from softprompt.evaluate import format_report
+    from softprompt.metrics import format_report
 
     examples = read_examples(
         data, text_column=text_column, label_column=label_column, strip_prefix_word=strip_prefix_word
@@ -132,11 +134,11 @@ def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: s
                  top_p: float, stop: list[str], seed: int, prefix_cache: bool, output: str | None) -> None:  # fmt: skip
     import torch
 
-    from softprompt.generation import Generator
+    from softprompt.decoding import Generator
 
     texts = _read_inputs(texts, file, text_column, "inputs")
     loaded, base, tokenizer = _prompt_and_model(prompt, model, dtype)
-    default_new = int(loaded.meta.extra.get("max_new_tokens", 64))
+    default_new = loaded.meta.max_new_tokens or 64
     gen = Generator(
         base, tokenizer, loaded, template=template, batch_size=batch_size, use_prefix_cache=prefix_cache
     )
@@ -151,19 +153,16 @@ def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: s
 
 def cmd_init(output: str, model: str, dtype: str, prompt) -> None:
     from softprompt.loading import load_model
-    from softprompt.prompt import SoftPrompt
-    from softprompt.store import save_prompt
+    from softprompt.prompt import SoftPrompt, save_prompt
 
     base, tokenizer = load_model(model, dtype=dtype, device="cpu")
     sp = SoftPrompt.initialize(prompt, base, tokenizer)
-    # `softprompt inspect` rebuilds the init from these to show how far training moved the prompt.
-    sp.meta.extra |= {"init_seed": prompt.seed, "vocab_top_k": prompt.vocab_top_k}
     path = save_prompt(sp, output, base)
     print(f"saved a {sp.num_virtual_tokens}-token prompt ({prompt.init.value} init) to {path}")
 
 
 def cmd_info(path: str, as_json: bool) -> None:
-    from softprompt.store import load_prompt
+    from softprompt.prompt import load_prompt
 
     prompt = load_prompt(path)
     norms = prompt.weight.detach().norm(dim=1)
@@ -192,9 +191,9 @@ def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batc
               batch_window_ms: float, batch_gap_ms: float, max_queue: int, max_tokens: int,
               allow_management: bool) -> None:  # fmt: skip
     try:
-        from softprompt.serve import ServeLimits, serve
+        from softprompt.serving.server import ServeLimits, serve
     except ImportError as e:
-        raise ValueError(
+        raise UsageError(
             f"softprompt serve needs fastapi and uvicorn ({e}); pip install 'softprompt[serve]'"
         ) from None
     limits = ServeLimits(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
@@ -206,7 +205,7 @@ def cmd_compare(cfg) -> None:
     import shlex
 
     from softprompt.compare import compare
-    from softprompt.compare_report import results_table
+    from softprompt.compare.report import results_table
 
     def quote(arg: str) -> str:  # one line: a newline in a template is written as $'...\n...'
         if "\n" not in arg:
@@ -224,7 +223,7 @@ def cmd_compare(cfg) -> None:
 
 
 def cmd_inspect(paths: list[str], model: str | None, dtype: str, top_k: int, as_json: bool) -> None:
-    from softprompt.inspect_prompt import format_inspection, inspect_paths
+    from softprompt.inspection import format_inspection, inspect_paths
 
     result = inspect_paths(paths, model, top_k=top_k, dtype=dtype)
     print(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_inspection(result))
@@ -263,7 +262,8 @@ def _use_args(p: ArgumentParser, *, data: bool) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    from softprompt.train import TrainConfig
+    from softprompt.compare import CompareConfig
+    from softprompt.training import TrainConfig
 
     parser = ArgumentParser(
         prog="softprompt", description="Prompt tuning for Hugging Face causal language models."
@@ -349,8 +349,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--allow_management", type=bool, default=True, help="Allow load/unload over HTTP.")
     sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
 
-    from softprompt.compare import CompareConfig
-
     p = ArgumentParser(description="Prompt tuning vs LoRA vs full fine-tuning on the same data and budget.")
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options.")
     p.add_class_arguments(CompareConfig, nested_key=None, as_group=False)
@@ -369,12 +367,10 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from softprompt.config import ConfigError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except ConfigError as e:  # a dataclass's own validation, raised while parsing
+    except SoftpromptError as e:  # a dataclass's own validation, raised while parsing
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     _setup_logging()
@@ -382,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     a = args[name]
     try:
         if name == "train":
-            from softprompt.train import TrainConfig
+            from softprompt.training import TrainConfig
 
             fields = {k: v for k, v in a.items() if k != "config"}
             cmd_train(TrainConfig(**fields))
@@ -419,9 +415,15 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "serve":
             cmd_serve(a.store, a.model, a.dtype, a.host, a.port, a.max_batch_size, a.batch_window_ms,
                       a.batch_gap_ms, a.max_queue, a.max_tokens, a.allow_management)  # fmt: skip
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
-        # Expected user errors: the message says what and how to fix; a traceback would bury it.
+    except SoftpromptError as e:
+        # The user's to fix, and the message says how: a traceback would bury it. Anything else is a
+        # bug in softprompt or below it, and goes up with its traceback.
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, with its traceback
+            raise
+        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

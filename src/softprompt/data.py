@@ -357,7 +357,10 @@ def split_validation(
     if not 0 < fraction < 1:
         raise UsageError(f"fraction={fraction} must be strictly between 0 and 1 (e.g. 0.1 for 10%)")
     if len(examples) < 2:
-        raise DataError([f"need at least 2 examples to split off a validation set, got {len(examples)}"], "add data or pass a validation file.")
+        raise DataError(
+            [f"need at least 2 examples to split off a validation set, got {len(examples)}"],
+            "add data or pass a validation file.",
+        )
     groups: dict[str, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
         groups[str(ex.label) if stratify else ""].append(i)
@@ -411,6 +414,10 @@ def split_by_input(
     random.Random(seed).shuffle(inputs)
     held = set(inputs[: max(1, round(fraction * len(inputs)))])
     return [e for e in examples if e.text not in held], [e for e in examples if e.text in held]
+
+
+DEMO_TEMPLATE = "Review: {text}\nSentiment:"
+DEMO_VERBALIZER = "negative=negative,positive=positive"
 
 
 def demo_paths() -> tuple[Path, Path]:

@@ -35,7 +35,9 @@ def initial_weight(config: PromptConfig, model: nn.Module, tokenizer=None) -> to
     if method == InitMethod.VOCAB:
         return init_from_vocab(embedding, tokenizer, P, generator, config.vocab_top_k)
     if method == InitMethod.LABELS:
-        return init_from_labels(embedding, tokenizer, config.label_words or [], P, generator, config.vocab_top_k)
+        return init_from_labels(
+            embedding, tokenizer, config.label_words or [], P, generator, config.vocab_top_k
+        )
     if method == InitMethod.RANDOM:
         return init_random(embedding, P, generator)
     return init_from_file(config.init_file or "", embedding.shape[1], P)

@@ -64,7 +64,11 @@ def label_scores(
         spaces = [spaces] * len(inputs)
     if len(spaces) != len(inputs):
         raise ValueError(f"got {len(spaces)} label spaces for {len(inputs)} inputs")
-    rows = [(i, *row) for i, (ids, sp) in enumerate(zip(inputs, spaces, strict=True)) for row in scoring_rows(ids, sp)]
+    rows = [
+        (i, *row)
+        for i, (ids, sp) in enumerate(zip(inputs, spaces, strict=True))
+        for row in scoring_rows(ids, sp)
+    ]
     index = None if prompt_index is None else torch.as_tensor(prompt_index, dtype=torch.long)
     lengths = None if prompt_lengths is None else torch.as_tensor(prompt_lengths, dtype=torch.long)
     if batch_size is None:
@@ -81,7 +85,11 @@ def label_scores(
         pos = torch.tensor([rows[r][2] + rows[r][2][-1:] * (K - len(rows[r][2])) for r in chunk])
         items = torch.tensor([rows[r][0] for r in chunk])
         logits = prompted(
-            ids, mask, prompt=prompt, prefix=prefix, positions=pos,
+            ids,
+            mask,
+            prompt=prompt,
+            prefix=prefix,
+            positions=pos,
             prompt_index=None if index is None else index[items],
             prompt_lengths=None if lengths is None else lengths[items],
         )  # fmt: skip  (B, K, V)

@@ -28,6 +28,7 @@ class LabelSpace:
     def num_classes(self) -> int:
         return len(self.label_ids)
 
+
 class Verbalizer:
     """Maps dataset labels to the words the model should say, e.g. ``{"0": "negative", "1": "positive"}``."""
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from softprompt.config import ConfigError
-from softprompt.train import DEMO_TEMPLATE
+from softprompt.data import DEMO_TEMPLATE
+from softprompt.errors import ConfigError
 
 METHODS = ("prompt", "lora", "full")
 

@@ -152,10 +152,23 @@ def plot(figures: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def flat_figures(figures: dict) -> dict:
+    """One level of keys with units, for benchmarks/results/*.json."""
+    flat = {f"{k}_rows": figures["data"][f"{k}_rows"] for k in ("train", "validation", "test")}
+    if "zero_shot_test_accuracy" in figures:
+        flat["zero_shot_accuracy"] = figures["zero_shot_test_accuracy"]
+    for method, r in figures["final"].items():
+        for key in ("test_accuracy", "validation_accuracy", "lr", "trainable_parameters", "disk_bytes",
+                    "step_seconds_median", "train_seconds", "peak_rss_increase_mib", "peak_rss_mib",
+                    "trainable_state_mib", "switch_seconds", "status"):  # fmt: skip
+            flat[f"{method}_{key}"] = r.get(key)
+    for r in figures["sweep"]:
+        flat[f"sweep_{r['method']}_lr{r['lr']:g}_validation_accuracy"] = r["validation_accuracy"]
+    return flat
+
+
 def write_report(figures: dict, cfg, out: Path, command: str | None = None) -> None:
     """compare.md, compare.png, sweep.png and compare.json in ``out``."""
-    from softprompt.compare import flat_figures
-
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     md = [
         "# Prompt tuning vs LoRA vs full fine-tuning",

@@ -6,10 +6,11 @@
     -> <run>/compare.md (tables), compare.png + sweep.png (charts), compare.json (all figures)
 
 What is the same for every method: the model, template, verbalizer, data rows and their order
-(seeded length-grouped batches), the loss (cross-entropy over the label words' scores at the last
-position, as ``softprompt train`` with ``loss=class``), AdamW with no weight decay, warmup then
-linear decay, gradient clipping, steps x batch, and the evaluation (``evaluate_split``). The base
-model runs in eval mode for all three (no dropout), so only *which* weights train differs.
+(seeded length-grouped batches), the loss (cross-entropy over the label words' scores, as
+``softprompt train`` with ``loss=class``), AdamW with no weight decay, warmup then linear decay,
+gradient clipping, steps x batch, and the evaluation: every method is trained by the training
+loop itself (:func:`softprompt.training.fit`) on :class:`~softprompt.training.tasks.ClassificationTask`.
+The base model runs in eval mode for all three (no dropout), so only *which* weights train differs.
 """
 
 from __future__ import annotations
@@ -29,26 +30,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from softprompt.compare_config import CompareConfig
+from softprompt.compare.config import CompareConfig
+from softprompt.compare.report import write_report
 from softprompt.config import PromptConfig
-from softprompt.data import read_examples
 from softprompt.loading import load_model
-from softprompt.model import PromptedLM
-from softprompt.prompt import SoftPrompt
-from softprompt.train import (
-    Encoded,
-    TrainConfig,
-    encode,
-    evaluate_split,
-    load_splits,
-    lr_at,
-    make_verbalizer,
-    micro_batches,
-)
-from softprompt.verbalizer import Template, Verbalizer, class_scores
+from softprompt.model import PromptedLM, drop_quantization_config
+from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.training.config import TrainConfig
+from softprompt.training.loop import fit, new_state
+from softprompt.training.tasks import ClassificationTask, load_splits, make_verbalizer
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +72,7 @@ def prepare_data(cfg: CompareConfig, folder: Path) -> dict:
 
 
 def train_config(cfg: CompareConfig, lr: float, steps: int, data: dict | None) -> TrainConfig:
-    """The TrainConfig that the shared helpers (encode, lr_at, micro_batches) read."""
+    """The TrainConfig of one run: the subsampled files in ``data`` (None: the user's files)."""
     files = (
         {"train_file": data["train"], "validation_file": data["validation"], "test_file": data["test"]}
         if data
@@ -97,7 +88,7 @@ def train_config(cfg: CompareConfig, lr: float, steps: int, data: dict | None) -
         label_column=None if data else cfg.label_column,
         strip_prefix_word=False if data else cfg.strip_prefix_word,
         template=cfg.template,
-        verbalizer=cfg.verbalizer,
+        verbalizer=data["verbalizer"] if data else cfg.verbalizer,
         model=cfg.model,
         device=cfg.device,
         lr=lr,
@@ -106,53 +97,43 @@ def train_config(cfg: CompareConfig, lr: float, steps: int, data: dict | None) -
         batch_size=cfg.batch_size,
         max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length,
+        eval_batch_size=cfg.eval_batch_size,
         validation_fraction=cfg.validation_fraction,
         seed=cfg.seed,
     )
 
 
 @dataclass
-class Task:
-    """A loaded model and the encoded splits: what one run works on."""
+class Workbench:
+    """A loaded model and the task's encoded splits: what one run works on."""
 
     model: torch.nn.Module
     tokenizer: object
     prompted: PromptedLM
-    verbalizer: Verbalizer
-    label_ids: list[list[int]]
-    mode: str
-    sets: dict[str, Encoded]
+    task: ClassificationTask
 
 
-def load_task(cfg: CompareConfig, data: dict, splits=("train", "validation", "test")) -> Task:
+def load_workbench(cfg: CompareConfig, data: dict) -> Workbench:
     model, tokenizer = load_model(cfg.model, dtype="float32", device=cfg.device)
-    verbalizer = Verbalizer.parse(data["verbalizer"])
-    tcfg = train_config(cfg, 1.0, 1, data)
-    template = Template(cfg.template)
-    sets = {s: encode(read_examples(data[s]), tokenizer, template, verbalizer, tcfg, s) for s in splits}
+    task = ClassificationTask(train_config(cfg, 1.0, 1, data))
+    task.prepare(tokenizer)
     prompted = PromptedLM(model)  # freezes the model and puts it in eval mode
-    mode = verbalizer.scoring_mode(tokenizer)
-    return Task(model, tokenizer, prompted, verbalizer, verbalizer.token_ids(tokenizer), mode, sets)
+    return Workbench(model, tokenizer, prompted, task)
 
 
 # ----------------------------------------------------------------------------- methods
-def build_method(method: str, task: Task, cfg: CompareConfig):
+def build_method(method: str, bench: Workbench, cfg: CompareConfig):
     """Make ``method``'s trainable parameters. Returns (prompt or None, trainable params, peft model or None)."""
     if method == "prompt":
         pcfg = PromptConfig(
             num_virtual_tokens=cfg.num_virtual_tokens,
             init=cfg.init,
             init_text=cfg.init_text,
-            label_words=task.verbalizer.words,
+            label_words=bench.task.verbalizer.words,
             seed=cfg.seed,
         )
-        prompt = SoftPrompt.initialize(pcfg, task.model, task.tokenizer)
-        prompt.meta.template, prompt.meta.label_words = cfg.template, task.verbalizer.words
-        prompt.meta.extra = {
-            "verbalizer": task.verbalizer.as_dict(),
-            "scoring": task.mode,
-            "init_seed": cfg.seed,
-        }
+        prompt = SoftPrompt.initialize(pcfg, bench.model, bench.tokenizer)
+        bench.task.annotate(prompt.meta)
         return prompt, [prompt.weight], None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -162,24 +143,21 @@ def build_method(method: str, task: Task, cfg: CompareConfig):
                           bias="none", task_type="CAUSAL_LM")  # fmt: skip
         # Injects LoRA layers in place into the model's modules, which PromptedLM already holds;
         # only the LoRA matrices get requires_grad (A: seeded random, B: zeros, so step 0 = base model).
-        peft_model = get_peft_model(task.model, lcfg)
-        return None, [p for p in task.model.parameters() if p.requires_grad], peft_model
-    task.model.requires_grad_(True)  # full fine-tuning: every weight (tied embeddings counted once)
-    return None, list(task.model.parameters()), None
+        peft_model = get_peft_model(bench.model, lcfg)
+        return None, [p for p in bench.model.parameters() if p.requires_grad], peft_model
+    bench.model.requires_grad_(True)  # full fine-tuning: every weight (tied embeddings counted once)
+    return None, list(bench.model.parameters()), None
 
 
-def save_artifact(method: str, folder: Path, task: Task, prompt, peft_model) -> None:
+def save_artifact(method: str, folder: Path, bench: Workbench, prompt, peft_model) -> None:
     """What one more task costs on disk: the prompt folder, the LoRA adapter, or a whole model copy."""
     if method == "prompt":
-        from softprompt.store import save_prompt
-
-        save_prompt(prompt, folder, task.model)
+        save_prompt(prompt, folder, bench.model)
     elif method == "lora":
         peft_model.save_pretrained(str(folder))
     else:
-        if hasattr(task.model.config, "quantization_config"):  # a GGUF-loaded model: weights are fp32 now
-            del task.model.config.quantization_config
-        task.model.save_pretrained(str(folder))
+        drop_quantization_config(bench.model.config)  # a GGUF-loaded model: weights are fp32 now
+        bench.model.save_pretrained(str(folder))
 
 
 def folder_bytes(folder: str | Path) -> int:
@@ -208,43 +186,27 @@ def reset_peak_rss() -> int | None:
 
 
 # ----------------------------------------------------------------------------- one run
-def train_loop(task: Task, prompt, params: list, tcfg: TrainConfig, desc: str) -> dict:
-    """The same loop for every method: class loss on label-word scores, AdamW, clip, step."""
+def train_steps(bench: Workbench, prompt, params: list, tcfg: TrainConfig, desc: str) -> dict:
+    """Train ``params`` with the training loop (:func:`fit`) and measure time per step and peak memory."""
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
-    data = task.sets["train"]
-    lengths = [len(r) for r in data.rows]
-    orders: dict[int, list[list[int]]] = {}
-    pad_id = task.tokenizer.pad_token_id
-    step_seconds, losses, status = [], [], "completed"
+    step_seconds, losses = [], []
+
+    def on_step(record: dict) -> None:
+        step_seconds.append(record["step_seconds"])
+        losses.append(record["loss"])
+
+    def batch_loss(idx: list[int]):
+        return bench.task.batch_loss(bench.prompted, prompt, idx)
+
     rss0 = reset_peak_rss()  # after set-up: model, method and optimizer exist (AdamW moments come at step 1)
-    for step in tqdm(range(tcfg.max_steps), desc=desc, unit="step", leave=False):
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        optimizer.zero_grad(set_to_none=True)
-        [idx] = micro_batches(lengths, tcfg, step, 1, orders)
-        gold = torch.tensor([data.gold[i] for i in idx], device=task.prompted.device)
-        scores = class_scores(
-            task.prompted, [data.rows[i] for i in idx], task.label_ids, task.mode, pad_id, prompt
-        )
-        loss = F.cross_entropy(scores, gold)  # (B, C) log-scores -> softmax over the label words only
-        loss.backward()
-        if not math.isfinite(loss.item()):
-            log.error(
-                "%s: loss %s at step %d (lr %.3g): diverged, stopping", desc, loss.item(), step, tcfg.lr
-            )
-            status = "diverged"
-            break
-        if tcfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-        optimizer.step()
-        step_seconds.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+    # No rollback: a copy of every weight per step would distort full fine-tuning's memory and time.
+    state = fit(params, optimizer, batch_loss, bench.task.lengths, tcfg, new_state(), on_step=on_step,
+                rollback=False, desc=desc)  # fmt: skip
     peak = _proc_kib("VmHWM") if rss0 is not None else None
     del optimizer
     timed = step_seconds[2:] or step_seconds  # the first steps pay one-off allocations
     return {
-        "status": status,
+        "status": state["status"],
         "steps": len(step_seconds),
         "train_seconds": sum(step_seconds),
         "step_seconds_median": statistics.median(timed) if timed else None,
@@ -262,30 +224,27 @@ def run_method(cfg: CompareConfig, data: dict, method: str, lr: float, steps: in
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg, data, ("train", *splits))
-    prompt, params, peft_model = build_method(method, task, cfg)
+    bench = load_workbench(cfg, data)
+    prompt, params, peft_model = build_method(method, bench, cfg)
     tcfg = train_config(cfg, lr, steps, data)
     trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in task.model.parameters())  # LoRA's matrices now sit inside the model
+    total = sum(p.numel() for p in bench.model.parameters())  # LoRA's matrices now sit inside the model
     base = total - trainable if method == "lora" else total
     result = {"method": method, "lr": lr, "trainable_parameters": trainable, "model_parameters": base}
-    result |= train_loop(task, prompt, params, tcfg, desc=f"{method} lr {lr:g}")
-    pad_id = task.tokenizer.pad_token_id
+    result |= train_steps(bench, prompt, params, tcfg, desc=f"{method} lr {lr:g}")
     for split in splits:
-        report = evaluate_split(task.prompted, prompt, task.sets[split], task.label_ids, task.mode, pad_id,
-                                task.verbalizer, cfg.eval_batch_size, desc=f"{method} {split}")  # fmt: skip
+        with torch.no_grad():
+            report = bench.task.evaluate(bench.prompted, prompt, split, desc=f"{method} {split}")
         result[f"{split}_accuracy"], result[f"{split}_macro_f1"] = report["accuracy"], report["macro_f1"]
     if save_dir:
-        save_artifact(method, Path(save_dir), task, prompt, peft_model)
+        save_artifact(method, Path(save_dir), bench, prompt, peft_model)
         result["disk_bytes"] = folder_bytes(save_dir)
     return result
 
 
 def zero_shot(cfg: CompareConfig, data: dict) -> float:
-    task = load_task(cfg, data, ("test",))
-    report = evaluate_split(task.prompted, None, task.sets["test"], task.label_ids, task.mode,
-                            task.tokenizer.pad_token_id, task.verbalizer, cfg.eval_batch_size, desc="zero-shot")  # fmt: skip
-    return report["accuracy"]
+    bench = load_workbench(cfg, data)
+    return bench.task.evaluate(bench.prompted, None, "test", desc="zero-shot")["accuracy"]
 
 
 def _isolated(cfg: CompareConfig, *args) -> dict:
@@ -296,7 +255,7 @@ def _isolated(cfg: CompareConfig, *args) -> dict:
     with tempfile.TemporaryDirectory(prefix="softprompt-compare-") as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"cfg": asdict(cfg), "args": args}))
-        done = subprocess.run([sys.executable, "-m", "softprompt.compare", str(job), str(result)])
+        done = subprocess.run([sys.executable, "-m", "softprompt.compare.worker", str(job), str(result)])
         if done.returncode != 0 or not result.is_file():
             raise RuntimeError(
                 f"the isolated {args[1]} run failed (exit code {done.returncode}; its error is printed above). "
@@ -314,8 +273,6 @@ def switch_seconds(method: str, artifact: str, cfg: CompareConfig) -> float:
     Files were just written, so all three read from the page cache: this is the software cost.
     """
     from transformers import AutoModelForCausalLM
-
-    from softprompt.store import load_prompt
 
     times = []
     model, _ = load_model(cfg.model, dtype="float32", device=cfg.device)
@@ -345,8 +302,6 @@ def switch_seconds(method: str, artifact: str, cfg: CompareConfig) -> float:
 # ----------------------------------------------------------------------------- the comparison
 def compare(cfg: CompareConfig, command: str | None = None) -> dict:
     """Sweep, train, measure and report every method. Returns the figures (also in compare.json)."""
-    from softprompt.compare_report import write_report
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -390,24 +345,3 @@ def compare(cfg: CompareConfig, command: str | None = None) -> dict:
         figures["zero_shot_test_accuracy"] = zero_shot(cfg, data)
     write_report(figures, cfg, out, command)
     return figures
-
-
-def flat_figures(figures: dict) -> dict:
-    """One level of keys with units, for benchmarks/results/*.json."""
-    flat = {f"{k}_rows": figures["data"][f"{k}_rows"] for k in ("train", "validation", "test")}
-    if "zero_shot_test_accuracy" in figures:
-        flat["zero_shot_accuracy"] = figures["zero_shot_test_accuracy"]
-    for method, r in figures["final"].items():
-        for key in ("test_accuracy", "validation_accuracy", "lr", "trainable_parameters", "disk_bytes",
-                    "step_seconds_median", "train_seconds", "peak_rss_increase_mib", "peak_rss_mib",
-                    "trainable_state_mib", "switch_seconds", "status"):  # fmt: skip
-            flat[f"{method}_{key}"] = r.get(key)
-    for r in figures["sweep"]:
-        flat[f"sweep_{r['method']}_lr{r['lr']:g}_validation_accuracy"] = r["validation_accuracy"]
-    return flat
-
-
-if __name__ == "__main__":  # the isolated worker: python -m softprompt.compare JOB.json RESULT.json
-    _job = json.loads(Path(sys.argv[1]).read_text())
-    _result = run_method(CompareConfig(**_job["cfg"]), *_job["args"])
-    Path(sys.argv[2]).write_text(json.dumps(_result))

@@ -13,11 +13,13 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
-from softprompt.batching import default_overhead, length_batches
-from softprompt.prompt_store import PromptEntry, PromptStore, StoreSnapshot
-from softprompt.verbalizer import Template, encode_text, pad_rows
+from softprompt.decoding import generate
+from softprompt.errors import UsageError
+from softprompt.prefix import PromptPrefix
+from softprompt.scoring import label_scores
+from softprompt.serving.registry import PromptEntry, PromptStore, StoreSnapshot
+from softprompt.text import Template, encode_text, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -29,38 +31,39 @@ def prompt_inputs(
     use_prefix: bool | None = None,
     heads: list[bool] | None = None,
 ) -> dict:
-    """The keyword arguments that give row b of a batch the prompt ``entries[b]``.
+    """The keyword arguments that give item b of a batch the prompt ``entries[b]``.
 
-    With the cached prefixes (the default) only the input tokens run, and ``heads[b]`` says that row
-    b's input has its template head cut off (the prefix then holds the head too, see
+    With the cached prefixes (the default) only the input tokens run, and ``heads[b]`` says that
+    item b's input has its template head cut off (the prefix then holds the head too, see
     :meth:`PromptStore.prefix`); otherwise a bank (k, P_max, D) of the k distinct prompts, padded at
-    the end, with each row's prompt length.
+    the end, with each item's prompt length.
     """
     heads = heads or [False] * len(entries)
     keys = [(e.name, e.version, h) for e, h in zip(entries, heads, strict=True)]
     slots: dict[tuple[str, int, bool], int] = {}
     index = [slots.setdefault(k, len(slots)) for k in keys]
     distinct = list({k: (e, k[2]) for k, e in zip(keys, entries, strict=True)}.values())  # in slot order
-    device = store.prompted.device
-    prompt_index = torch.tensor(index, dtype=torch.long, device=device)
+    prompt_index = torch.tensor(index, dtype=torch.long)
     if use_prefix is None or use_prefix:  # default: the cached prefixes
         prefixes = [store.prefix(e, head=h) for e, h in distinct]
-        prefix = prefixes[0] if len(prefixes) == 1 else type(prefixes[0]).cat(prefixes)
+        prefix = prefixes[0] if len(prefixes) == 1 else PromptPrefix.cat(prefixes)
         return {"prefix": prefix, "prompt_index": prompt_index}
     if any(heads):
-        raise ValueError("rows without their template head need the cached prefixes (use_prefix=True)")
+        raise UsageError("rows without their template head need the cached prefixes (use_prefix=True)")
     distinct = [e for e, _ in distinct]
     P = max(e.num_virtual_tokens for e in distinct)
-    bank = torch.zeros(len(distinct), P, store.prompted.hidden_size, device=device)  # (k, P, D)
+    bank = torch.zeros(
+        len(distinct), P, store.prompted.hidden_size, device=store.prompted.device
+    )  # (k, P, D)
     for k, e in enumerate(distinct):
         bank[k, : e.num_virtual_tokens] = e.prompt.weight
-    lengths = torch.tensor([e.num_virtual_tokens for e in entries], device=device)  # (B,)
+    lengths = torch.tensor([e.num_virtual_tokens for e in entries])  # (B,)
     return {"prompt": bank, "prompt_index": prompt_index, "prompt_lengths": lengths}
 
 
 def render(entry: PromptEntry, text: str) -> str:
     """``text`` in the prompt's template (unchanged when the prompt has none)."""
-    return text if entry.task.template is None else entry.task.template.render(text)
+    return text if entry.usage.template is None else entry.usage.template.render(text)
 
 
 # ---------------------------------------------------------------------------- classification
@@ -76,67 +79,35 @@ def score_mixed(
 ) -> list[torch.Tensor]:
     """Log-score of each class for text i under prompt ``entries[i]``: a (C_i,) tensor per text.
 
-    Rows of all tasks share forward passes. ``first_token`` tasks take one row and one head position;
-    ``sequence`` tasks take one row per class, scored on the label word's tokens (as in
-    :func:`softprompt.verbalizer.class_scores`). With the cached prefixes, an input that starts with
-    its template's head tokens runs without them (the prefix holds them): same scores, fewer tokens.
+    Rows of all tasks share forward passes (:func:`softprompt.scoring.label_scores`, at most
+    ``batch_size`` rows each). With the cached prefixes, an input that starts with its template's
+    head tokens runs without them (the prefix holds them): same scores, fewer tokens.
     """
     if len(entries) != len(texts):
-        raise ValueError(f"got {len(entries)} prompts for {len(texts)} texts; give one prompt per text")
-    tokenizer = store.tokenizer
+        raise UsageError(f"got {len(entries)} prompts for {len(texts)} texts; give one prompt per text")
     cut_heads = use_prefix is None or use_prefix
-    # One scoring row: (item, token ids, head positions (K,), target tokens per position or None).
-    rows: list[tuple[int, list[int], list[int], list[int] | None]] = []
+    inputs: list[list[int]] = []
     headless: list[bool] = []  # per item: its input runs without the template head
-    for i, (e, text) in enumerate(zip(entries, texts, strict=True)):
-        if e.task.verbalizer is None:
-            raise ValueError(
+    for e, text in zip(entries, texts, strict=True):
+        if e.usage.labels is None:
+            raise UsageError(
                 f"prompt {e.name!r} has no label words in its softprompt.json, so it cannot classify; "
                 "train it for classification or use it for generation"
             )
-        ids = encode_text(tokenizer, e.task.template or Template(), text, max_length)[0]
-        h = len(e.task.head_ids)
-        headless.append(cut_heads and 0 < h < len(ids) and tuple(ids[:h]) == e.task.head_ids)
-        if headless[-1]:
-            ids = ids[h:]
-        if e.task.mode == "first_token":
-            rows.append((i, ids, [len(ids) - 1], None))
-        else:
-            for word in e.task.label_ids:
-                rows.append(
-                    (i, ids + list(word), list(range(len(ids) - 1, len(ids) + len(word) - 1)), list(word))
-                )
-
-    per_row = [torch.empty(0)] * len(rows)
-    if overhead is None:
-        overhead = default_overhead(store.prompted.device)
-    for chunk in length_batches([len(r[1]) for r in rows], batch_size, overhead):
-        ids, mask = pad_rows([rows[r][1] for r in chunk], tokenizer.pad_token_id)
-        K = max(len(rows[r][2]) for r in chunk)
-        # (B, K) head positions; short rows repeat their last position (ignored below).
-        pos = torch.tensor([rows[r][2] + rows[r][2][-1:] * (K - len(rows[r][2])) for r in chunk])
-        items = [rows[r][0] for r in chunk]
-        kwargs = prompt_inputs(store, [entries[i] for i in items], use_prefix, [headless[i] for i in items])
-        with torch.no_grad():
-            logits = store.prompted(ids, mask, positions=pos, **kwargs)  # (B, K, V)
-        logp = F.log_softmax(logits.float(), dim=-1).cpu()
-        for b, r in enumerate(chunk):
-            item, _, positions, targets = rows[r]
-            if targets is None:  # first_token: all classes' first tokens at the last input position
-                firsts = torch.tensor([w[0] for w in entries[item].task.label_ids])
-                per_row[r] = logp[b, 0, firsts]
-            else:
-                n = len(positions)
-                per_row[r] = logp[b, torch.arange(n), torch.tensor(targets)].sum().view(1)
-    scores: list[list[torch.Tensor]] = [[] for _ in texts]
-    for r, (item, *_rest) in enumerate(rows):  # rows of one item are in class order
-        scores[item].append(per_row[r])
-    return [torch.cat(s) for s in scores]
+        ids = encode_text(store.tokenizer, e.usage.template or Template(), text, max_length)[0]
+        h = len(e.usage.head_ids)
+        headless.append(cut_heads and 0 < h < len(ids) and tuple(ids[:h]) == e.usage.head_ids)
+        inputs.append(ids[h:] if headless[-1] else ids)
+    kwargs = prompt_inputs(store, entries, use_prefix, headless)
+    with torch.no_grad():
+        scores = label_scores(store.prompted, inputs, [e.usage.labels for e in entries],
+                              store.tokenizer.pad_token_id, batch_size=batch_size, overhead=overhead, **kwargs)  # fmt: skip
+    return [s.float().cpu() for s in scores]
 
 
 def classification_result(entry: PromptEntry, text: str, logp: torch.Tensor) -> dict:
     probs = logp.softmax(dim=0)
-    labels = entry.task.verbalizer.labels
+    labels = entry.usage.verbalizer.labels
     return {
         "model": entry.name,
         "text": text,
@@ -180,15 +151,15 @@ def ensemble_classify(
     ``scores``, the ``votes`` per label and each member's label.
     """
     if method not in ("mean", "vote"):
-        raise ValueError(f"method={method!r}; choose 'mean' (mean probability) or 'vote' (majority vote)")
+        raise UsageError(f"method={method!r}; choose 'mean' (mean probability) or 'vote' (majority vote)")
     if len(names) < 2:
-        raise ValueError(f"an ensemble needs at least two prompts, got {names}")
+        raise UsageError(f"an ensemble needs at least two prompts, got {names}")
     snap = store.snapshot()
     members = [snap[n] for n in names]
     labels = members[0].labels
     for m in members:
         if m.labels is None or sorted(m.labels) != sorted(labels or []):
-            raise ValueError(
+            raise UsageError(
                 f"ensemble members must classify into the same labels: {members[0].name!r} has "
                 f"{labels} but {m.name!r} has {m.labels}"
             )
@@ -259,10 +230,11 @@ def generate_mixed(
     ]
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
-        raise ValueError(f"texts {empty} tokenise to nothing; give each row some text to continue")
+        raise UsageError(f"texts {empty} tokenise to nothing; give each row some text to continue")
     ids, mask = pad_rows(rows, tokenizer.pad_token_id, side="left")
     kwargs = prompt_inputs(store, entries, use_prefix)
-    out = prompted.generate(
+    out = generate(
+        prompted,
         ids,
         mask,
         **kwargs,

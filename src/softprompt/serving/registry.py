@@ -1,7 +1,7 @@
 """PromptStore: many saved prompts served from ONE loaded base model.
 
 A store is a folder of saved prompts, one sub-folder per prompt (the layout of
-:func:`softprompt.store.save_prompt`)::
+:func:`softprompt.prompt.save_prompt`)::
 
     prompts/
       sentiment/   adapter_config.json  adapter_model.safetensors  softprompt.json
@@ -32,10 +32,18 @@ from types import MappingProxyType
 
 import torch
 
+from softprompt.errors import (
+    FolderInUseError,
+    InvalidPromptNameError,
+    MissingFileError,
+    UnknownPromptError,
+    UsageError,
+)
 from softprompt.model import PromptedLM
-from softprompt.prompt import SoftPrompt
-from softprompt.store import CONFIG_NAME, load_prompt, save_prompt
-from softprompt.verbalizer import Template, Verbalizer
+from softprompt.peft_format import CONFIG_NAME
+from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.text import Template
+from softprompt.verbalizer import LabelSpace, Verbalizer
 
 log = logging.getLogger(__name__)
 
@@ -44,44 +52,31 @@ log = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class UnknownPromptError(KeyError):
-    """No prompt with this name is loaded."""
-
-    def __str__(self) -> str:  # KeyError would print the message with quotes around it
-        return str(self.args[0])
-
-
-class InvalidPromptNameError(ValueError):
-    """A prompt name that is not a plain folder name inside the store."""
-
-
 @dataclass(frozen=True)
-class TaskSpec:
-    """How a prompt's task turns text into token ids and label-word scores (from its softprompt.json).
+class PromptUsage:
+    """How a prompt turns text into token ids and label scores (from its softprompt.json).
 
-    ``verbalizer``/``label_ids``/``mode`` are None for prompts without label words (generation only).
+    ``verbalizer``/``labels`` are None for prompts without label words (generation only).
     ``head_ids``: the tokens the template's inputs start with (:meth:`Template.head_ids`), cached with
     the prompt; each input is checked to start with them before they are cut.
     """
 
     template: Template | None
     verbalizer: Verbalizer | None
-    label_ids: tuple[tuple[int, ...], ...] | None
-    mode: str | None
+    labels: LabelSpace | None
     head_ids: tuple[int, ...] = ()
 
     @classmethod
-    def from_prompt(cls, prompt: SoftPrompt, tokenizer) -> TaskSpec:
+    def from_prompt(cls, prompt: SoftPrompt, tokenizer) -> PromptUsage:
         meta = prompt.meta
         template = Template(meta.template) if meta.template else None
-        spec = (meta.extra or {}).get("verbalizer") or meta.label_words
+        spec = meta.verbalizer or meta.label_words
         if not spec or tokenizer is None:
-            return cls(template, None, None, None)
+            return cls(template, None, None)
         verbalizer = Verbalizer.parse(spec)
-        label_ids = tuple(tuple(t) for t in verbalizer.token_ids(tokenizer))
-        mode = verbalizer.scoring_mode(tokenizer, (meta.extra or {}).get("scoring") or "auto")
+        labels = verbalizer.label_space(tokenizer, meta.scoring or "auto")
         head = template.head_ids(tokenizer) if template is not None else ()
-        return cls(template, verbalizer, label_ids, mode, head)
+        return cls(template, verbalizer, labels, head)
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,7 @@ class PromptEntry:
     name: str
     version: int
     prompt: SoftPrompt
-    task: TaskSpec
+    usage: PromptUsage
     path: Path | None
 
     @property
@@ -100,17 +95,17 @@ class PromptEntry:
 
     @property
     def labels(self) -> list[str] | None:
-        return None if self.task.verbalizer is None else list(self.task.verbalizer.labels)
+        return None if self.usage.verbalizer is None else list(self.usage.verbalizer.labels)
 
     def describe(self) -> dict:
         return {
             "name": self.name,
             "version": self.version,
             "num_virtual_tokens": self.num_virtual_tokens,
-            "template": None if self.task.template is None else self.task.template.text,
+            "template": None if self.usage.template is None else self.usage.template.text,
             "labels": self.labels,
-            "label_words": None if self.task.verbalizer is None else list(self.task.verbalizer.words),
-            "scoring": self.task.mode,
+            "label_words": None if self.usage.verbalizer is None else list(self.usage.verbalizer.words),
+            "scoring": None if self.usage.labels is None else self.usage.labels.mode,
             "path": None if self.path is None else str(self.path),
         }
 
@@ -214,7 +209,7 @@ class PromptStore:
         """Load (or reload) ``root/name`` from disk; it replaces a loaded prompt of that name."""
         path = self.path_of(name)
         if not path.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no prompt folder {name!r} in the store {self.root} (available: "
                 f"{', '.join(self.available()[:20]) or 'none'}); save one there first"
             )
@@ -230,7 +225,7 @@ class PromptStore:
         """
         path = self.path_of(name)
         if not overwrite and (name in self._snapshot or (save and path.exists())):
-            raise FileExistsError(
+            raise FolderInUseError(
                 f"a prompt named {name!r} already exists in the store; use replace() to swap it, "
                 "or choose another name"
             )
@@ -261,20 +256,20 @@ class PromptStore:
 
     def _check_dims(self, prompt: SoftPrompt, name: str) -> None:
         if prompt.token_dim != self.prompted.hidden_size:
-            raise ValueError(
+            raise UsageError(
                 f"prompt {name!r} has {prompt.token_dim}-dimensional vectors but the base model's hidden "
                 f"size is {self.prompted.hidden_size}; it was made for another model"
             )
 
     def _put(self, name: str, prompt: SoftPrompt, path: Path | None) -> PromptEntry:
         self._check_dims(prompt, name)
-        task = TaskSpec.from_prompt(prompt, self.tokenizer)  # validates label words before going live
+        usage = PromptUsage.from_prompt(prompt, self.tokenizer)  # validates label words before going live
         # Keep an fp32 copy on the model's device so batches never copy prompts from the CPU.
         weight = prompt.weight.detach().to(device=self.prompted.device, dtype=torch.float32)
         frozen = SoftPrompt(weight, prompt.meta)
         frozen.requires_grad_(False)
         with self._lock:
-            entry = PromptEntry(name, next(self._versions), frozen, task, path)
+            entry = PromptEntry(name, next(self._versions), frozen, usage, path)
             self._snapshot = StoreSnapshot({**self._snapshot, name: entry})
         self._drop_prefixes(name)
         log.info(
@@ -286,9 +281,9 @@ class PromptStore:
     def prefix(self, entry: PromptEntry, head: bool = False):
         """The cached key/value prefix of ``entry`` (computed once per version, dtype and device).
 
-        ``head=True``: of the prompt followed by its template's head tokens (``entry.task.head_ids``).
+        ``head=True``: of the prompt followed by its template's head tokens (``entry.usage.head_ids``).
         """
-        tokens = entry.task.head_ids if head else ()
+        tokens = entry.usage.head_ids if head else ()
         key = (entry.name, entry.version, self.prompted.dtype, str(self.prompted.device), tokens)
         cached = self._prefixes.get(key)
         if cached is not None:

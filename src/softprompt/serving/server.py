@@ -24,7 +24,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from softprompt.multitask import (
+from softprompt.errors import (
+    InvalidPromptNameError,
+    ModelMismatchError,
+    SoftpromptError,
+    UnknownPromptError,
+    UsageError,
+)
+from softprompt.model import max_positions
+from softprompt.serving.mixed import (
     Completion,
     classification_result,
     ensemble_result,
@@ -32,8 +40,7 @@ from softprompt.multitask import (
     render,
     score_mixed,
 )
-from softprompt.prompt_store import InvalidPromptNameError, PromptEntry, PromptStore, UnknownPromptError
-from softprompt.store import ModelMismatchError, PromptFormatError
+from softprompt.serving.registry import PromptEntry, PromptStore
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +243,9 @@ class ClassifyRequest(BaseModel):
 
 
 # ---------------------------------------------------------------------------- the app
-def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None = None, *,
-               allow_management: bool = True) -> FastAPI:  # fmt: skip
+def create_app(
+    store: PromptStore, limits: ServeLimits | None = None, *, allow_management: bool = True
+) -> FastAPI:
     """The FastAPI app serving ``store``'s prompts on ``model``.
 
     Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/classify``,
@@ -246,12 +254,11 @@ def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None 
     :func:`one_torch_thread` (as :func:`serve` does) so that thread runs at full speed.
     """
     limits = limits or ServeLimits()
-    if store.tokenizer is None:
-        store.tokenizer = tokenizer
+    tokenizer = store.tokenizer
+    if tokenizer is None:
+        raise UsageError("the store needs the base model's tokenizer: PromptStore(root, model, tokenizer)")
     batcher = Batcher(store, limits)
-    max_positions = getattr(store.prompted.config, "max_position_embeddings", None) or getattr(
-        store.prompted.config, "n_positions", None
-    )
+    positions_limit = max_positions(store.prompted.config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -336,8 +343,10 @@ def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None 
             raise APIError(400, f"at most 4 stop sequences, got {len(stops)}")
         e = entry(store.snapshot(), req.model)
         lengths = [encode_len(e, t) for t in texts]
-        if max_positions and max(lengths) + e.num_virtual_tokens + req.max_tokens > max_positions:
-            raise APIError(400, f"input + prompt + max_tokens is over the model's {max_positions} positions")
+        if positions_limit and max(lengths) + e.num_virtual_tokens + req.max_tokens > positions_limit:
+            raise APIError(
+                400, f"input + prompt + max_tokens is over the model's {positions_limit} positions"
+            )
         rows = [t for t in texts for _ in range(req.n)]  # OpenAI order: prompt-major, then n choices each
         params = {"max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                   "stop": stops}  # fmt: skip
@@ -368,7 +377,7 @@ def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None 
         snap = store.snapshot()
         members = [entry(snap, n) for n in names]
         for m in members:
-            if m.task.verbalizer is None:
+            if m.usage.verbalizer is None:
                 raise APIError(400, f"prompt {m.name!r} has no label words, so it cannot classify")
             for t in texts:
                 encode_len(m, t)
@@ -412,7 +421,7 @@ def create_app(model, tokenizer, store: PromptStore, limits: ServeLimits | None 
             raise APIError(404, str(e), "not_found_error") from None
         except ModelMismatchError as e:
             raise APIError(409, str(e), code="model_mismatch") from None
-        except (PromptFormatError, ValueError) as e:
+        except SoftpromptError as e:  # a corrupt or unusable prompt folder
             raise APIError(422, str(e), code="bad_prompt") from None
         return loaded.describe()
 
@@ -459,5 +468,5 @@ def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device
         base, tokenizer = load_model(model, dtype=dtype, device=device)
         store = PromptStore(store_dir, base, tokenizer)
     log.info("serving %d prompt(s) from %s on http://%s:%d/v1", len(store), store.root, host, port)
-    app = create_app(base, tokenizer, store, limits, allow_management=allow_management)
+    app = create_app(store, limits, allow_management=allow_management)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,7 +1,8 @@
 """What a task contributes to training: its data, its loss and its evaluation.
 
-``train()`` runs the same loop for every task; a task object turns examples into token rows, gives
-the loss of a micro-batch and evaluates a prompt on a split (its ``metric`` picks the best prompt).
+The training loop is the same for every task; a :class:`Task` turns examples into token rows,
+gives the loss of a micro-batch and evaluates a prompt on a split (its ``metric`` picks the best
+prompt). Two tasks exist:
 
 - :class:`ClassificationTask`: template + verbalizer, loss over the label words, accuracy.
 - :class:`GenerationTask`: template + target text + EOS, loss on the target tokens only, BLEU /
@@ -11,35 +12,69 @@ the loss of a micro-batch and evaluates a prompt on a split (its ``metric`` pick
 from __future__ import annotations
 
 import logging
-import os
-import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from softprompt.batching import default_overhead, length_batches
-from softprompt.data import DataError, Example, demo_paths, load_hf_dataset, read_examples, split_validation
-from softprompt.evaluate import (
+from softprompt.data import (
+    DEMO_VERBALIZER,
+    Example,
+    demo_paths,
+    read_examples,
+    read_pairs,
+    read_source,
+    split_by_input,
+    split_validation,
+)
+from softprompt.decoding import Generator
+from softprompt.errors import DataError, UsageError
+from softprompt.meta import PromptMeta
+from softprompt.metrics import (
     classification_report,
     format_generation_report,
     format_report,
     generation_report,
 )
 from softprompt.model import PromptedLM
-from softprompt.verbalizer import Template, Verbalizer, class_scores, encode_text, pad_rows
-
-if TYPE_CHECKING:
-    from softprompt.train import TrainConfig
+from softprompt.scoring import class_scores, predict_scores
+from softprompt.text import Template, encode_text, pad_rows
+from softprompt.training.config import TrainConfig
+from softprompt.verbalizer import LabelSpace, Verbalizer
 
 log = logging.getLogger(__name__)
 
-DEMO_TEMPLATE = "Review: {text}\nSentiment:"
-DEMO_VERBALIZER = "negative=negative,positive=positive"
-TARGET_COLUMNS = ("target", "output", "ref", "reference", "response", "completion", "summary", "label")
+
+class Task(Protocol):
+    """The part of a training run that depends on the kind of task."""
+
+    metric: str
+    """The validation figure that picks the best prompt (higher is better)."""
+    label_words: list[str] | None
+    """Words to initialise the prompt from (init=labels), if the task has them."""
+    lengths: list[int]
+    """Token count of each training row (for length-grouped batches); set by :meth:`prepare`."""
+    test_set: object | None
+
+    def prepare(self, tokenizer) -> None:
+        """Tokenise every split (after the model, and so the tokenizer, has loaded)."""
+
+    def describe(self) -> str:
+        """One line for the log: how the loss is computed."""
+
+    def annotate(self, meta: PromptMeta) -> None:
+        """Record in the prompt's metadata what using it needs (template, label words, ...)."""
+
+    def batch_loss(self, prompted: PromptedLM, prompt, idx: list[int]) -> tuple[torch.Tensor, int]:
+        """Mean loss of the training rows ``idx`` and their token count (prompt included)."""
+
+    def evaluate(self, prompted: PromptedLM, prompt, split: str, desc: str | None = None) -> dict:
+        """Figures of ``prompt`` (None: the plain model) on ``validation`` or ``test``."""
+
+    def format(self, report: dict, title: str) -> str:
+        """The report as text for the terminal."""
 
 
 # ----------------------------------------------------------------------------- classification
@@ -48,16 +83,6 @@ class Encoded:
     rows: list[list[int]]  # token ids of each rendered input
     gold: list[int]  # class index per row
     examples: list[Example]
-
-
-def read_source(spec: str, default_split: str, **cols) -> list[Example]:
-    """A data file, or ``hf:NAME[:CONFIG][@SPLIT]`` for a Hugging Face dataset (needs ``datasets``
-    and network), e.g. ``hf:glue:sst2@validation``."""
-    if not spec.startswith("hf:"):
-        return read_examples(spec, **cols)
-    name, _, split = spec[3:].partition("@")
-    hf_cols = {k: cols.get(k) for k in ("text_column", "label_column")}
-    return load_hf_dataset(name, split or default_split, **hf_cols)
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Example] | None]:
@@ -110,61 +135,15 @@ def encode(
         rows.append(ids)
         truncated += cut
     if truncated:
-        log.warning(
-            "%s: %d of %d texts were longer than max_length=%d and were truncated on the %s",
-            split,
-            truncated,
-            len(rows),
-            cfg.max_length,
-            cfg.truncation_side,
-        )
+        log.warning("%s: %d of %d texts were longer than max_length=%d and were truncated on the %s",
+                    split, truncated, len(rows), cfg.max_length, cfg.truncation_side)  # fmt: skip
     return Encoded(rows, [verbalizer.index(ex.label) for ex in examples], examples)
 
 
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def predict_scores(
-    prompted: PromptedLM,
-    prompt,
-    rows: list[list[int]],
-    label_ids: list[list[int]],
-    mode: str,
-    pad_id: int,
-    batch_size: int,
-    desc: str | None = None,
-    share_head: bool = True,
-) -> torch.Tensor:
-    """Class log-scores (N, C) for all rows, batched by length so little compute goes to padding.
-
-    The prompt's keys and values are computed once (the cached prefix) and reused for every batch.
-    With ``share_head``, the tokens that every row starts with (the template's head, e.g. "Review:")
-    go into that prefix too, and each row runs only what follows them: same scores, fewer tokens.
-    """
-    h = shared_head(rows) if prompt is not None and share_head else 0
-    prefix = None if prompt is None else prompted.prefix_cache(prompt, tokens=rows[0][:h] if h else None)
-    rows = [r[h:] for r in rows] if h else rows
-    batches = length_batches([len(r) for r in rows], batch_size, default_overhead(prompted.device))
-    scores = torch.empty(len(rows), len(label_ids))
-    for idx in tqdm(batches, desc=desc, leave=False, disable=desc is None):
-        scores[idx] = (
-            class_scores(prompted, [rows[i] for i in idx], label_ids, mode, pad_id, prefix=prefix)
-            .float()
-            .cpu()
-        )
-    return scores
-
-
-def shared_head(rows: list[list[int]]) -> int:
-    """How many leading tokens all ``rows`` share, leaving every row at least one token of its own."""
-    if not rows:
-        return 0
-    return max(min(len(os.path.commonprefix(rows)), min(len(r) for r in rows) - 1), 0)
-
-
-def evaluate_split(
-    prompted, prompt, data: Encoded, label_ids, mode, pad_id, verbalizer, batch_size, desc=None
-) -> dict:
-    scores = predict_scores(prompted, prompt, data.rows, label_ids, mode, pad_id, batch_size, desc)
+def evaluate_split(prompted, prompt, data: Encoded, space: LabelSpace, pad_id: int, verbalizer: Verbalizer,
+                   batch_size: int, desc: str | None = None) -> dict:  # fmt: skip
+    """Accuracy, macro-F1, per-class figures and confusion matrix of ``prompt`` on encoded rows."""
+    scores = predict_scores(prompted, prompt, data.rows, space, pad_id, batch_size, desc)
     pred = [verbalizer.labels[i] for i in scores.argmax(dim=1).tolist()]
     gold = [verbalizer.labels[i] for i in data.gold]
     return classification_report(gold, pred, verbalizer.labels)
@@ -193,11 +172,9 @@ class ClassificationTask:
         return self.verbalizer.words
 
     def prepare(self, tokenizer) -> None:
-        """Tokenise every split (after the model, and so the tokenizer, has loaded)."""
         cfg, v = self.cfg, self.verbalizer
         self.pad_id = tokenizer.pad_token_id
-        self.label_ids = v.token_ids(tokenizer)
-        self.mode = v.scoring_mode(tokenizer, cfg.scoring)
+        self.space = v.label_space(tokenizer, cfg.scoring)
         self.train_set = encode(self.train_ex, tokenizer, self.template, v, cfg, "train")
         self.val_set = encode(self.val_ex, tokenizer, self.template, v, cfg, "validation")
         self.test_set = (
@@ -205,40 +182,38 @@ class ClassificationTask:
         )
         self.lengths = [len(r) for r in self.train_set.rows]
 
+    @property
+    def mode(self) -> str:
+        return self.space.mode
+
     def describe(self) -> str:
         return f"scoring {self.mode}, loss {self.cfg.loss}"
 
-    def annotate(self, meta) -> None:
-        """What a user of the saved prompt needs: template, label words, verbalizer, scoring."""
-        meta.template, meta.label_words = self.cfg.template, self.verbalizer.words
-        meta.extra = {
-            **meta.extra,
-            "task": "classification",
-            "verbalizer": self.verbalizer.as_dict(),
-            "scoring": self.mode,
-        }
+    def annotate(self, meta: PromptMeta) -> None:
+        meta.task, meta.template = "classification", self.cfg.template
+        meta.label_words, meta.verbalizer, meta.scoring = (
+            self.verbalizer.words,
+            self.verbalizer.as_dict(),
+            self.mode,
+        )
 
     def batch_loss(self, prompted: PromptedLM, prompt, idx: list[int]) -> tuple[torch.Tensor, int]:
-        """Loss of one micro-batch and its token count (prompt included)."""
         rows = [self.train_set.rows[i] for i in idx]
         gold = torch.tensor([self.train_set.gold[i] for i in idx], device=prompted.device)
-        scores = class_scores(
-            prompted, rows, self.label_ids, self.mode, self.pad_id, prompt
-        )  # (B, C) log-probs
+        scores = class_scores(prompted, rows, self.space, self.pad_id, prompt)  # (B, C) log-probs
         # class: softmax over the label words only; lm: the gold word's log-prob over the vocabulary
         loss = (
             F.cross_entropy(scores, gold)
             if self.cfg.loss == "class"
             else -scores.gather(1, gold[:, None]).mean()
         )
-        return loss, sum(len(r) + prompt.num_virtual_tokens for r in rows)
+        P = prompt.num_virtual_tokens if prompt is not None else 0
+        return loss, sum(len(r) + P for r in rows)
 
     def evaluate(self, prompted: PromptedLM, prompt, split: str, desc: str | None = None) -> dict:
         data = self.val_set if split == "validation" else self.test_set
-        return evaluate_split(
-            prompted, prompt, data, self.label_ids, self.mode, self.pad_id, self.verbalizer,
-            self.cfg.eval_batch_size, desc,
-        )  # fmt: skip
+        return evaluate_split(prompted, prompt, data, self.space, self.pad_id, self.verbalizer,
+                              self.cfg.eval_batch_size, desc)  # fmt: skip
 
     @staticmethod
     def format(report: dict, title: str) -> str:
@@ -254,52 +229,11 @@ class GenSet:
     references: list[list[str]]  # all targets of each distinct input
 
 
-def _column_names(path: str) -> list[str]:
-    """Header names of a CSV/TSV file or keys of a JSONL file's first object ([] if unknown)."""
-    import csv
-    import json
-
-    with open(path, encoding="utf-8-sig") as f:
-        first = f.readline()
-    if path.endswith((".jsonl", ".json")):
-        try:
-            return list(json.loads(first))
-        except (ValueError, TypeError):
-            return []
-    return next(csv.reader([first], delimiter="\t" if path.endswith((".tsv", ".txt")) else ","), [])
-
-
-def read_pairs(path: str, input_column: str | None, target_column: str | None) -> list[Example]:
-    """Input/target pairs; the target column defaults to the first of TARGET_COLUMNS in the file."""
-    if target_column is None:
-        names = _column_names(path)
-        target_column = next((c for c in TARGET_COLUMNS if c in names), None)
-        if target_column is None:
-            raise DataError(
-                [f"{path}: no target column among {list(TARGET_COLUMNS)} (columns: {names})"],
-                "name it with --target_column (and the input with --text_column).",
-            )
-    examples = read_examples(path, text_column=input_column, label_column=target_column)
-    return [Example(text=e.text, label=None, source=e.source, target=e.label) for e in examples]
-
-
-def split_by_input(
-    examples: list[Example], fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """Hold out a share of the *distinct inputs*: no input appears on both sides."""
-    inputs = sorted({e.text for e in examples})
-    if len(inputs) < 2:
-        raise DataError([f"only {len(inputs)} distinct input(s): cannot hold out a validation split"],
-                        "add data or pass --validation_file.")  # fmt: skip
-    random.Random(seed).shuffle(inputs)
-    held = set(inputs[: max(1, round(fraction * len(inputs)))])
-    return [e for e in examples if e.text not in held], [e for e in examples if e.text in held]
-
-
 class GenerationTask:
     """Input -> target text. Loss on the target tokens (and EOS) only; evaluated by greedy generation."""
 
     metric = "rougeL"
+    label_words = None
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -321,13 +255,11 @@ class GenerationTask:
             len({e.text for e in self.test_ex}) if self.test_ex else "no",
         )
 
-    label_words = None
-
     def prepare(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
-            raise ValueError("the tokenizer has no EOS token, so targets cannot end; set tokenizer.eos_token")
+            raise UsageError("the tokenizer has no EOS token, so targets cannot end; set tokenizer.eos_token")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.train_set = self._encode(self.train_ex, "train")
         self.val_set = self._encode(self.val_ex, "validation")
@@ -359,11 +291,15 @@ class GenerationTask:
         return GenSet(rows, starts, list(refs), list(refs.values()))
 
     def describe(self) -> str:
-        return f"loss on {sum(len(r) - s for r, s in zip(self.train_set.rows, self.train_set.starts, strict=True))} target tokens"
+        targets = sum(len(r) - s for r, s in zip(self.train_set.rows, self.train_set.starts, strict=True))
+        return f"loss on {targets} target tokens"
 
-    def annotate(self, meta) -> None:
-        meta.template = self.cfg.template
-        meta.extra = {**meta.extra, "task": "generation", "max_new_tokens": self.cfg.max_new_tokens}
+    def annotate(self, meta: PromptMeta) -> None:
+        meta.task, meta.template, meta.max_new_tokens = (
+            "generation",
+            self.cfg.template,
+            self.cfg.max_new_tokens,
+        )
 
     def batch_loss(self, prompted: PromptedLM, prompt, idx: list[int]) -> tuple[torch.Tensor, int]:
         rows = [self.train_set.rows[i] for i in idx]
@@ -373,12 +309,11 @@ class GenerationTask:
             s = self.train_set.starts[i]
             labels[j, s : len(r)] = torch.tensor(r[s:])
         loss = prompted.loss(ids, mask, labels, prompt)
-        return loss, sum(len(r) + prompt.num_virtual_tokens for r in rows)
+        P = prompt.num_virtual_tokens if prompt is not None else 0
+        return loss, sum(len(r) + P for r in rows)
 
     @torch.no_grad()
     def evaluate(self, prompted: PromptedLM, prompt, split: str, desc: str | None = None) -> dict:
-        from softprompt.generation import Generator
-
         data = self.val_set if split == "validation" else self.test_set
         limit = self.cfg.max_eval_inputs if split == "validation" else None
         inputs, refs = data.inputs[:limit], data.references[:limit]
@@ -397,5 +332,5 @@ class GenerationTask:
         return format_generation_report(report, title=title)
 
 
-def make_task(cfg: TrainConfig) -> ClassificationTask | GenerationTask:
+def make_task(cfg: TrainConfig) -> Task:
     return GenerationTask(cfg) if cfg.task == "generation" else ClassificationTask(cfg)

@@ -1,0 +1,18 @@
+"""Serving many soft prompts from one loaded model: a registry of prompt folders
+(:mod:`~softprompt.serving.registry`), batches whose rows use different prompts
+(:mod:`~softprompt.serving.mixed`) and an OpenAI-compatible HTTP server
+(:mod:`~softprompt.serving.server`, needs ``pip install 'softprompt[serve]'``)."""
+
+from softprompt.serving.mixed import classify_mixed, ensemble_classify, generate_mixed, score_mixed
+from softprompt.serving.registry import PromptEntry, PromptStore, PromptUsage, StoreSnapshot
+
+__all__ = [
+    "PromptEntry",
+    "PromptStore",
+    "PromptUsage",
+    "StoreSnapshot",
+    "classify_mixed",
+    "ensemble_classify",
+    "generate_mixed",
+    "score_mixed",
+]
