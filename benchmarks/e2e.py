@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from results_io import write_results
 
-from softprompt.train import TrainConfig, train
+from softprompt.training import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "e2e.json"

@@ -51,29 +51,28 @@ def tiny_smollm2_dir(folder: Path) -> str:
     return str(folder)
 
 
-def peft_prompt(kind: str, task, P: int, seed: int, tok_dir: str):
+def peft_prompt(kind: str, bench, P: int, seed: int, tok_dir: str):
     """PEFT's own RANDOM or TEXT init (PromptEmbedding), as a SoftPrompt for our loop."""
     from peft import PromptTuningConfig
     from peft.tuners.prompt_tuning.model import PromptEmbedding
 
-    from softprompt.config import PromptMeta
+    from softprompt.meta import PromptMeta
     from softprompt.prompt import SoftPrompt
 
     torch.manual_seed(seed)  # PEFT's RANDOM is nn.Embedding's N(0, 1) draw
     cfg = PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=P, token_dim=task.model.config.hidden_size,
-        num_transformer_submodules=1, num_attention_heads=task.model.config.num_attention_heads,
-        num_layers=task.model.config.num_hidden_layers, prompt_tuning_init=kind.upper(),
+        task_type="CAUSAL_LM", num_virtual_tokens=P, token_dim=bench.model.config.hidden_size,
+        num_transformer_submodules=1, num_attention_heads=bench.model.config.num_attention_heads,
+        num_layers=bench.model.config.num_hidden_layers, prompt_tuning_init=kind.upper(),
         prompt_tuning_init_text=INIT_TEXT if kind == "text" else None,
         tokenizer_name_or_path=tok_dir if kind == "text" else None,  # a folder: PEFT loads it by path
     )  # fmt: skip
-    weight = PromptEmbedding(cfg, task.model.get_input_embeddings()).embedding.weight.detach()
+    weight = PromptEmbedding(cfg, bench.model.get_input_embeddings()).embedding.weight.detach()
     return SoftPrompt(weight, PromptMeta(init=f"peft_{kind}"))
 
 
-def run_one(task, data: dict, cfg, init: str, P: int, seed: int, tok_dir: str) -> dict:
-    from softprompt.compare import build_method, train_config, train_loop
-    from softprompt.train import evaluate_split
+def run_one(bench, data: dict, cfg, init: str, P: int, seed: int, tok_dir: str) -> dict:
+    from softprompt.compare.run import build_method, train_config, train_steps
 
     run_cfg = replace(
         cfg, num_virtual_tokens=P, seed=seed, init=init if not init.startswith("peft") else "labels"
@@ -81,14 +80,14 @@ def run_one(task, data: dict, cfg, init: str, P: int, seed: int, tok_dir: str) -
     if init in ("text", "labels", "vocab", "random"):
         run_cfg = replace(run_cfg, init_text=INIT_TEXT)
         torch.manual_seed(seed)
-        prompt = build_method("prompt", task, run_cfg)[0]
+        prompt = build_method("prompt", bench, run_cfg)[0]
     else:
-        prompt = peft_prompt(init.removeprefix("peft_"), task, P, seed, tok_dir)
+        prompt = peft_prompt(init.removeprefix("peft_"), bench, P, seed, tok_dir)
     init_norm = prompt.weight.detach().norm(dim=1).mean().item()
     tcfg = train_config(run_cfg, cfg.lrs("prompt")[0], cfg.max_steps, data)
-    stats = train_loop(task, prompt, [prompt.weight], tcfg, desc=f"{init} P={P} seed {seed}")
-    report = evaluate_split(task.prompted, prompt, task.sets["test"], task.label_ids, task.mode,
-                            task.tokenizer.pad_token_id, task.verbalizer, cfg.eval_batch_size)  # fmt: skip
+    stats = train_steps(bench, prompt, [prompt.weight], tcfg, desc=f"{init} P={P} seed {seed}")
+    with torch.no_grad():
+        report = bench.task.evaluate(bench.prompted, prompt, "test")
     row = {"init": init, "num_virtual_tokens": P, "seed": seed, "accuracy": report["accuracy"],
            "init_norm_mean": init_norm, "final_norm_mean": prompt.weight.detach().norm(dim=1).mean().item(),
            "train_seconds": stats["train_seconds"], "status": stats["status"]}  # fmt: skip
@@ -124,7 +123,7 @@ def main() -> None:
         print(f"skipped: {SST2 / 'train.tsv'} not found (the shared datasets live in ../shared/data)")
         return
     torch.set_num_threads(args.threads)
-    from softprompt.compare import CompareConfig, load_task, prepare_data
+    from softprompt.compare.run import CompareConfig, load_workbench, prepare_data
 
     work = Path(tempfile.mkdtemp(prefix="init-ablation-"))
     if args.smoke:
@@ -137,20 +136,22 @@ def main() -> None:
         warmup_steps=min(10, args.steps // 4), seed=0,
     )  # fmt: skip
     data = prepare_data(cfg, work / "data")
-    task = load_task(cfg, data, ("train", "test"))
+    bench = load_workbench(cfg, data)
     tok_dir = str(work / "tokenizer")
-    task.tokenizer.save_pretrained(tok_dir)  # PEFT's TEXT init loads a tokenizer by path
+    bench.tokenizer.save_pretrained(tok_dir)  # PEFT's TEXT init loads a tokenizer by path
     start = time.perf_counter()
 
     inits = [i.strip() for i in args.inits.split(",")]
     P0 = args.num_virtual_tokens
-    rows = [run_one(task, data, cfg, init, P0, seed, tok_dir) for init in inits for seed in range(args.seeds)]
+    rows = [
+        run_one(bench, data, cfg, init, P0, seed, tok_dir) for init in inits for seed in range(args.seeds)
+    ]
     by_init = summarise(rows, "init")
     best = max(by_init, key=lambda k: by_init[k]["mean"])
     lengths = [int(x) for x in args.lengths.split(",")]
     length_rows = [r for r in rows if r["init"] == best]  # P0 already done with the best init
     length_rows += [
-        run_one(task, data, cfg, best, P, seed, tok_dir)
+        run_one(bench, data, cfg, best, P, seed, tok_dir)
         for P in lengths
         if P != P0
         for seed in range(args.seeds)

@@ -71,8 +71,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from torch.nn import functional as F
 
-    from softprompt.distributed import enable_activation_checkpointing
-    from softprompt.model import PromptedLM
+    from softprompt.model import PromptedLM, enable_activation_checkpointing
 
     torch.set_num_threads(args.threads)
     dtype, checkpointing = CONFIGS[args.worker]

@@ -51,8 +51,8 @@ def main() -> None:
     if args.smoke:
         args.requests, args.rounds = 16, 2
     from softprompt.data import demo_paths, read_examples
-    from softprompt.multitask import classification_result, score_mixed
-    from softprompt.prompt_store import PromptStore
+    from softprompt.serving.mixed import classification_result, score_mixed
+    from softprompt.serving.registry import PromptStore
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_base(args)

@@ -79,7 +79,7 @@ def task_prompt(i: int, model, tokenizer):
     cfg = PromptConfig(num_virtual_tokens=LENGTHS[i % len(LENGTHS)], init="vocab", seed=i)
     prompt = SoftPrompt.initialize(cfg, model, tokenizer)
     prompt.meta.template, prompt.meta.label_words = template, list(verbalizer.values())
-    prompt.meta.extra = {"verbalizer": verbalizer}
+    prompt.meta.verbalizer = verbalizer
     return prompt
 
 
@@ -89,7 +89,7 @@ def run_server(args) -> None:
 
     import uvicorn
 
-    from softprompt.serve import one_torch_thread
+    from softprompt.serving.server import one_torch_thread
 
     torch.set_num_threads(args.threads)
     with one_torch_thread():  # as `softprompt serve` does: model compute only in the serving thread
@@ -97,15 +97,15 @@ def run_server(args) -> None:
         if args.serve == "peft":
             app = peft_app(model, tokenizer)
         else:
-            from softprompt.prompt_store import PromptStore
-            from softprompt.serve import ServeLimits, create_app
+            from softprompt.serving.registry import PromptStore
+            from softprompt.serving.server import ServeLimits, create_app
 
             store = PromptStore(tempfile.mkdtemp(), model, tokenizer)
             for i in range(args.num_prompts):
                 store.add(f"task{i}", task_prompt(i, model, tokenizer), save=False)
             limits = ServeLimits(max_batch_size=args.max_batch_size, batch_window_ms=args.window_ms,
                                  batch_gap_ms=args.gap_ms)  # fmt: skip
-            app = create_app(model, tokenizer, store, limits)
+            app = create_app(store, limits)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

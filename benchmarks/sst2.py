@@ -87,7 +87,7 @@ def main() -> None:
         print(f"skipped: {DATA / task['train']} not found (the shared datasets live in ../shared/data)")
         return
     torch.set_num_threads(args.threads)
-    from softprompt.train import TrainConfig, train
+    from softprompt.training import TrainConfig, train
 
     # Every split goes through the reader once into JSONL (TREC's fine label stripped here), so the
     # training run reads plain text/label rows whatever the source format.

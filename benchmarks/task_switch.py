@@ -31,8 +31,8 @@ import torch
 from results_io import run_command, utc_now, write_results
 
 from softprompt import SoftPrompt, save_prompt
-from softprompt.config import PromptMeta
-from softprompt.prompt_store import PromptStore
+from softprompt.meta import PromptMeta
+from softprompt.serving.registry import PromptStore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "task_switch.json"
 

@@ -11,7 +11,7 @@ from conftest import tiny_llama, write_sentiment_data
 
 from softprompt.cli import main
 from softprompt.compare import CompareConfig, compare
-from softprompt.config import ConfigError
+from softprompt.errors import ConfigError
 
 
 @pytest.fixture
@@ -104,17 +104,17 @@ def test_same_data_gives_same_result(tiny_model_dir, data, tmp_path):
 
 def test_lora_starts_as_the_base_model(tiny_model_dir, data, tmp_path):
     """LoRA's B matrix starts at zero: before any step its scores equal the plain model's."""
-    from softprompt.compare import build_method, load_task, prepare_data
-    from softprompt.verbalizer import class_scores
+    from softprompt.compare.run import build_method, load_workbench, prepare_data
+    from softprompt.scoring import class_scores
 
     cfg = make_cfg(tiny_model_dir, data, tmp_path)
     d = prepare_data(cfg, tmp_path / "data")
-    task = load_task(cfg, d, ("train",))
-    rows = task.sets["train"].rows[:4]
-    pad = task.tokenizer.pad_token_id
-    before = class_scores(task.prompted, rows, task.label_ids, task.mode, pad, None)
-    build_method("lora", task, cfg)
-    after = class_scores(task.prompted, rows, task.label_ids, task.mode, pad, None)
+    bench = load_workbench(cfg, d)
+    rows = bench.task.train_set.rows[:4]
+    pad = bench.tokenizer.pad_token_id
+    before = class_scores(bench.prompted, rows, bench.task.space, pad, None)
+    build_method("lora", bench, cfg)
+    after = class_scores(bench.prompted, rows, bench.task.space, pad, None)
     torch.testing.assert_close(before, after)
 
 
@@ -140,3 +140,21 @@ def test_cli_compare_and_errors(tiny_model_dir, data, tmp_path, capsys):
         main(["compare", "--train_file", train, "--model", tiny_model_dir, "--output_dir", str(out)])
     assert e.value.code == 2
     assert "test_file is required" in capsys.readouterr().err
+
+
+def test_prompt_method_trains_exactly_as_softprompt_train(tiny_model_dir, data, tmp_path):
+    """compare trains with the training loop itself: its prompt equals `train`'s on the same settings."""
+    from softprompt.compare.run import prepare_data, train_config
+    from softprompt.prompt import load_prompt
+    from softprompt.training import train
+
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "cmp", methods="prompt", sweep_steps=0, isolate=False,
+                   baselines=False, prompt_lrs="0.3", init="labels")  # fmt: skip
+    compare(cfg)
+    ours = load_prompt(tmp_path / "cmp" / "prompt").weight
+    tcfg = train_config(cfg, 0.3, cfg.max_steps, prepare_data(cfg, tmp_path / "data"))
+    # validate only at the last step, so the saved "best" prompt is the final one, as compare's is
+    tcfg.eval_every, tcfg.baselines, tcfg.output_dir = 10**6, False, str(tmp_path / "train")
+    train(tcfg)
+    theirs = load_prompt(tmp_path / "train" / "prompt").weight
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)

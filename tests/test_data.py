@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
+import softprompt.data as data_mod
+from softprompt.batching import length_grouped_batches, padding_waste
 from softprompt.data import (
-    BUILTIN_DEMO,
-    DataError,
     Example,
     demo_paths,
-    length_grouped_batches,
     load_hf_dataset,
-    padding_waste,
     read_examples,
     split_validation,
 )
+from softprompt.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -406,13 +405,12 @@ def test_padding_waste_values_and_bad_batch_size():
 
 
 def test_demo_paths():
-    assert BUILTIN_DEMO == "demo"
     try:
         train, test = demo_paths()
     except FileNotFoundError as e:
         pytest.skip(f"demo data not written yet: {e}")
     assert (train.name, test.name) == ("demo_train.jsonl", "demo_test.jsonl")
-    assert train.parent.name == "data" and train.parent.parent.name == "softprompt"
+    assert train.parent.name == "demo_data" and train.parent.parent.name == "softprompt"
     assert read_examples(train) and read_examples(test)
 
 
@@ -463,3 +461,22 @@ def test_hf_dataset_config_name_after_colon(monkeypatch):
     examples = load_hf_dataset("glue:sst2", "validation")
     assert calls == [(("glue", "sst2"), {"split": "validation"})]
     assert examples[0].text == "fine film" and examples[0].label == "1"
+
+
+def test_hf_dataset_source_is_parsed_and_passed_on(monkeypatch):
+    seen = {}
+
+    def fake_load(name, split, **cols):
+        seen.update(name=name, split=split, **cols)
+        return []
+
+    monkeypatch.setattr(data_mod, "load_hf_dataset", fake_load)
+    data_mod.read_source("hf:glue:sst2@validation", "train", text_column="sentence", label_column=None)
+    assert seen == {
+        "name": "glue:sst2",
+        "split": "validation",
+        "text_column": "sentence",
+        "label_column": None,
+    }
+    data_mod.read_source("hf:imdb", "test")
+    assert seen["name"] == "imdb" and seen["split"] == "test"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from softprompt import PromptConfig, PromptedLM, SoftPrompt, load_prompt, save_prompt
+from softprompt.decoding import generate
 
 pytestmark = pytest.mark.integration
 
@@ -106,10 +107,10 @@ def test_generate_with_text_prompt_equals_hf_generate_on_the_tokens(smollm2):
     tok.padding_side = "left"
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     lm = PromptedLM(model)
-    cached = lm.generate(
-        batch.input_ids, batch.attention_mask, prefix=lm.prefix_cache(prompt), max_new_tokens=12
+    cached = generate(
+        lm, batch.input_ids, batch.attention_mask, prefix=lm.prefix_cache(prompt), max_new_tokens=12
     )
-    uncached = lm.generate(batch.input_ids, batch.attention_mask, prompt=prompt, max_new_tokens=12)
+    uncached = generate(lm, batch.input_ids, batch.attention_mask, prompt=prompt, max_new_tokens=12)
     assert cached.tokens == uncached.tokens
     with torch.no_grad():
         for i, text in enumerate(texts):
@@ -122,8 +123,9 @@ def test_generate_with_text_prompt_equals_hf_generate_on_the_tokens(smollm2):
 
 def test_template_head_in_the_prefix_gives_the_same_scores_on_real_reviews(smollm2):
     """SmolLM2's BPE: "Review: " leaves "Review:" as the head; scores match full runs of each input."""
-    from softprompt.tasks import predict_scores
-    from softprompt.verbalizer import Template, Verbalizer, class_scores, encode_text
+    from softprompt.scoring import class_scores, predict_scores
+    from softprompt.text import Template, encode_text
+    from softprompt.verbalizer import Verbalizer
 
     model, tok = smollm2
     template = Template("Review: {text}\nSentiment:")
@@ -140,9 +142,9 @@ def test_template_head_in_the_prefix_gives_the_same_scores_on_real_reviews(smoll
     rows = [encode_text(tok, template, t, 64)[0] for t in texts]
     assert all(tuple(r[: len(head)]) == head for r in rows)
     prompt = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=8, init="vocab", seed=1), model, tok)
-    label_ids = Verbalizer.parse("0=negative,1=positive").token_ids(tok)
+    space = Verbalizer.parse("0=negative,1=positive").label_space(tok, "first_token")
     lm = PromptedLM(model)
     with torch.no_grad():
-        ref = class_scores(lm, rows, label_ids, "first_token", tok.pad_token_id, prompt=prompt)
-    ours = predict_scores(lm, prompt, rows, label_ids, "first_token", tok.pad_token_id, batch_size=4)
+        ref = class_scores(lm, rows, space, tok.pad_token_id, prompt=prompt)
+    ours = predict_scores(lm, prompt, rows, space, tok.pad_token_id, batch_size=4)
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_llama
 
 from softprompt import ConfigError, PromptConfig, SoftPrompt, save_prompt
-from softprompt.prompt import common_token_ids, init_from_text
+from softprompt.prompt_init import common_token_ids, init_from_text
 
 
 def embeddings(model) -> torch.Tensor:

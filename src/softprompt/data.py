@@ -186,6 +186,7 @@ def read_examples(
     labelled: bool = True,
     label_names: tuple[str, ...] = LABEL_COLUMNS,
     guess_label_column: bool = True,
+    label_role: str = "label",
 ) -> list[Example]:
     """Read examples from a JSON-lines, CSV or TSV file, reporting every bad row in one ``DataError``.
 
@@ -205,6 +206,7 @@ def read_examples(
             :data:`TARGET_COLUMNS`).
         guess_label_column: Without a named or known label column, take the last column (True)
             or report the missing column (False).
+        label_role: What the label column holds, for messages ("label", or "target" for generation).
 
     Raises:
         FileNotFoundError: The file does not exist.
@@ -240,7 +242,9 @@ def read_examples(
     # Without a header the most common width is the expected one, so the odd rows are the ones reported.
     width = len(names) if names else Counter(len(r) for _, _, r in rows).most_common(1)[0][0] if rows else 0
     tc, p1 = _resolve_column(text_column, names, width, TEXT_COLUMNS, "text", path, keys)
-    lc, p2 = _resolve_column(label_column, names, width, label_names, "label", path, keys, guess_label_column)
+    lc, p2 = _resolve_column(
+        label_column, names, width, label_names, label_role, path, keys, guess_label_column
+    )
     if labelled and p1 is None and p2 is None and tc == lc:
         p2 = f"{path}: the text and the label are both column {tc!r}; " + (
             "rows have one column: pass labelled=False for unlabelled inputs"
@@ -248,7 +252,10 @@ def read_examples(
             else "choose the label with label_column="
         )
     if p1 or (labelled and p2):
-        hint = "choose the columns with text_column= and label_column= (a name or a 0-based index)."
+        hint = (
+            f"choose the columns with --text_column and --{label_role}_column (a name or a 0-based "
+            f"index; text_column= and {label_role}_column= in Python)."
+        )
         raise DataError([*(m for _, m in problems), *(p for p in (p1, p2 if labelled else None) if p)], hint)
 
     def where(c: str | int) -> str:
@@ -398,7 +405,7 @@ def read_pairs(path: str | Path, input_column: str | None, target_column: str | 
     defaults to the first of :data:`TARGET_COLUMNS` in the file and is never guessed."""
     examples = read_examples(
         path, text_column=input_column, label_column=target_column,
-        label_names=TARGET_COLUMNS, guess_label_column=False,
+        label_names=TARGET_COLUMNS, guess_label_column=False, label_role="target",
     )  # fmt: skip
     return [Example(text=e.text, label=None, source=e.source, target=e.label) for e in examples]
 

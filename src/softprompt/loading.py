@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_model
 
 from softprompt.errors import MissingFileError, ModelLoadError, UsageError
-from softprompt.model import drop_quantization_config
+from softprompt.model import forget_quantization
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def gguf_source(gguf: Path) -> tuple[str, dict]:
         # save_pretrained refuses GGUF-loaded models; the weights are plain fp32 tensors by now, so
         # write them with safetensors and a config without the GGUF quantisation entry.
         config = copy.deepcopy(model.config)
-        drop_quantization_config(config)
+        forget_quantization(config)
         config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)

@@ -408,7 +408,7 @@ def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def drop_quantization_config(config) -> None:
+def forget_quantization(config) -> None:
     """Forget a GGUF-loaded model's quantisation entry: its weights are plain float tensors by now,
     and ``save_pretrained`` refuses a config that still says otherwise."""
     if hasattr(config, "quantization_config"):

@@ -26,19 +26,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from softprompt.compare.config import CompareConfig
 from softprompt.compare.report import write_report
-from softprompt.config import PromptConfig
 from softprompt.loading import load_model
-from softprompt.model import PromptedLM, drop_quantization_config
-from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.model import PromptedLM, forget_quantization
+from softprompt.prompt import load_prompt, save_prompt
 from softprompt.training.config import TrainConfig
-from softprompt.training.loop import fit, new_state
+from softprompt.training.loop import fit, make_prompt, new_state
 from softprompt.training.tasks import ClassificationTask, load_splits, make_verbalizer
 
 log = logging.getLogger(__name__)
@@ -98,6 +97,9 @@ def train_config(cfg: CompareConfig, lr: float, steps: int, data: dict | None) -
         max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length,
         eval_batch_size=cfg.eval_batch_size,
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        init=cfg.init,
+        init_text=cfg.init_text,
         validation_fraction=cfg.validation_fraction,
         seed=cfg.seed,
     )
@@ -124,16 +126,10 @@ def load_workbench(cfg: CompareConfig, data: dict) -> Workbench:
 # ----------------------------------------------------------------------------- methods
 def build_method(method: str, bench: Workbench, cfg: CompareConfig):
     """Make ``method``'s trainable parameters. Returns (prompt or None, trainable params, peft model or None)."""
-    if method == "prompt":
-        pcfg = PromptConfig(
-            num_virtual_tokens=cfg.num_virtual_tokens,
-            init=cfg.init,
-            init_text=cfg.init_text,
-            label_words=bench.task.verbalizer.words,
-            seed=cfg.seed,
-        )
-        prompt = SoftPrompt.initialize(pcfg, bench.model, bench.tokenizer)
-        bench.task.annotate(prompt.meta)
+    if method == "prompt":  # initialised and annotated as `softprompt train` does
+        settings = replace(bench.task.cfg, num_virtual_tokens=cfg.num_virtual_tokens, init=cfg.init,
+                           init_text=cfg.init_text, seed=cfg.seed)  # fmt: skip
+        prompt = make_prompt(settings, bench.task, bench.model, bench.tokenizer)
         return prompt, [prompt.weight], None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -156,7 +152,7 @@ def save_artifact(method: str, folder: Path, bench: Workbench, prompt, peft_mode
     elif method == "lora":
         peft_model.save_pretrained(str(folder))
     else:
-        drop_quantization_config(bench.model.config)  # a GGUF-loaded model: weights are fp32 now
+        forget_quantization(bench.model.config)  # a GGUF-loaded model: weights are fp32 now
         bench.model.save_pretrained(str(folder))
 
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import softprompt.training.runlog as runlog
 from softprompt.batching import length_grouped_batches
 from softprompt.config import PromptConfig
 from softprompt.errors import SoftpromptError
 from softprompt.loading import load_model
 from softprompt.model import PromptedLM, enable_activation_checkpointing
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
-from softprompt.training import runlog
 from softprompt.training.checkpoint import load_checkpoint, save_checkpoint
 from softprompt.training.config import TrainConfig
 from softprompt.training.distributed import DistContext, fsdp_requested, shard_model

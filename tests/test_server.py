@@ -9,16 +9,16 @@ import time
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_llama
-from test_prompt_store import make_store, task_prompt
+from conftest import tiny_llama
+from test_registry import make_store, task_prompt
 
 from softprompt import SoftPrompt, save_prompt
-from softprompt.multitask import classify_mixed, ensemble_classify, generate_mixed
+from softprompt.serving.mixed import classify_mixed, ensemble_classify, generate_mixed
 
 pytest.importorskip("fastapi", reason="the server needs fastapi (pip install -e .[serve])")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from softprompt.serve import ServeLimits, create_app  # noqa: E402
+from softprompt.serving.server import ServeLimits, create_app  # noqa: E402
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def store(llama, tmp_path):
 
 
 def client_for(store, **limits) -> TestClient:
-    return TestClient(create_app(store.prompted.model, store.tokenizer, store, ServeLimits(**limits)))
+    return TestClient(create_app(store, ServeLimits(**limits)))
 
 
 def test_health_and_models_list_prompts(store):
@@ -203,7 +203,7 @@ def test_late_request_joins_its_peers_instead_of_running_alone(store, monkeypatc
 
 
 def test_a_failing_request_does_not_fail_the_others(store, monkeypatch):
-    import softprompt.serve as serve
+    import softprompt.serving.server as serve
 
     real = serve.score_mixed
 
@@ -277,7 +277,7 @@ def test_prompt_management(store, tmp_path):
         save_prompt(task_prompt("topic"), store.root / "alien", tiny_llama(seed=1))
         r = client.post("/v1/prompts/alien/load")
         assert r.status_code == 409 and "different base model" in r.json()["error"]["message"]
-    app = create_app(store.prompted.model, store.tokenizer, store, allow_management=False)
+    app = create_app(store, allow_management=False)
     with TestClient(app) as client:
         assert client.delete("/v1/prompts/topic").status_code == 403
         assert client.get("/v1/models").status_code == 200
@@ -294,7 +294,7 @@ def test_real_server_with_the_openai_client(store):
     import uvicorn
 
     port = free_port()
-    app = create_app(store.prompted.model, make_tokenizer(), store)
+    app = create_app(store)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -319,7 +319,7 @@ def test_real_server_with_the_openai_client(store):
 
 
 def test_one_torch_thread_loads_on_one_thread_and_restores_the_count():
-    from softprompt.serve import one_torch_thread
+    from softprompt.serving.server import one_torch_thread
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -10,8 +10,9 @@ import torch
 from conftest import make_tokenizer, tiny_llama
 
 from softprompt import ModelMismatchError, SoftPrompt, save_prompt
-from softprompt.config import PromptMeta
-from softprompt.prompt_store import InvalidPromptNameError, PromptStore, UnknownPromptError
+from softprompt.errors import InvalidPromptNameError, UnknownPromptError
+from softprompt.meta import PromptMeta
+from softprompt.serving.registry import PromptStore
 
 # Tasks in the tiny tokenizer's vocabulary: two first-token tasks and one whose label words share
 # their first token (scored as sequences).
@@ -30,7 +31,8 @@ def task_prompt(task: str, P: int = 4, seed: int = 0, D: int = 32) -> SoftPrompt
         init="random",
         template=template,
         label_words=list(verbalizer.values()),
-        extra={"verbalizer": verbalizer, "scoring": "auto"},
+        verbalizer=verbalizer,
+        scoring="auto",
     )
     return SoftPrompt(torch.randn(P, D, generator=g) * 0.5, meta)
 

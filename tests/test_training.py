@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import write_sentiment_data
 
-import softprompt.tasks as tasks_mod
-import softprompt.train as train_mod
+import softprompt.training.tasks as tasks_mod
 from softprompt import load_prompt
 from softprompt.cli import main
-from softprompt.config import ConfigError
-from softprompt.train import TrainConfig, lr_at, train
+from softprompt.errors import ConfigError
+from softprompt.training import TrainConfig, train
+from softprompt.training.loop import lr_at
 
 
 @pytest.fixture
@@ -122,9 +122,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_prompt(
 
     monkeypatch.setattr(tasks_mod, "class_scores", nan_on_third_step)
     results = train(config(tiny_model_dir, data, tmp_path / "run", eval_every=100))
-    assert (
-        results["status"] == "diverged" and results["steps"] == 2 and results["validation_accuracy"] is None
-    )
+    assert results["status"] == "diverged" and results["steps"] == 2 and results["validation_score"] is None
     assert "training diverged" in caplog.text
     saved = load_prompt(tmp_path / "run/prompt").weight
     assert torch.isfinite(saved).all()
@@ -158,7 +156,7 @@ def test_bad_train_config_lists_every_problem():
 
 
 def test_unknown_labels_are_reported_with_file_and_line(tiny_model_dir, data, tmp_path):
-    from softprompt.data import DataError
+    from softprompt.errors import DataError
 
     with open(data["test"], "a") as f:
         f.write('{"text": "good food", "label": "mixed"}\n')
@@ -184,25 +182,6 @@ def test_cli_reports_bad_options_without_a_traceback(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "optimizer='sgd'" in err and "lr must be a positive number" in err and "Traceback" not in err
-
-
-def test_hf_dataset_source_is_parsed_and_passed_on(monkeypatch):
-    seen = {}
-
-    def fake_load(name, split, **cols):
-        seen.update(name=name, split=split, **cols)
-        return []
-
-    monkeypatch.setattr(tasks_mod, "load_hf_dataset", fake_load)
-    train_mod.read_source("hf:glue:sst2@validation", "train", text_column="sentence", label_column=None)
-    assert seen == {
-        "name": "glue:sst2",
-        "split": "validation",
-        "text_column": "sentence",
-        "label_column": None,
-    }
-    train_mod.read_source("hf:imdb", "test")
-    assert seen["name"] == "imdb" and seen["split"] == "test"
 
 
 def test_resume_with_other_settings_is_refused(tiny_model_dir, data, tmp_path):

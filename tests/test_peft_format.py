@@ -10,8 +10,8 @@ import torch
 from conftest import MODEL_FACTORIES, tiny_llama
 
 from softprompt import ModelMismatchError, PromptedLM, PromptFormatError, SoftPrompt, load_prompt, save_prompt
-from softprompt.config import PromptMeta
-from softprompt.store import CONFIG_NAME, META_NAME, WEIGHTS_NAME
+from softprompt.meta import PromptMeta
+from softprompt.peft_format import CONFIG_NAME, META_NAME, WEIGHTS_NAME
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install -e .[test])")
 
@@ -79,7 +79,7 @@ def test_overwrite_is_atomic_when_the_write_dies(llama, tmp_path, monkeypatch):
     def die(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr("softprompt.store._write_json", die)
+    monkeypatch.setattr("softprompt.peft_format._write_json", die)
     with pytest.raises(KeyboardInterrupt):
         save_prompt(make_prompt(seed=2), tmp_path / "p", llama)
     monkeypatch.undo()
@@ -158,7 +158,7 @@ def test_wrong_model_is_refused_same_model_other_precision_warns(tmp_path, caplo
     with pytest.raises(ModelMismatchError, match="different base model"):
         load_prompt(tmp_path / "p", tiny_llama(seed=123))
     assert load_prompt(tmp_path / "p", tiny_llama(seed=123), check_model=False).num_virtual_tokens == 5
-    with caplog.at_level(logging.WARNING, logger="softprompt.store"):
+    with caplog.at_level(logging.WARNING, logger="softprompt.peft_format"):
         load_prompt(tmp_path / "p", tiny_llama(seed=0, dtype=torch.bfloat16))
     assert "another precision" in caplog.text
     with pytest.raises(ModelMismatchError, match="hidden size is 32"):

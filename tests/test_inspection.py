@@ -10,9 +10,8 @@ import torch
 
 from softprompt.cli import main
 from softprompt.config import PromptConfig
-from softprompt.inspect_prompt import inspect_prompt, prompt_similarity, reconstruct_init
-from softprompt.prompt import SoftPrompt
-from softprompt.store import load_prompt, save_prompt
+from softprompt.inspection import inspect_prompt, prompt_similarity, reconstruct_init
+from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
 
 
 def text_prompt(model, tokenizer, words: str) -> SoftPrompt:
@@ -55,7 +54,7 @@ def test_norm_against_vocabulary(llama, tokenizer):
 def test_distance_from_init_after_a_known_move(llama, tokenizer):
     cfg = PromptConfig(num_virtual_tokens=3, init="labels", label_words=["good", "bad"], seed=7)
     prompt = SoftPrompt.initialize(cfg, llama, tokenizer)
-    prompt.meta.extra = {"init_seed": 7}
+    assert prompt.meta.init_seed == 7  # recorded by initialize, so the init can be rebuilt
     start = prompt.weight.detach().clone()
     delta = torch.zeros_like(start)
     delta[1, 0] = 3.0  # move token 1 by exactly 3 along one axis
@@ -70,7 +69,8 @@ def test_distance_from_init_after_a_known_move(llama, tokenizer):
 
 def test_init_not_reconstructible_says_why(llama, tokenizer):
     cfg = PromptConfig(num_virtual_tokens=2, init="vocab", seed=1)
-    prompt = SoftPrompt.initialize(cfg, llama, tokenizer)  # no init_seed recorded (like a PEFT prompt)
+    prompt = SoftPrompt.initialize(cfg, llama, tokenizer)
+    prompt.meta.init_seed = None  # not recorded, like a prompt saved by PEFT
     weight, note = reconstruct_init(prompt, llama, tokenizer)
     assert weight is None and "seed is not recorded" in note
     result = inspect_prompt(prompt, llama, tokenizer)

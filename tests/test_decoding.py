@@ -12,13 +12,14 @@ from conftest import MODEL_FACTORIES, WORDS, make_tokenizer, tiny_llama
 from torch.nn import functional as F
 
 from softprompt import SoftPrompt, save_prompt
-from softprompt.data import DataError
-from softprompt.evaluate import generation_report
-from softprompt.generation import Generator, pick_tokens
-from softprompt.model import PromptedLM, PromptPrefix
-from softprompt.tasks import GenerationTask
-from softprompt.train import TrainConfig, train
-from softprompt.verbalizer import pad_rows
+from softprompt.decoding import Generator, generate, pick_tokens
+from softprompt.errors import DataError
+from softprompt.metrics import generation_report
+from softprompt.model import PromptedLM
+from softprompt.prefix import PromptPrefix
+from softprompt.text import pad_rows
+from softprompt.training import TrainConfig, train
+from softprompt.training.tasks import GenerationTask
 
 EOS = 1
 
@@ -58,9 +59,9 @@ def test_greedy_equals_explicit_embedding_reference_mixed_prompts(arch, cached):
     index = torch.tensor([0, 1, 2, 1])
     if cached:
         prefix = lm.prefix_cache(bank, lengths)
-        out = lm.generate(ids, mask, prefix=prefix, prompt_index=index, max_new_tokens=8, eos_token_id=EOS)
+        out = generate(lm, ids, mask, prefix=prefix, prompt_index=index, max_new_tokens=8, eos_token_id=EOS)
     else:
-        out = lm.generate(ids, mask, prompt=bank, prompt_index=index, prompt_lengths=lengths[index],
+        out = generate(lm, ids, mask, prompt=bank, prompt_index=index, prompt_lengths=lengths[index],
                           max_new_tokens=8, eos_token_id=EOS)  # fmt: skip
     with torch.no_grad():
         for b in range(4):
@@ -78,8 +79,8 @@ def test_right_padded_input_generates_the_same_as_left_padded():
     for b in range(ids.shape[0]):
         real = ids[b][mask[b].bool()]
         right_ids[b, : len(real)], right_mask[b, : len(real)] = real, 1
-    a = lm.generate(ids, mask, prompt=prompt, max_new_tokens=6)
-    b = lm.generate(right_ids, right_mask, prompt=prompt, max_new_tokens=6)
+    a = generate(lm, ids, mask, prompt=prompt, max_new_tokens=6)
+    b = generate(lm, right_ids, right_mask, prompt=prompt, max_new_tokens=6)
     assert a.tokens == b.tokens
 
 
@@ -89,8 +90,14 @@ def test_greedy_equals_peft_generate(arch, tmp_path):
     prompt = SoftPrompt(torch.randn(5, 32, generator=torch.Generator().manual_seed(3)))
     save_prompt(prompt, tmp_path / "p", MODEL_FACTORIES[arch]())
     ids, mask = batch(seed=4, B=3)
-    ours = PromptedLM(MODEL_FACTORIES[arch]()).generate(
-        ids, mask, prefix=None, prompt=prompt, max_new_tokens=6, eos_token_id=EOS
+    ours = generate(
+        PromptedLM(MODEL_FACTORIES[arch]()),
+        ids,
+        mask,
+        prefix=None,
+        prompt=prompt,
+        max_new_tokens=6,
+        eos_token_id=EOS,
     )
     theirs_model = peft.PeftModel.from_pretrained(MODEL_FACTORIES[arch](), str(tmp_path / "p"))
     # One row at a time: with left padding, HF's generate gives padded rows other positions than the
@@ -149,19 +156,19 @@ def test_stop_strings_cut_the_text_and_the_tokens():
     lm = PromptedLM(tiny_llama())
     prompt = torch.randn(4, 32, generator=torch.Generator().manual_seed(7))
     ids = torch.tensor([tok("the film was")["input_ids"]])
-    free = lm.generate(ids, prompt=prompt, max_new_tokens=6, tokenizer=tok, eos_token_id=EOS)
+    free = generate(lm, ids, prompt=prompt, max_new_tokens=6, tokenizer=tok, eos_token_id=EOS)
     assert len(free.tokens[0]) >= 3, "the tiny model should produce a few tokens here"
     words = free.texts[0].split()
     stop = words[2]  # the third generated word
-    cut = lm.generate(
-        ids, prompt=prompt, max_new_tokens=6, tokenizer=tok, eos_token_id=EOS, stop_strings=[stop]
+    cut = generate(
+        lm, ids, prompt=prompt, max_new_tokens=6, tokenizer=tok, eos_token_id=EOS, stop_strings=[stop]
     )
     first = free.texts[0].find(stop)
     assert cut.texts[0] == free.texts[0][:first]
     assert cut.finish_reasons == ["stop"]
     assert tok.decode(cut.tokens[0]).strip() == cut.texts[0].strip()
     with pytest.raises(ValueError, match="need the tokenizer"):
-        lm.generate(ids, prompt=prompt, stop_strings=["x"])
+        generate(lm, ids, prompt=prompt, stop_strings=["x"])
 
 
 def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
@@ -173,11 +180,11 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     assert {0, 1} <= draws
     lm = PromptedLM(tiny_llama())
     ids, mask = batch()
-    run = [lm.generate(ids, mask, do_sample=True, temperature=1.5, max_new_tokens=5,
+    run = [generate(lm, ids, mask, do_sample=True, temperature=1.5, max_new_tokens=5,
                        generator=torch.Generator().manual_seed(9)).tokens for _ in range(2)]  # fmt: skip
     assert run[0] == run[1]
     with pytest.raises(ValueError, match="top_p"):
-        lm.generate(ids, mask, top_p=0.0)
+        generate(lm, ids, mask, top_p=0.0)
 
 
 # ----------------------------------------------------------------------------- training
@@ -263,7 +270,7 @@ def test_eos_is_learned_and_honoured(tmp_path):
     assert results["test_trained"]["exact_match"] == 1.0
     assert results["test_trained"]["rougeL"] == 1.0
     from softprompt.loading import load_model
-    from softprompt.store import load_prompt
+    from softprompt.prompt import load_prompt
 
     model, tok = load_model(tiny_model_dir)
     gen = Generator(model, tok, load_prompt(tmp_path / "run/prompt", model))

@@ -8,13 +8,14 @@ import threading
 import pytest
 import torch
 from conftest import MODEL_FACTORIES, make_tokenizer
-from test_prompt_store import make_store, task_prompt
+from test_registry import make_store, task_prompt
+from test_scoring import reference
 
-from softprompt.classify import Classifier
-from softprompt.generation import Generator
-from softprompt.multitask import classify_mixed, ensemble_classify, generate_mixed, score_mixed
-from softprompt.prompt_store import UnknownPromptError
-from softprompt.verbalizer import class_scores, encode_text
+from softprompt.classifier import Classifier
+from softprompt.decoding import Generator
+from softprompt.errors import UnknownPromptError
+from softprompt.serving.mixed import classify_mixed, ensemble_classify, generate_mixed, score_mixed
+from softprompt.text import encode_text
 
 TEXTS = [
     "the food was good",
@@ -28,13 +29,13 @@ ATOL = 1e-5  # fp32; rows are padded and batched differently from the separate r
 
 
 def separate_probs(store, name: str, texts: list[str]) -> torch.Tensor:
-    """The reference: the task's prompt alone, run with each full input (no cached prefix or head)."""
+    """The reference: the plain HF model on [the task's prompt + each full input + label word], one
+    row at a time (no PromptedLM, no cached prefix, no head cut)."""
     entry = store.get(name)
     clf = Classifier(store.prompted.model, store.tokenizer, entry.prompt)
     rows = [encode_text(clf.tokenizer, clf.template, t, 256)[0] for t in texts]
-    with torch.no_grad():
-        logp = class_scores(clf.prompted, rows, clf.label_ids, clf.mode, clf.tokenizer.pad_token_id,
-                            prompt=entry.prompt.weight)  # fmt: skip
+    weight = entry.prompt.weight.detach()
+    logp = torch.stack([reference(store.prompted.model, weight, r, clf.space) for r in rows])
     return logp.softmax(dim=1)
 
 
@@ -60,7 +61,7 @@ def test_inputs_run_without_their_template_head_and_fall_back_when_it_is_missing
 ):
     store = make_store(tmp_path / "store", llama)
     names = ["sentiment", "topic", "quality"]
-    assert all(len(store.get(n).task.head_ids) == 1 for n in names)  # "review", "news", "text"
+    assert all(len(store.get(n).usage.head_ids) == 1 for n in names)  # "review", "news", "text"
     widths: list[int] = []
     forward = store.prompted.forward
     monkeypatch.setattr(
@@ -69,12 +70,12 @@ def test_inputs_run_without_their_template_head_and_fall_back_when_it_is_missing
     texts = ["the food was good", "a boring film"]
     pairs = [(n, t) for t in texts for n in names]
     logps = score_mixed(store, [store.get(n) for n, _ in pairs], [t for _, t in pairs], overhead=10**6)
-    full = max(len(encode_text(store.tokenizer, store.get(n).task.template, t, 256)[0]) + (2 if n == "quality" else 0)
+    full = max(len(encode_text(store.tokenizer, store.get(n).usage.template, t, 256)[0]) + (2 if n == "quality" else 0)
                for n, t in pairs)  # fmt: skip
     assert widths == [full - 1]  # one batch, every row one token (its head) shorter
     # A head that the inputs do not start with: those rows run in full, with the same scores.
     entry = store.get("topic")
-    wrong = dataclasses.replace(entry, task=dataclasses.replace(entry.task, head_ids=(5, 6)))
+    wrong = dataclasses.replace(entry, usage=dataclasses.replace(entry.usage, head_ids=(5, 6)))
     entries = [wrong if n == "topic" else store.get(n) for n, _ in pairs]
     widths.clear()
     again = score_mixed(store, entries, [t for _, t in pairs], overhead=10**6)
@@ -187,4 +188,4 @@ def test_mixed_generation_equals_separate_runs(llama, tmp_path, use_prefix):
         # The reference: the single-prompt Generator, running this prompt alone.
         alone = Generator(store.prompted, store.tokenizer, e.prompt).generate([t], max_new_tokens=6)
         assert got.tokens == alone.tokens[0] and got.finish_reason == alone.finish_reasons[0]
-        assert got.prompt_tokens == len(make_tokenizer()(e.task.template.render(t))["input_ids"])
+        assert got.prompt_tokens == len(make_tokenizer()(e.usage.template.render(t))["input_ids"])
