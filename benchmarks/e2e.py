@@ -113,7 +113,7 @@ def main() -> None:
     res.update(
         train_seconds=train_seconds, total_seconds=total, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, num_virtual_tokens=args.num_virtual_tokens, template=TEMPLATE, seed=args.seed,
-        validation_rougeL=results["validation_accuracy"], threads=args.threads, smoke=args.smoke,
+        validation_rougeL=results["validation_score"], threads=args.threads, smoke=args.smoke,
         command="python benchmarks/e2e.py " + shlex.join(sys.argv[1:]),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     )  # fmt: skip

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from results_io import write_results
 
-from softprompt import PromptConfig, PromptedLM, SoftPrompt, save_prompt
+from softprompt import PromptConfig, PromptedLM, SoftPrompt, generate, save_prompt
 from softprompt.loading import load_model
 
 HERE = Path(__file__).resolve().parent
@@ -104,10 +104,10 @@ def main() -> None:
     # ---- correctness first: the three give the same greedy tokens
     with torch.no_grad():
         ids = batches[8][:2]
-        cached = prompted.generate(
-            ids, prefix=prompted.prefix_cache(prompt), max_new_tokens=8, eos_token_id=-1
+        cached = generate(
+            prompted, ids, prefix=prompted.prefix_cache(prompt), max_new_tokens=8, eos_token_id=-1
         )
-        uncached = prompted.generate(ids, prompt=prompt, max_new_tokens=8, eos_token_id=-1)
+        uncached = generate(prompted, ids, prompt=prompt, max_new_tokens=8, eos_token_id=-1)
         theirs, loop = [], []
         for i in range(2):
             row = ids[i : i + 1]
@@ -128,7 +128,7 @@ def main() -> None:
     def ours(ids, new, use_cache):
         # the prefix is part of the cost only once per prompt: built outside the timed call below
         kwargs = {"prefix": prefix} if use_cache else {"prompt": prompt}
-        return prompted.generate(ids, max_new_tokens=new, eos_token_id=-1, **kwargs)
+        return generate(prompted, ids, max_new_tokens=new, eos_token_id=-1, **kwargs)
 
     def peft_gen(ids, new):
         return peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,

@@ -71,7 +71,7 @@ def main() -> None:
 
     entries = [store.get(name) for name in names]
     # The same prompts with no template head to cut: every input runs in full after the prompt.
-    full = {e.name: dataclasses.replace(e, task=dataclasses.replace(e.task, head_ids=())) for e in entries}
+    full = {e.name: dataclasses.replace(e, usage=dataclasses.replace(e.usage, head_ids=())) for e in entries}
 
     def run_ours(group: int, head: bool = True) -> None:  # what classify_mixed does, on fixed entries
         rows = entries if head else [full[e.name] for e in entries]

@@ -120,7 +120,7 @@ def main() -> None:
                 "initial_prompt_accuracy": results["test_initial_prompt"]["accuracy"]} if baselines else {}),
             "trained_accuracy": results["test_trained"]["accuracy"],
             "trained_macro_f1": results["test_trained"]["macro_f1"],
-            "validation_accuracy": results["validation_accuracy"],
+            "validation_accuracy": results["validation_score"],
             "test_rows": results["test_trained"]["num_rows"],
             "train_rows": args.train_rows or "all",
             "best_step": results["best_step"],

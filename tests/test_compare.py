@@ -43,6 +43,7 @@ def expected_lora_parameters(r: int, targets: list[str]) -> int:
     )
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(tiny_model_dir, data, tmp_path):
     out = tmp_path / "run"
     figures = compare(make_cfg(tiny_model_dir, data, out, isolate=True), command="test")

@@ -65,6 +65,7 @@ def _cli_args(options: dict) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["data_parallel", "fsdp"])
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, data, tmp_path, fsdp):
     one = train(TrainConfig(**_options(tiny_model_dir, data, tmp_path / "one", per_process_batch=4)))

@@ -44,6 +44,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_tutorial_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
     bin_dir = Path(sys.executable).parent
     if shutil.which("softprompt", path=str(bin_dir)) is None:
