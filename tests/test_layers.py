@@ -97,14 +97,26 @@ def test_subpackages_do_not_import_each_other_except_compare_uses_training():
     for m, targets in edges.items():
         for t in targets:
             a, b = m.split(".")[1:2], t.split(".")[1:2]
-            if a and b and a[0] in SUBPACKAGES and b[0] in SUBPACKAGES and a != b and (a[0], b[0]) not in allowed:
+            if (
+                a
+                and b
+                and a[0] in SUBPACKAGES
+                and b[0] in SUBPACKAGES
+                and a != b
+                and (a[0], b[0]) not in allowed
+            ):
                 bad.append(f"{m} imports {t}")
     assert not bad, "; ".join(bad)
 
 
 def test_transformers_internals_stay_in_model_py():
     """Only model.py reaches into transformers' internals (caches, layer classes, configs' fields)."""
-    internals = ("DynamicCache", "GradientCheckpointingLayer", "quantization_config", "max_position_embeddings")
+    internals = (
+        "DynamicCache",
+        "GradientCheckpointingLayer",
+        "quantization_config",
+        "max_position_embeddings",
+    )
     bad = [
         f"{f.relative_to(PACKAGE)}: {word}"
         for f in PACKAGE.rglob("*.py")
