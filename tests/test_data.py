@@ -235,6 +235,90 @@ def test_csv_unclosed_quote_is_reported_with_its_span(tmp_path):
         read_examples(path)
 
 
+def forty_reviews(broken: dict[int, str]) -> str:
+    """A 40-row CSV (header on line 1, row i on line i + 2) with some lines replaced."""
+    lines = ["text,label"] + [f"review number {i},{'pos' if i % 2 else 'neg'}" for i in range(40)]
+    for line, content in broken.items():
+        lines[line - 1] = content
+    return "\n".join(lines) + "\n"
+
+
+def test_csv_unclosed_quote_that_swallows_a_row_is_reported(tmp_path):
+    # The quote opened on line 12 is "closed" by the quote in line 13, so the csv module reads
+    # lines 12-13 as one row of two columns: 39 rows, one with the wrong label, and no error.
+    content = forty_reviews({12: '"great film with a twist,pos', 13: 'the "worst" ever,neg'})
+    path = write(tmp_path, "q.csv", content)
+    with pytest.raises(DataError) as info:
+        read_examples(path)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}:12: ") and "spans lines 12-13" in problem
+    assert "quote" in problem and '""' in problem  # the hint: close it, double quotes inside a field
+
+
+def test_csv_unclosed_quote_closed_cleanly_by_a_later_quote_is_reported(tmp_path):
+    # Here the stray closing quote sits right before a comma, so even a strict csv parser accepts
+    # it; the swallowed lines still look like whole rows ending in a known label.
+    content = forty_reviews({12: '"great film with a twist,pos', 13: "a 12 inch,neg", 14: 'size 12",pos'})
+    path = write(tmp_path, "q.csv", content)
+    with pytest.raises(DataError, match=r"q.csv:12: .*spans lines 12-14"):
+        read_examples(path)
+
+
+def test_csv_quoted_multiline_fields_that_close_properly_still_read(tmp_path):
+    content = (
+        "text,label\r\n"
+        '"Dear sir,\r\nthanks, regards",pos\r\n'
+        '"she said ""no,\nnever""\nand left",neg\r\n'
+        '"one\n\ntwo",pos\r\n'
+        "plain,neg\r\n"
+    )
+    path = write(tmp_path, "ok.csv", content)
+    examples = read_examples(path)
+    assert [(e.text, e.label, e.source.rsplit(":", 1)[1]) for e in examples] == [
+        ("Dear sir,\r\nthanks, regards", "pos", "2"),
+        ('she said "no,\nnever"\nand left', "neg", "4"),
+        ("one\n\ntwo", "pos", "7"),
+        ("plain", "neg", "10"),
+    ]
+
+
+def test_named_column_missing_from_an_unrecognised_header_lists_the_columns(tmp_path):
+    path = write(tmp_path, "r.csv", "review,stars\ngood,pos\nbad,neg\n")
+    for kwargs, what in (
+        ({"label_column": "sentiment"}, "label column 'sentiment'"),
+        ({"text_column": "body"}, "text column 'body'"),
+        ({"text_column": "body", "label_column": "sentiment"}, "text column 'body'"),
+    ):
+        with pytest.raises(DataError) as info:
+            read_examples(path, **kwargs)
+        message = str(info.value)
+        assert f"{path}: no {what}" in message and "['review', 'stars']" in message, message
+    with pytest.raises(DataError, match=r"no text column 'body'; there are \['review', 'stars'\]"):
+        read_examples(path, text_column="body", label_column="stars")
+
+
+def test_columns_guessed_by_position_are_logged(tmp_path, caplog):
+    path = write(tmp_path, "h.csv", "text,stars,extra\ngood,pos,x\nbad,neg,y\n")
+    with caplog.at_level("INFO", logger="softprompt.data"):
+        examples = read_examples(path)
+    assert [e.label for e in examples] == ["x", "y"]
+    (record,) = [r for r in caplog.records if "last column" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert "'extra'" in record.getMessage() and "last column" in record.getMessage()
+    assert "label, labels, class, category" in record.getMessage()  # why: none of these was found
+    caplog.clear()
+    path = write(tmp_path, "r.csv", "review,stars\ngood,pos\nbad,neg\n")
+    with caplog.at_level("INFO", logger="softprompt.data"):
+        read_examples(path)
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("text" in m and "column 0" in m and "no header" in m for m in messages), messages
+    assert any("label" in m and "column 1" in m and "['review', 'stars']" in m for m in messages), messages
+    caplog.clear()
+    with caplog.at_level("INFO", logger="softprompt.data"):
+        read_examples(path, text_column=0, label_column=1)  # chosen, not guessed: nothing to say
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_prefix_strip_leaving_nothing_is_a_problem(tmp_path):
     path = write(tmp_path, "trec.txt", "dist How far ?\tNUM\nlonely\tLOC\n")
     with pytest.raises(DataError, match=r"trec.txt:2: empty text .*strip_prefix_word"):

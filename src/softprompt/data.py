@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from importlib import resources
@@ -81,14 +82,26 @@ def _detect_format(path: Path, format: str | None) -> str:
 def _read_text(path: Path) -> str:
     if not path.exists():
         raise MissingFileError(f"data file not found: {path} (looked in {path.resolve().parent})")
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in FORMATS)[:5]
+        raise MissingFileError(
+            f"{path} is a folder, not a data file; point at a .jsonl, .csv or .tsv file"
+            + (f" (it holds {', '.join(inside)})" if inside else "")
+        )
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is dropped, not read as text
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
+        # A UTF-16 byte-order mark (Excel's "Unicode text"); else Windows-1252 / Latin-1 (Excel's
+        # "CSV"), where accents and curly quotes are single bytes.
+        guess = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "cp1252"
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        shown = raw[start : start + 60].split(b"\n")[0].decode("utf-8", "replace").rstrip("\r")
         raise DataError(
-            [f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"],
-            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`).",
+            [f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}) in {shown!r}"],
+            f"save the file as UTF-8 (e.g. `iconv -f {guess} -t utf-8 in > out`, or in a spreadsheet "
+            "choose 'CSV UTF-8'); it was probably written as " + guess + ".",
         ) from None
 
 
@@ -100,6 +113,7 @@ def _split_rows(path: Path, text: str, fmt: str) -> tuple[list[Row], list[tuple[
     rows, problems, blank = [], [], []
     if fmt == "csv":  # quoted fields may span lines: let the csv module find the rows
         reader, end = csv.reader(io.StringIO(text, newline="")), 0
+        limit = csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # long texts are fine
         try:
             for fields in reader:
                 start, end = end + 1, reader.line_num
@@ -111,6 +125,8 @@ def _split_rows(path: Path, text: str, fmt: str) -> tuple[list[Row], list[tuple[
             raise DataError(
                 [f"{path}:{end + 1}: CSV parse error: {e}"], "fix the quoting on that line."
             ) from None
+        finally:
+            csv.field_size_limit(limit)  # the limit is the process's: leave it as it was
         return rows, problems, blank
     lines = text.split("\n")
     if lines[-1] == "":
@@ -119,8 +135,8 @@ def _split_rows(path: Path, text: str, fmt: str) -> tuple[list[Row], list[tuple[
         line = line.rstrip("\r")
         if not line.strip():
             blank.append(i)
-        elif fmt == "tsv":  # QUOTE_NONE: quotes in SST-2 / AG News texts are plain characters
-            rows.append((i, i, next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))))
+        elif fmt == "tsv":  # no quoting: quotes in SST-2 / AG News texts are plain characters
+            rows.append((i, i, line.split("\t")))
         else:
             try:
                 value = json.loads(line)
@@ -140,6 +156,7 @@ def _split_rows(path: Path, text: str, fmt: str) -> tuple[list[Row], list[tuple[
 def _resolve_column(
     column: str | int | None,
     names: list[str] | None,
+    first: list[str],
     width: int,
     known: tuple[str, ...],
     what: str,
@@ -150,7 +167,8 @@ def _resolve_column(
     """(column, problem): a JSON key (``keys``) or a 0-based index into the row's fields.
 
     Without ``column``, the first of the ``known`` names is taken; failing that, column 0 for the
-    text and the last column for the label (``guess``), or a problem naming what was looked for."""
+    text and the last column for the label (``guess``), or a problem naming what was looked for.
+    ``first`` is the first row, shown when a named column is asked of a file without a header."""
     if isinstance(column, str) and column.isdigit() and column not in (names or []):
         column = int(column)  # "1" from a command line means index 1 unless a column is named "1"
     if column is None:
@@ -163,8 +181,8 @@ def _resolve_column(
     if isinstance(column, str):
         if names is None:
             return None, (
-                f"{path}: {what} column {column!r} is a name but the file has no header row; "
-                "pass a 0-based index, or has_header=True if the first row is a header"
+                f"{path}: no {what} column {column!r}: the file has no header row naming it (the first "
+                f"row is {first}); pass a 0-based index, or has_header=True if that row is a header"
             )
         if column not in names:
             return None, f"{path}: no {what} column {column!r}; there are {names}"
@@ -174,6 +192,39 @@ def _resolve_column(
     if width and not 0 <= column < width:
         return None, f"{path}: {what} column index {column} is out of range; rows have {width} column(s)"
     return column, None
+
+
+def _log_guess(path: Path, given, column, names: list[str] | None, first: list[str], known, what: str):
+    """Say which column was taken by position when none was given or named as expected, and why."""
+    if given is not None or column is None or (names and names[column].lower() in known):
+        return
+    place = "first" if column == 0 else "last"
+    if names:
+        why = f"no {what} column is named {', '.join(known)} (header: {names})"
+        chosen = f"the {place} column, {names[column]!r}"
+    else:
+        why = f"no header row (the first row, {first}, names no known column)"
+        chosen = f"column {column}, the {place} column"
+    logger.warning("%s: %s, so the %s is %s; pass %s_column= to choose", path, why, what, chosen, what)
+
+
+def _runaway_quote(lines: list[str], row: Row, width: int, label: int | None, labels: set[str]) -> bool:
+    """Whether a CSV row read from several lines is a quote left open rather than a multi-line field.
+
+    A properly closed quote is followed by a comma or the line's end (a strict parse accepts the
+    row), and the lines inside a real multi-line text are text, not rows ending in a known label."""
+    start, end, fields = row
+    try:
+        list(csv.reader(io.StringIO("".join(lines[start - 1 : end]), newline=""), strict=True))
+    except csv.Error:
+        return True
+    if label is None or width < 2:
+        return False
+    for piece in (p for field in fields for p in re.split(r"\r\n|\r|\n", field)):
+        parsed = next(csv.reader([piece]), [])
+        if len(parsed) == width and parsed[label].strip() in labels:
+            return True
+    return False
 
 
 def read_examples(
@@ -227,44 +278,61 @@ def read_examples(
                 [f"{path}: this is one JSON array, not JSON lines"], "write one JSON object per line."
             )
     rows, problems, blank = _split_rows(path, text, fmt)
-    names, keys, width = None, False, 0
+    names, keys, width, first_row = None, False, 0, []
     if fmt == "jsonl":
         first = next((r for _, _, r in rows if isinstance(r, dict)), None)
         names, keys = (list(first), True) if first is not None else (None, False)
     elif rows:
-        first = [f.strip() for f in rows[0][2]]
+        first_row = [f.strip() for f in rows[0][2]]
         if has_header is None:
             named = {c for c in (text_column, label_column) if isinstance(c, str) and not c.isdigit()}
-            has_header = any(f.lower() in TEXT_COLUMNS + label_names or f in named for f in first)
-        names, rows = (first, rows[1:]) if has_header else (None, rows)
+            has_header = any(f.lower() in TEXT_COLUMNS + label_names or f in named for f in first_row)
+        names, rows = (first_row, rows[1:]) if has_header else (None, rows)
     if not rows and not problems:
         raise DataError([f"{path}: the file has no data rows"], "point at a file with data.")
     # Without a header the most common width is the expected one, so the odd rows are the ones reported.
     width = len(names) if names else Counter(len(r) for _, _, r in rows).most_common(1)[0][0] if rows else 0
-    tc, p1 = _resolve_column(text_column, names, width, TEXT_COLUMNS, "text", path, keys)
-    lc, p2 = _resolve_column(
-        label_column, names, width, label_names, label_role, path, keys, guess_label_column
-    )
+    tc, p1 = _resolve_column(text_column, names, first_row, width, TEXT_COLUMNS, "text", path, keys)
+    lc, p2 = (None, None)
+    if labelled:
+        args = (names, first_row, width, label_names, label_role, path, keys, guess_label_column)
+        lc, p2 = _resolve_column(label_column, *args)
     if labelled and p1 is None and p2 is None and tc == lc:
         p2 = f"{path}: the text and the label are both column {tc!r}; " + (
             "rows have one column: pass labelled=False for unlabelled inputs"
             if width == 1
             else "choose the label with label_column="
         )
-    if p1 or (labelled and p2):
+    if p1 or p2:
         hint = (
             f"choose the columns with --text_column and --{label_role}_column (a name or a 0-based "
             f"index; text_column= and {label_role}_column= in Python)."
         )
-        raise DataError([*(m for _, m in problems), *(p for p in (p1, p2 if labelled else None) if p)], hint)
+        raise DataError([*(m for _, m in problems), *(p for p in (p1, p2) if p)], hint)
+    if not keys:  # a column taken by position may be the wrong one: say which, and why
+        _log_guess(path, text_column, tc, names, first_row, TEXT_COLUMNS, "text")
+        if labelled:
+            _log_guess(path, label_column, lc, names, first_row, label_names, label_role)
 
     def where(c: str | int) -> str:
         return f"key {c!r}" if keys else f"column {names[c]!r}" if names else f"column {c}"
 
     sep = {"tsv": "tab", "csv": "comma"}.get(fmt)
+    lines, seen = [], set()
+    if fmt == "csv" and any(end > start for start, end, _ in rows):  # a multi-line field, or a stray quote
+        lines = io.StringIO(text, newline="").readlines()  # the lines as the csv module counts them
+        seen = {r[lc].strip() for s, e, r in rows if s == e and len(r) == width} if labelled else set()
     examples = []
     for start, end, row in rows:
         source = f"{path}:{start}"
+        if end > start and sep == "comma" and _runaway_quote(lines, (start, end, row), width, lc, seen):
+            message = (
+                f"the quote opened on this line is not closed where its field ends, so the row spans "
+                f"lines {start}-{end}; check the quote: close it right after the field, and double any "
+                'quote character inside a quoted field ("")'
+            )
+            problems.append((start, f"{source}: {message}"))
+            continue
         if sep and len(row) != width:
             span = f" (the row spans lines {start}-{end}: an unclosed quote?)" if end > start else ""
             fix = "removed" if sep == "tab" else "inside double quotes"
