@@ -264,8 +264,8 @@ def read_examples(
         DataError: The file is empty, or some rows do not parse, have empty text or lack a label.
     """
     path = Path(path)
+    text = _read_text(path)  # first: a missing file is the problem to report, not its extension
     fmt = _detect_format(path, format)
-    text = _read_text(path)
     if not text.strip():
         raise DataError([f"{path}: the file is empty"], "point at a file with data.")
     if fmt == "jsonl" and text.lstrip().startswith("[") and "\n" in text.strip():
@@ -278,12 +278,13 @@ def read_examples(
                 [f"{path}: this is one JSON array, not JSON lines"], "write one JSON object per line."
             )
     rows, problems, blank = _split_rows(path, text, fmt)
-    names, keys, width, first_row = None, False, 0, []
+    names, keys, width, first_row, shown = None, False, 0, [], []
     if fmt == "jsonl":
         first = next((r for _, _, r in rows if isinstance(r, dict)), None)
         names, keys = (list(first), True) if first is not None else (None, False)
     elif rows:
         first_row = [f.strip() for f in rows[0][2]]
+        shown = [f if len(f) <= 30 else f[:27] + "..." for f in first_row]  # for messages
         if has_header is None:
             named = {c for c in (text_column, label_column) if isinstance(c, str) and not c.isdigit()}
             has_header = any(f.lower() in TEXT_COLUMNS + label_names or f in named for f in first_row)
@@ -292,10 +293,10 @@ def read_examples(
         raise DataError([f"{path}: the file has no data rows"], "point at a file with data.")
     # Without a header the most common width is the expected one, so the odd rows are the ones reported.
     width = len(names) if names else Counter(len(r) for _, _, r in rows).most_common(1)[0][0] if rows else 0
-    tc, p1 = _resolve_column(text_column, names, first_row, width, TEXT_COLUMNS, "text", path, keys)
+    tc, p1 = _resolve_column(text_column, names, shown, width, TEXT_COLUMNS, "text", path, keys)
     lc, p2 = (None, None)
     if labelled:
-        args = (names, first_row, width, label_names, label_role, path, keys, guess_label_column)
+        args = (names, shown, width, label_names, label_role, path, keys, guess_label_column)
         lc, p2 = _resolve_column(label_column, *args)
     if labelled and p1 is None and p2 is None and tc == lc:
         p2 = f"{path}: the text and the label are both column {tc!r}; " + (
@@ -310,9 +311,9 @@ def read_examples(
         )
         raise DataError([*(m for _, m in problems), *(p for p in (p1, p2) if p)], hint)
     if not keys:  # a column taken by position may be the wrong one: say which, and why
-        _log_guess(path, text_column, tc, names, first_row, TEXT_COLUMNS, "text")
+        _log_guess(path, text_column, tc, names, shown, TEXT_COLUMNS, "text")
         if labelled:
-            _log_guess(path, label_column, lc, names, first_row, label_names, label_role)
+            _log_guess(path, label_column, lc, names, shown, label_names, label_role)
 
     def where(c: str | int) -> str:
         return f"key {c!r}" if keys else f"column {names[c]!r}" if names else f"column {c}"
