@@ -316,6 +316,7 @@ def test_columns_guessed_by_position_are_logged(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level("INFO", logger="softprompt.data"):
         read_examples(path, text_column=0, label_column=1)  # chosen, not guessed: nothing to say
+        read_examples(write(tmp_path, "in.txt", "first input\nsecond\n"), labelled=False)  # one column
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 

@@ -194,7 +194,15 @@ def _resolve_column(
     return column, None
 
 
-def _log_guess(path: Path, given, column, names: list[str] | None, first: list[str], known, what: str):
+def _log_guess(
+    path: Path,
+    given: str | int | None,
+    column: int | None,
+    names: list[str] | None,
+    first: list[str],
+    known: tuple[str, ...],
+    what: str,
+) -> None:
     """Say which column was taken by position when none was given or named as expected, and why."""
     if given is not None or column is None or (names and names[column].lower() in known):
         return
@@ -310,7 +318,7 @@ def read_examples(
             f"index; text_column= and {label_role}_column= in Python)."
         )
         raise DataError([*(m for _, m in problems), *(p for p in (p1, p2) if p)], hint)
-    if not keys:  # a column taken by position may be the wrong one: say which, and why
+    if not keys and width > 1:  # a column taken by position may be the wrong one: say which, and why
         _log_guess(path, text_column, tc, names, shown, TEXT_COLUMNS, "text")
         if labelled:
             _log_guess(path, label_column, lc, names, shown, label_names, label_role)
