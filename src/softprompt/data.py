@@ -253,9 +253,10 @@ def read_examples(
         path: The file. Its extension picks the format (.jsonl/.json, .csv, .tsv/.txt) unless
             ``format`` is given.
         text_column: Column name (header / JSON key) or 0-based index of the text. Default: the
-            first of text, sentence, question, input, content that exists, else column 0.
+            first of text, sentence, question, input, content that exists, else column 0 (a
+            warning says so). A named column the file lacks is a ``DataError`` listing the columns.
         label_column: Likewise for the label. Default: label, labels, class, category, else the
-            last column. Labels are always strings (JSON ``0`` becomes ``"0"``).
+            last column (with a warning). Labels are always strings (JSON ``0`` becomes ``"0"``).
         format: "jsonl", "csv" or "tsv" to override the extension.
         has_header: Whether the first CSV/TSV row names the columns. Default: yes when it holds a
             known column name or one of the named columns.
@@ -268,8 +269,9 @@ def read_examples(
         label_role: What the label column holds, for messages ("label", or "target" for generation).
 
     Raises:
-        FileNotFoundError: The file does not exist.
-        DataError: The file is empty, or some rows do not parse, have empty text or lack a label.
+        FileNotFoundError: The file does not exist, or is a folder (``MissingFileError``).
+        DataError: The file is empty or not UTF-8, or some rows do not parse (a CSV quote left
+            open is reported at the line where it opened), have empty text or lack a label.
     """
     path = Path(path)
     text = _read_text(path)  # first: a missing file is the problem to report, not its extension
