@@ -101,8 +101,12 @@ def test_symlink_out_of_the_store_is_refused(llama, tmp_path):
 def test_prompt_of_another_model_is_refused(tmp_path):
     other = tiny_llama(seed=1)
     save_prompt(task_prompt("sentiment"), tmp_path / "store" / "alien", other)
+    # At start-up it is skipped and listed (the other prompts are still served); loading it raises.
+    store = PromptStore(tmp_path / "store", tiny_llama(seed=0), make_tokenizer())
+    assert store.names() == [] and [f["name"] for f in store.failures()] == ["alien"]
+    assert "different base model" in store.failures()[0]["error"]
     with pytest.raises(ModelMismatchError, match="different base model"):
-        PromptStore(tmp_path / "store", tiny_llama(seed=0), make_tokenizer())
+        store.load("alien")
     wrong_dim = SoftPrompt(torch.randn(3, 16))
     store = PromptStore(tmp_path / "empty", tiny_llama(), make_tokenizer())
     with pytest.raises(ValueError, match="hidden size"):
@@ -150,3 +154,15 @@ def test_concurrent_readers_see_old_or_new_never_a_mix(llama, tmp_path):
     for t in threads:
         t.join()
     assert not errors and seen <= {3, 7}
+
+
+def test_failed_folders_are_listed_until_they_load(llama, tmp_path):
+    store = make_store(tmp_path / "store", llama)
+    (tmp_path / "store" / "topic" / "softprompt.json").write_text('{"template": 3}')
+    with pytest.raises(ValueError, match="template: expected a string"):
+        store.load("topic")
+    assert [f["name"] for f in store.failures()] == ["topic"]
+    assert "topic" in store  # the version loaded before is still served
+    store.replace("topic", task_prompt("topic"))  # saves a good folder over the bad one
+    assert store.failures() == []
+    assert store.redact(f"{store.root}/topic/x.json in {store.root}") == "topic/x.json in <store>"

@@ -189,7 +189,10 @@ def cmd_info(path: str, as_json: bool) -> None:
 
 def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batch_size: int,
               batch_window_ms: float, batch_gap_ms: float, max_queue: int, max_tokens: int,
-              allow_management: bool) -> None:  # fmt: skip
+              allow_management: bool, api_key: str | None = None) -> None:  # fmt: skip
+    import os
+
+    api_key = api_key or os.environ.get("SOFTPROMPT_API_KEY") or None
     try:
         from softprompt.serving.server import ServeLimits, serve
     except ImportError as e:
@@ -198,7 +201,8 @@ def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batc
         ) from None
     limits = ServeLimits(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
                          batch_gap_ms=batch_gap_ms if batch_gap_ms > 0 else None, max_tokens=max_tokens)  # fmt: skip
-    serve(store, model, dtype, host=host, port=port, limits=limits, allow_management=allow_management)
+    serve(store, model, dtype, host=host, port=port, limits=limits, allow_management=allow_management,
+          api_key=api_key)  # fmt: skip
 
 
 def cmd_compare(cfg) -> None:
@@ -347,6 +351,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max_queue", type=int, default=256, help="Queued requests before 503.")
     p.add_argument("--max_tokens", type=int, default=256, help="Largest max_tokens per completion.")
     p.add_argument("--allow_management", type=bool, default=True, help="Allow load/unload over HTTP.")
+    p.add_argument(
+        "--api_key",
+        type=str | None,
+        default=None,
+        help="Require 'Authorization: Bearer KEY' on every route but /health (default: the "
+        "SOFTPROMPT_API_KEY environment variable, else none: then management needs a loopback --host).",
+    )
     sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
 
     p = ArgumentParser(description="Prompt tuning vs LoRA vs full fine-tuning on the same data and budget.")
@@ -414,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd_inspect(a.paths, a.model, a.dtype, a.top_k, a.as_json)
         elif name == "serve":
             cmd_serve(a.store, a.model, a.dtype, a.host, a.port, a.max_batch_size, a.batch_window_ms,
-                      a.batch_gap_ms, a.max_queue, a.max_tokens, a.allow_management)  # fmt: skip
+                      a.batch_gap_ms, a.max_queue, a.max_tokens, a.allow_management, a.api_key)  # fmt: skip
     except SoftpromptError as e:
         # The user's to fix, and the message says how: a traceback would bury it. Anything else is a
         # bug in softprompt or below it, and goes up with its traceback.

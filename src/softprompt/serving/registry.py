@@ -15,6 +15,9 @@ checked against the base model's embedding fingerprint when it is loaded; length
 A causal model's virtual tokens attend only to each other, so their per-layer key/value cache is the
 same for every input. When the model supports it (``PromptedLM.prefix_cache``), the store computes it
 once per prompt version and hands it out until the prompt is replaced or removed.
+
+A folder that cannot be loaded (damaged, hand-edited, made for another model) does not stop the
+others: the store loads the rest, logs a warning and lists it in :meth:`PromptStore.failures`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from softprompt.errors import (
     FolderInUseError,
     InvalidPromptNameError,
     MissingFileError,
+    PromptFormatError,
+    SoftpromptError,
     UnknownPromptError,
     UsageError,
 )
@@ -46,6 +51,10 @@ from softprompt.text import Template
 from softprompt.verbalizer import LabelSpace, Verbalizer
 
 log = logging.getLogger(__name__)
+
+# What reading a damaged or hand-edited folder can raise beyond softprompt's own checks (e.g. a field
+# of the wrong JSON type used as a number): reported as a PromptFormatError naming the folder.
+READ_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 # A prompt name is a folder name inside the store: no separators, no dot-names, nothing that could
 # leave the root (checked again on the resolved path).
@@ -136,7 +145,8 @@ class PromptStore:
     """Prompts from the folder ``root``, all on the base model of ``prompted``.
 
     Args:
-        root: the store folder (created if missing). ``load_all=True`` loads every prompt folder in it.
+        root: the store folder (created if missing). ``load_all=True`` loads every prompt folder in it;
+            one that fails is skipped with a warning and listed by :meth:`failures`.
         model: the base model (a ``PromptedLM`` or the HF model it wraps).
         tokenizer: needed for classification tasks (label words -> token ids).
         check_model: refuse prompts whose embedding fingerprint is another model's (default True).
@@ -161,9 +171,13 @@ class PromptStore:
         self._versions = itertools.count(1)
         self._prefixes: dict[tuple, object] = {}
         self._prefix_lock = threading.Lock()
+        self._failed: dict[str, str] = {}  # folder name -> why it could not be loaded
         if load_all:
             for name in self.available():
-                self.load(name)
+                try:
+                    self.load(name)
+                except SoftpromptError as e:
+                    log.warning("prompt folder %r cannot be loaded; serving the others: %s", name, e)
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> StoreSnapshot:
@@ -184,11 +198,30 @@ class PromptStore:
 
     def available(self) -> list[str]:
         """Names of the prompt folders in ``root`` (loaded or not)."""
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if p.is_dir() and NAME_PATTERN.match(p.name) and (p / CONFIG_NAME).is_file()
-        )
+        names = []
+        for p in self.root.iterdir():
+            if not NAME_PATTERN.match(p.name):
+                continue
+            try:
+                if p.is_dir() and (p / CONFIG_NAME).is_file():
+                    names.append(p.name)
+            except OSError:  # unreadable: listed, so that loading it says why
+                names.append(p.name)
+        return sorted(names)
+
+    def failures(self) -> list[dict[str, str]]:
+        """The prompt folders of ``root`` that could not be loaded: ``[{"name", "error"}]`` by name.
+
+        A folder leaves the list when it loads (or is replaced) successfully, or is deleted.
+        """
+        failed = dict(self._failed)
+        return [{"name": n, "error": failed[n]} for n in sorted(failed) if (self.root / n).is_dir()]
+
+    def redact(self, text: str) -> str:
+        """``text`` with paths inside the store written relative to it (``topic/softprompt.json``)
+        and the store folder itself as ``<store>``: for messages shown to remote clients."""
+        root = str(self.root)
+        return text.replace(root + os.sep, "").replace(root, "<store>")
 
     def path_of(self, name: str) -> Path:
         """The folder of prompt ``name`` inside ``root``; refuses names that would point elsewhere."""
@@ -213,8 +246,19 @@ class PromptStore:
                 f"no prompt folder {name!r} in the store {self.root} (available: "
                 f"{', '.join(self.available()[:20]) or 'none'}); save one there first"
             )
-        prompt = load_prompt(path, self.prompted.model, check_model=self.check_model)
-        return self._put(name, prompt, path)
+        try:
+            prompt = load_prompt(path, self.prompted.model, check_model=self.check_model)
+            return self._put(name, prompt, path)
+        except SoftpromptError as e:
+            self._failed[name] = str(e)
+            raise
+        except READ_ERRORS as e:
+            error = PromptFormatError(
+                f"prompt folder {name!r} cannot be loaded ({type(e).__name__}: {e}); a file in it is "
+                "damaged or was edited by hand (check the field types of its JSON files), or re-save it"
+            )
+            self._failed[name] = str(error)
+            raise error from e
 
     def add(
         self, name: str, prompt: SoftPrompt, *, save: bool = True, overwrite: bool = False
@@ -271,6 +315,7 @@ class PromptStore:
         with self._lock:
             entry = PromptEntry(name, next(self._versions), frozen, usage, path)
             self._snapshot = StoreSnapshot({**self._snapshot, name: entry})
+            self._failed.pop(name, None)
         self._drop_prefixes(name)
         log.info(
             "loaded prompt %s (%d virtual tokens, version %d)", name, entry.num_virtual_tokens, entry.version

@@ -4,11 +4,17 @@ and prompt management. Build the app with :func:`create_app` (tests use a tiny m
 Requests for different prompts are gathered into shared batches by a :class:`Batcher`: it waits a few
 milliseconds after the first request for others to arrive, then runs them together in one worker
 thread (torch releases the GIL while it computes, so the event loop keeps accepting requests).
+
+Every request first passes a :class:`RequestGuard`: the API key (when the server has one), the body
+limit on the bytes actually received, and a last-resort handler, so every answer, even to a bug, is
+JSON in OpenAI's error shape without a traceback or a path of the server's disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import queue
 import threading
@@ -23,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from softprompt.errors import (
     InvalidPromptNameError,
@@ -66,7 +73,7 @@ class ServeLimits:
     max_items: int = 64
     """Most texts in one classify request, or prompts x n in one completion (413 beyond)."""
     max_body_bytes: int = 1_000_000
-    """Largest request body (413 beyond)."""
+    """Largest request body, counted on the bytes received (chunked bodies too); 413 beyond."""
 
 
 class APIError(Exception):
@@ -77,6 +84,139 @@ class APIError(Exception):
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
+
+
+def error_response(
+    status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    """OpenAI's error shape. A lone surrogate in ``message`` is escaped: it cannot be sent as UTF-8."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------- access and limits
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+KEY_HINT = "start the server with --api_key (or the SOFTPROMPT_API_KEY environment variable)"
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is this machine's loopback interface."""
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False  # another host name: it may resolve anywhere
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def check_binding(host: str, *, allow_management: bool, api_key: str | None) -> None:
+    """Refuse to serve prompt management without an API key on an address other machines reach."""
+    if allow_management and not api_key and not is_loopback(host):
+        raise UsageError(
+            f"refusing to listen on {host!r} with prompt management and no API key: anyone who can "
+            f"reach the server could load and delete prompts. Either {KEY_HINT}, listen on 127.0.0.1, "
+            "or pass --allow_management false"
+        )
+
+
+class RequestGuard:
+    """ASGI middleware run before every route: API key, body limit, and a catch-all for errors.
+
+    * With ``api_key``, every route but ``/health`` needs ``Authorization: Bearer <key>`` (checked
+      before the body is read).
+    * The body is read here, counting the bytes received, and refused with 413 as soon as it passes
+      ``max_body_bytes`` (Content-Length, when sent, is checked first); the rest is never read.
+      The routes then get the body from memory.
+    * An exception no handler answered is logged with its traceback and answered as a generic JSON
+      500, so no response carries a traceback or a path of the server's disk.
+    """
+
+    def __init__(self, app, max_body_bytes: int, api_key: str | None):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.api_key = None if api_key is None else api_key.encode("utf-8")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_note(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            refusal = self._refuse(scope)
+            if refusal is None:
+                body, refusal = await self._read_body(scope, receive)
+            if refusal is not None:
+                await refusal(scope, receive, send_and_note)
+                return
+            replay = iter(body)
+
+            async def receive_from_memory():
+                message = next(replay, None)
+                return message if message is not None else await receive()
+
+            await self.app(scope, receive_from_memory, send_and_note)
+        except Exception:
+            log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
+            if started:  # too late for an error response: the connection is closed
+                raise
+            message = "internal server error; the server's log has the details"
+            await error_response(500, message, "server_error")(scope, receive, send)
+
+    def _refuse(self, scope) -> JSONResponse | None:
+        if self.api_key is None or scope.get("path") == "/health":
+            return None
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):
+            return None
+        return error_response(
+            401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
+            "the server was started with", "invalid_request_error", "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )  # fmt: skip
+
+    async def _read_body(self, scope, receive) -> tuple[list[dict], JSONResponse | None]:
+        limit = self.max_body_bytes
+        too_large = error_response(
+            413, f"request body is over the limit of {limit} bytes; send less", "invalid_request_error",
+            "body_too_large", headers={"Connection": "close"},  # the rest of the body is not read
+        )  # fmt: skip
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return [], too_large
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client went away
+                return messages, None
+            size += len(message.get("body", b""))
+            if size > limit:
+                return [], too_large
+            if not message.get("more_body", False):
+                return messages, None
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text with a lone surrogate (JSON ``"\\ud800"``): it is not Unicode text a tokenizer reads."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            400, f"{what} holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is "
+            "not valid Unicode; send UTF-8 text", code="invalid_text",
+        ) from None  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- batching
@@ -244,12 +384,19 @@ class ClassifyRequest(BaseModel):
 
 # ---------------------------------------------------------------------------- the app
 def create_app(
-    store: PromptStore, limits: ServeLimits | None = None, *, allow_management: bool = True
+    store: PromptStore,
+    limits: ServeLimits | None = None,
+    *,
+    allow_management: bool = True,
+    api_key: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``store``'s prompts on ``model``.
 
     Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/classify``,
     ``GET /v1/prompts``, ``POST /v1/prompts/{name}/load``, ``DELETE /v1/prompts/{name}``.
+    With ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <api_key>``;
+    without one, loading and unloading prompts is answered only on a loopback address (and
+    :func:`serve` refuses to listen elsewhere, see :func:`check_binding`).
     All model compute runs in one batcher thread; on CPU, build the model and store inside
     :func:`one_torch_thread` (as :func:`serve` does) so that thread runs at full speed.
     """
@@ -268,33 +415,32 @@ def create_app(
 
     app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan)
     app.state.store, app.state.batcher, app.state.limits = store, batcher, limits
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return JSONResponse(
-            {"error": {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}},
-            status_code=exc.status,
-        )
+        # Messages about prompt folders name them relative to the store, never by absolute path.
+        return error_response(exc.status, store.redact(exc.message), exc.type, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
         )
-        return JSONResponse(
-            {"error": {"message": f"malformed request: {problems}", "type": "invalid_request_error",
-                       "code": "invalid_body", "param": None}},
-            status_code=422,
-        )  # fmt: skip
+        return error_response(422, f"malformed request: {problems}", "invalid_request_error", "invalid_body")
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-            return await api_error(
-                request, APIError(413, f"request body of {size} bytes is over {limits.max_body_bytes}")
-            )
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """Starlette's own answers (unknown route, wrong method, unreadable body) in OpenAI's shape."""
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = f"no route {where}; the API is under /v1 (e.g. GET /v1/models)"
+            return error_response(404, message, "not_found_error", "unknown_route")
+        if exc.status_code == 405:
+            message = f"{where} is not allowed (allowed: {(exc.headers or {}).get('Allow', '')})"
+            return error_response(405, message, "invalid_request_error", "method_not_allowed", exc.headers)
+        message, type_, code = f"{where}: {exc.detail}", "invalid_request_error", None
+        return error_response(exc.status_code, message, type_, code, headers=exc.headers)
 
     def entry(snapshot, name: str) -> PromptEntry:
         try:
@@ -303,6 +449,7 @@ def create_app(
             raise APIError(404, str(e), "not_found_error", "model_not_found") from None
 
     def encode_len(e: PromptEntry, text: str) -> int:
+        check_text(text, "an input")
         n = len(tokenizer(render(e, text), add_special_tokens=False)["input_ids"])
         if n > limits.max_input_tokens:
             raise APIError(
@@ -312,9 +459,16 @@ def create_app(
             raise APIError(400, "an input is empty; give some text")
         return n
 
+    def failures() -> list[dict]:
+        return [{"name": f["name"], "error": store.redact(f["error"])} for f in store.failures()]
+
+    def describe(e: PromptEntry) -> dict:
+        return {**e.describe(), "path": None if e.path is None else store.redact(str(e.path))}
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "prompts": len(store), "queued": batcher.queue.qsize(), **batcher.stats}
+        return {"status": "ok", "prompts": len(store), "failed": failures(), "queued": batcher.queue.qsize(),
+                **batcher.stats}  # fmt: skip
 
     @app.get("/v1/models")
     async def models():
@@ -341,6 +495,8 @@ def create_app(
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4:
             raise APIError(400, f"at most 4 stop sequences, got {len(stops)}")
+        for stop in stops:
+            check_text(stop, "a stop sequence")
         e = entry(store.snapshot(), req.model)
         lengths = [encode_len(e, t) for t in texts]
         if positions_limit and max(lengths) + e.num_virtual_tokens + req.max_tokens > positions_limit:
@@ -402,32 +558,41 @@ def create_app(
         loaded = store.snapshot()
         return {
             "object": "list",
-            "data": [loaded[n].describe() for n in sorted(loaded)],
+            "data": [describe(loaded[n]) for n in sorted(loaded)],
             "available": store.available(),
+            "failed": failures(),
         }
 
-    def management() -> None:
+    def management(request: Request) -> None:
         if not allow_management:
             raise APIError(403, "prompt management is disabled on this server", "permission_error")
+        server = request.scope.get("server") or (None,)
+        if api_key is None and not is_loopback(server[0]):
+            raise APIError(
+                401, f"prompt management needs an API key on a non-loopback address: {KEY_HINT} and "
+                "send 'Authorization: Bearer <key>'", "authentication_error", "api_key_required",
+            )  # fmt: skip
 
     @app.post("/v1/prompts/{name}/load")
-    async def load(name: str):
-        management()
+    async def load(name: str, request: Request):
+        management(request)
         try:
             loaded = await asyncio.to_thread(store.load, name)
         except InvalidPromptNameError as e:
             raise APIError(400, str(e)) from None
-        except FileNotFoundError as e:
-            raise APIError(404, str(e), "not_found_error") from None
         except ModelMismatchError as e:
             raise APIError(409, str(e), code="model_mismatch") from None
+        except FileNotFoundError as e:
+            if not (store.root / name).is_dir():
+                raise APIError(404, str(e), "not_found_error") from None
+            raise APIError(422, str(e), code="bad_prompt") from None  # a file inside is missing
         except SoftpromptError as e:  # a corrupt or unusable prompt folder
             raise APIError(422, str(e), code="bad_prompt") from None
-        return loaded.describe()
+        return describe(loaded)
 
     @app.delete("/v1/prompts/{name}")
-    async def unload(name: str):
-        management()
+    async def unload(name: str, request: Request):
+        management(request)
         try:
             removed = store.remove(name)
         except InvalidPromptNameError as e:
@@ -458,15 +623,25 @@ def one_torch_thread():
 
 def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device: str = "auto",
           host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
-          allow_management: bool = True) -> None:  # fmt: skip
-    """Load ``model``, every prompt in ``store_dir``, and serve them with uvicorn until stopped."""
+          allow_management: bool = True, api_key: str | None = None) -> None:  # fmt: skip
+    """Load ``model``, every prompt in ``store_dir``, and serve them with uvicorn until stopped.
+
+    Refuses (before loading anything) to serve prompt management on a non-loopback ``host``
+    without ``api_key``.
+    """
     import uvicorn
 
     from softprompt.loading import load_model
 
+    check_binding(host, allow_management=allow_management, api_key=api_key)
     with one_torch_thread():
         base, tokenizer = load_model(model, dtype=dtype, device=device)
         store = PromptStore(store_dir, base, tokenizer)
-    log.info("serving %d prompt(s) from %s on http://%s:%d/v1", len(store), store.root, host, port)
-    app = create_app(store, limits, allow_management=allow_management)
+    failed = store.failures()
+    if failed:
+        log.warning("%d prompt folder(s) could not be loaded and are listed in /health: %s",
+                    len(failed), ", ".join(f["name"] for f in failed))  # fmt: skip
+    log.info("serving %d prompt(s) from %s on http://%s:%d/v1%s", len(store), store.root, host, port,
+             " (API key required)" if api_key else "")  # fmt: skip
+    app = create_app(store, limits, allow_management=allow_management, api_key=api_key)
     uvicorn.run(app, host=host, port=port, log_level="info")
