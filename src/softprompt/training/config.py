@@ -94,7 +94,11 @@ class TrainConfig:
     output_dir: str = "runs/demo"
     """Run folder: prompt/, checkpoint/, metrics.jsonl, metrics.json, curves.png."""
     resume: bool = False
-    """Continue from output_dir/checkpoint if it exists."""
+    """Continue from output_dir/checkpoint. Refused when settings that shape training (or the data files'
+    contents) differ from the checkpoint's; max_steps, eval_every, patience, baselines, test_file and
+    the device/memory options may change."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds a run: its checkpoint, prompt and logs are deleted."""
     baselines: bool = True
     """Evaluate zero-shot and the untrained prompt on the test set too."""
     task: str = "classification"
@@ -128,6 +132,10 @@ class TrainConfig:
             problems.append(f"validation_fraction must be between 0 and 1, got {self.validation_fraction}")
         if self.warmup_steps < 0 or self.patience < 0 or self.max_grad_norm < 0:
             problems.append("warmup_steps, patience and max_grad_norm must be >= 0")
+        if self.resume and self.overwrite:
+            problems.append(
+                "resume and overwrite are both true; choose one (resume continues, overwrite starts afresh)"
+            )
         try:
             Template(self.template)
         except UsageError as e:

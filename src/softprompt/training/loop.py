@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,11 +28,22 @@ from tqdm.auto import tqdm
 import softprompt.training.runlog as runlog
 from softprompt.batching import length_grouped_batches
 from softprompt.config import PromptConfig
-from softprompt.errors import SoftpromptError
+from softprompt.errors import SoftpromptError, UsageError
 from softprompt.loading import load_model
 from softprompt.model import PromptedLM, enable_activation_checkpointing
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
-from softprompt.training.checkpoint import load_checkpoint, save_checkpoint
+from softprompt.training.checkpoint import (
+    CONFIG_FILE,
+    RESUME_SAFE,
+    clear_run,
+    find_checkpoint,
+    held_run_files,
+    load_checkpoint,
+    resume_conflicts,
+    run_config,
+    save_checkpoint,
+    saved_config,
+)
 from softprompt.training.config import TrainConfig
 from softprompt.training.distributed import DistContext, fsdp_requested, shard_model
 from softprompt.training.distributed import setup as join_processes
@@ -192,6 +203,7 @@ class Run:
     initial: torch.Tensor  # the prompt before training (the "untrained prompt" baseline)
     optimizer: torch.optim.Optimizer
     state: dict
+    settings: dict = field(default_factory=dict)  # what checkpoints record of the run (see run_config)
 
     @property
     def global_batch(self) -> int:
@@ -202,9 +214,16 @@ def setup(cfg: TrainConfig) -> Run:
     """Read the data (before the model loads: a bad file costs no waiting), load the model, build
     the prompt and optimizer, and restore a checkpoint when resuming."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = run_config(asdict(cfg))
+    ckpt = check_run_folder(cfg, out, settings)  # before anything loads: a refusal costs no waiting
     torch.manual_seed(cfg.seed)
     ctx = join_processes(cfg.device)  # one process, or this rank of a torchrun / accelerate launch group
+    if ctx.is_main and cfg.overwrite:
+        gone = clear_run(out)
+        if gone:
+            log.warning("overwrite: deleted %s from %s", ", ".join(gone), out)
+    ctx.barrier()
+    out.mkdir(parents=True, exist_ok=True)
     task = make_task(cfg)  # classification or generation: its data, loss and evaluation
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=ctx.device)
     task.prepare(tokenizer)
@@ -217,7 +236,7 @@ def setup(cfg: TrainConfig) -> Run:
         shard_model(model, ctx)
     prompted = PromptedLM(model)
     optimizer = make_optimizer([prompt.weight], cfg)
-    run = Run(cfg, out, ctx, task, model, prompted, prompt, initial, optimizer, new_state())
+    run = Run(cfg, out, ctx, task, model, prompted, prompt, initial, optimizer, new_state(), settings)
     n_base = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %d (%d x %d prompt) of %d in the model (%.4f%%); %s",
              prompt.weight.numel(), prompt.num_virtual_tokens, prompt.token_dim, n_base,
@@ -226,13 +245,46 @@ def setup(cfg: TrainConfig) -> Run:
              run.global_batch, cfg.batch_size, ctx.world_size, cfg.grad_accum)  # fmt: skip
     if ctx.is_main:
         (out / "hyperparameters.json").write_text(json.dumps(asdict(cfg), indent=2))
-    ckpt = out / "checkpoint"
-    if cfg.resume and (ckpt / "trainer_state.json").is_file():
+    if ckpt is not None:
         run.state = load_checkpoint(ckpt, prompt, model, optimizer)
         log.info("resumed from %s at step %d", ckpt, run.state["step"])
-    elif cfg.resume:
-        log.warning("resume requested but %s has no checkpoint: starting from step 0", ckpt)
     return run
+
+
+def check_run_folder(cfg: TrainConfig, out: Path, settings: dict) -> Path | None:
+    """The checkpoint to resume from, if any. Refuses to resume a run made with other settings or
+    data, and to start afresh over a run unless ``overwrite`` says so: nothing is lost silently."""
+    held = held_run_files(out)
+    if not cfg.resume:
+        if held and not cfg.overwrite:
+            raise UsageError(
+                f"{out} already holds a run ({', '.join(held)}). Pass --resume true to continue it, "
+                "--overwrite true to delete it and start afresh, or choose another --output_dir."
+            )
+        return None
+    ckpt = find_checkpoint(out / "checkpoint")
+    if ckpt is None:
+        if held:
+            raise UsageError(
+                f"resume requested but {out} has no checkpoint to resume from (it holds {', '.join(held)}). "
+                "Pass --overwrite true to start afresh there, or choose another --output_dir."
+            )
+        log.warning("resume requested but %s holds no run yet: starting from step 0", out)
+        return None
+    saved = saved_config(ckpt)
+    if saved is None and (out / "hyperparameters.json").is_file():  # checkpoints before run_config.json
+        saved = run_config(json.loads((out / "hyperparameters.json").read_text()))
+        saved["data"] = {}
+    conflicts = resume_conflicts(saved, settings) if saved else []
+    if conflicts:
+        lines = "\n".join(f"  - {c}" for c in conflicts)
+        raise UsageError(
+            f"cannot resume {out}: the checkpoint was made with other settings or data:\n{lines}\n"
+            f"Resume with the run's original settings (in {ckpt / CONFIG_FILE}), changing only "
+            f"{', '.join(sorted(RESUME_SAFE - {'resume', 'overwrite', 'output_dir'}))}; or pass "
+            "--overwrite true to start afresh, or choose another --output_dir."
+        )
+    return ckpt
 
 
 def make_prompt(cfg: TrainConfig, task: Task, model, tokenizer) -> SoftPrompt:
@@ -295,7 +347,7 @@ def train_prompt(run: Run) -> None:
         if ctx.is_main:
             tqdm.write(f"step {step}: validation {task.metric} {score:.4f} "
                        f"(best {state['best_score']:.4f} at step {state['best_step']})")  # fmt: skip
-            save_checkpoint(out / "checkpoint", prompt, run.model, run.optimizer, state)
+            save_checkpoint(out / "checkpoint", prompt, run.model, run.optimizer, state, run.settings)
         if cfg.patience and state["bad_evals"] >= cfg.patience:
             log.info("no improvement in %d evaluations: stopping early at step %d", cfg.patience, step)
             return True
@@ -306,7 +358,7 @@ def train_prompt(run: Run) -> None:
     if ctx.is_main:
         if run.state["best_step"] == 0:  # diverged before the first evaluation: keep what we have
             save_prompt(prompt, out / "prompt", run.model)
-        save_checkpoint(out / "checkpoint", prompt, run.model, run.optimizer, run.state)
+        save_checkpoint(out / "checkpoint", prompt, run.model, run.optimizer, run.state, run.settings)
         if writer is not None:
             writer.close()
     ctx.barrier()  # the best prompt is on disk before any process reads it back

@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from softprompt.errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -25,14 +27,37 @@ def warn_gradient(grad_norm: float, step: int) -> None:
         )
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of metrics.jsonl. A torn last line (a run killed mid-write) is dropped with a
+    warning; a bad line before it is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("a record needs an integer 'step'")
+        except ValueError as e:
+            if number == len(lines):
+                log.warning("%s:%d: dropping a torn last record (the run was cut off while writing it)",
+                            path, number)  # fmt: skip
+                break
+            raise DataError(
+                [f"{path}:{number}: not a metrics record ({e})"],
+                "the run's log is damaged: delete that line (or the whole file, it is only the log) and run again.",
+            ) from None
+        records.append(record)
+    return records
+
+
 def truncate_log(path: Path, step: int) -> None:
     """On resume, drop records past the checkpoint so the log reads like one uninterrupted run."""
     if not path.exists():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [r for r in read_log(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def append(path: Path, writer, record: dict) -> None:
@@ -61,7 +86,7 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = read_log(metrics_path)
     train_r = [r for r in records if "loss" in r]
     val_r = [r for r in records if r.get("split") == "validation"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
