@@ -26,9 +26,9 @@ class TrainConfig:
     test_file: str | None = None
     """Test data evaluated once at the end (with zero-shot and untrained-prompt baselines)."""
     text_column: str | None = None
-    """Text column (name or 0-based index); default: text/sentence/question/... or the first column."""
+    """Text column (name or 0-based index); default: text/sentence/question/... or the first column (logged)."""
     label_column: str | None = None
-    """Label column (name or index); default: label/class/... or the second column."""
+    """Label column (name or index); default: label/class/... or the last column (logged)."""
     strip_prefix_word: bool = False
     """Drop the first word of every text (TREC files start each line with a fine-grained label)."""
     template: str = DEMO_TEMPLATE
