@@ -138,6 +138,8 @@ def test_with_a_key_every_route_but_health_needs_it(store):
             "/v1/classify", content=chunks(64 * 1024), headers={"content-type": "application/json"}
         )
         assert_openai_error(r, 401)
+    with pytest.raises(UsageError, match="api_key is empty"):
+        create_app(store, api_key=" ")
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from softprompt.errors import (
     InvalidPromptNameError,
@@ -139,7 +140,7 @@ class RequestGuard:
 
     def __init__(self, app, max_body_bytes: int, api_key: str | None):
         self.app, self.max_body_bytes = app, max_body_bytes
-        self.api_key = None if api_key is None else api_key.encode("utf-8")
+        self.api_key = None if api_key is None else api_key.strip().encode("utf-8")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -166,6 +167,8 @@ class RequestGuard:
                 return message if message is not None else await receive()
 
             await self.app(scope, receive_from_memory, send_and_note)
+        except ClientDisconnect:  # the client went away while its request was read: no one to answer
+            log.info("client disconnected during %s %s", scope.get("method"), scope.get("path"))
         except Exception:
             log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
             if started:  # too late for an error response: the connection is closed
@@ -401,6 +404,8 @@ def create_app(
     :func:`one_torch_thread` (as :func:`serve` does) so that thread runs at full speed.
     """
     limits = limits or ServeLimits()
+    if api_key is not None and not api_key.strip():
+        raise UsageError("api_key is empty; give a key (any hard-to-guess string) or None for no key")
     tokenizer = store.tokenizer
     if tokenizer is None:
         raise UsageError("the store needs the base model's tokenizer: PromptStore(root, model, tokenizer)")
