@@ -221,7 +221,7 @@ def test_a_two_megabyte_line_is_read_whole(tmp_path, suffix):
 def test_generation_pairs_refuse_a_missing_target_column(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text("mr,note\nname[X],hello\n")
-    with pytest.raises(DataError, match=r"pairs.csv: no target column \(looked for target, output"):
+    with pytest.raises(DataError, match=r"pairs.csv: no target column \(looked for target, targets, output"):
         read_pairs(path, input_column="mr", target_column=None)
     with pytest.raises(DataError, match=r"pairs.csv: no target column 'ref'; there are \['mr', 'note'\]"):
         read_pairs(path, input_column="mr", target_column="ref")

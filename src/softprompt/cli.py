@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -40,20 +41,28 @@ def cmd_train(cfg) -> None:
     out = cfg.output_dir
     print()
     metric = results.get("metric", "accuracy")
+    figures = [metric] if metric not in ("accuracy", "macro_f1") else ["accuracy", "macro_f1"]
     if "test_trained" in results:
         names = [n for n in ("zero_shot", "initial_prompt", "trained") if f"test_{n}" in results]
-        line = [f"{n.replace('_', '-')} {results[f'test_{n}'][metric]:.4f}" for n in names]
-        print(f"test {metric}: " + "  ->  ".join(line))
+        for figure in figures:
+            line = [f"{n.replace('_', '-')} {results[f'test_{n}'][figure]:.4f}" for n in names]
+            print(f"test {figure.replace('_', '-')}: " + "  ->  ".join(line))
+        for n in names:
+            collapsed = results[f"test_{n}"].get("collapsed_to")
+            if collapsed is not None:
+                print(f"WARNING: {n.replace('_', '-')} predicts {collapsed!r} for every test row: its accuracy "
+                      "is that class's share, not skill; compare macro-F1")  # fmt: skip
     val, steps, status = results["validation_score"], results["steps"], results["status"]
     if val is None:
         print(f"no validation ran ({status} after {steps} steps)")
     else:
-        print(f"validation {metric} {val:.4f} (best at step {results['best_step']} of {steps}; {status})")
+        shown = metric.replace("_", "-")
+        print(f"validation {shown} {val:.4f} (best at step {results['best_step']} of {steps}; {status})")
     print(f"prompt saved to {out}/prompt  (metrics: {out}/metrics.json, curves: {out}/curves.png)")
-    if results.get("task") == "generation":
-        print(f'generate with:  softprompt generate {out}/prompt "your input"')
-    else:
-        print(f'predict with:  softprompt predict {out}/prompt "the staff were friendly and quick"')
+    example = results.get("example_input") or "your input"
+    example = example if len(example) <= 80 else example[:77] + "..."
+    command = "generate" if results.get("task") == "generation" else "predict"
+    print(f"{command} with:  softprompt {command} {out}/prompt {shlex.quote(example)}")
 
 
 def _prompt_and_model(prompt: str, model: str | None, dtype: str):
@@ -107,19 +116,44 @@ def _write_jsonl(records, output: str | None) -> None:
 
 def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str | None, strip_prefix_word: bool,
              model: str | None, dtype: str, template: str | None, verbalizer: str | None, batch_size: int,
-             output: str | None) -> None:  # fmt: skip
-    from softprompt.data import read_examples
-    from softprompt.metrics import format_report
+             output: str | None, max_inputs: int | None = None, max_new_tokens: int = 0, seed: int = 0) -> None:  # fmt: skip
+    from softprompt.data import read_examples, read_pairs, sample_inputs
+    from softprompt.prompt import load_prompt
 
-    examples = read_examples(
-        data, text_column=text_column, label_column=label_column, strip_prefix_word=strip_prefix_word
-    )
-    clf = _classifier(prompt, model, dtype, template, verbalizer, batch_size)
-    report = clf.evaluate(examples, desc="evaluating")
-    print(format_report(report, title=f"{data} with {prompt}:"))
+    if max_inputs is not None and max_inputs < 1:
+        raise UsageError(f"--max_inputs must be >= 1, got {max_inputs}")
+    if load_prompt(prompt).meta.task == "generation":  # read before the model loads: a bad folder fails fast
+        examples = sample_inputs(read_pairs(data, text_column, label_column), max_inputs, seed)
+        report = _eval_generation(prompt, examples, model, dtype, template, batch_size, max_new_tokens)
+        from softprompt.metrics import format_generation_report
+
+        print(format_generation_report(report, title=f"{data} with {prompt}:"))
+    else:
+        from softprompt.metrics import format_report
+
+        examples = read_examples(
+            data, text_column=text_column, label_column=label_column, strip_prefix_word=strip_prefix_word
+        )
+        examples = sample_inputs(examples, max_inputs, seed)
+        clf = _classifier(prompt, model, dtype, template, verbalizer, batch_size)
+        report = clf.evaluate(examples, desc="evaluating")
+        print(format_report(report, title=f"{data} with {prompt}:"))
     if output:
         with open(output, "w") as f:
             json.dump(report, f, indent=2)
+
+
+def _eval_generation(prompt: str, examples, model: str | None, dtype: str, template: str | None,
+                     batch_size: int, max_new_tokens: int) -> dict:  # fmt: skip
+    """BLEU, ROUGE-L and exact match of a generation prompt against every reference of each input."""
+    from softprompt.data import group_references
+    from softprompt.decoding import Generator, evaluate_generation
+
+    loaded, base, tokenizer = _prompt_and_model(prompt, model, dtype)
+    inputs, references = group_references(examples)
+    gen = Generator(base, tokenizer, loaded, template=template, batch_size=batch_size)
+    new = max_new_tokens or loaded.meta.max_new_tokens or 64
+    return evaluate_generation(gen, inputs, references, new, desc="generating")
 
 
 def cmd_predict(prompt: str, texts: list[str], file: str | None, text_column: str | None, model: str | None,
@@ -236,8 +270,15 @@ def cmd_inspect(paths: list[str], model: str | None, dtype: str, top_k: int, as_
 def _use_args(p: ArgumentParser, *, data: bool) -> None:
     p.add_argument("prompt", type=str, help="Folder of a trained prompt.")
     if data:
-        p.add_argument("data", type=str, help="Labelled data file (jsonl/csv/tsv).")
-        p.add_argument("--label_column", type=str | None, default=None, help="Label column (name or index).")
+        p.add_argument("data", type=str, help="Labelled data (jsonl/csv/tsv); for a generation prompt, "
+                       "inputs with targets (a target may be a list of references).")  # fmt: skip
+        p.add_argument("--label_column", type=str | None, default=None,
+                       help="Label column, or a generation prompt's target column (name or index).")  # fmt: skip
+        p.add_argument("--max_inputs", type=int | None, default=None,
+                       help="Score at most this many distinct inputs (a fixed-seed sample); default: all.")  # fmt: skip
+        p.add_argument("--max_new_tokens", type=int, default=0,
+                       help="Generation prompts: tokens per output; 0: the prompt's setting.")  # fmt: skip
+        p.add_argument("--seed", type=int, default=0, help="Seed of the --max_inputs sample.")
         p.add_argument(
             "--strip_prefix_word", type=bool, default=False, help="Drop each text's first word (TREC)."
         )
@@ -284,7 +325,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Evaluate a trained prompt on labelled data.")
     p.add_argument("--config", action=ActionConfigFile)
     _use_args(p, data=True)
-    sub.add_subcommand("eval", p, help="Accuracy, macro-F1, per-class figures and confusion matrix.")
+    sub.add_subcommand("eval", p, help="Classification: accuracy, macro-F1, per-class figures, confusion "
+                       "matrix. Generation: BLEU, ROUGE-L, exact match.")  # fmt: skip
 
     p = ArgumentParser(description="Classify texts with a trained prompt; one JSON object per line out.")
     p.add_argument("--config", action=ActionConfigFile)
@@ -395,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd_train(TrainConfig(**fields))
         elif name == "eval":
             cmd_eval(a.prompt, a.data, a.text_column, a.label_column, a.strip_prefix_word, a.model, a.dtype,
-                     a.template, a.verbalizer, a.batch_size, a.output)  # fmt: skip
+                     a.template, a.verbalizer, a.batch_size, a.output, a.max_inputs, a.max_new_tokens,
+                     a.seed)  # fmt: skip
         elif name == "predict":
             cmd_predict(a.prompt, a.texts, a.file, a.text_column, a.model, a.dtype, a.template, a.verbalizer,
                         a.batch_size, a.output)  # fmt: skip

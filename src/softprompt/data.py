@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("text", "sentence", "question", "input", "content")
 LABEL_COLUMNS = ("label", "labels", "class", "category")
-TARGET_COLUMNS = ("target", "output", "ref", "reference", "response", "completion", "summary", "label")
+TARGET_COLUMNS = ("target", "targets", "output", "ref", "reference", "references", "response", "completion",
+                  "summary", "label")  # fmt: skip
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
 
 
@@ -41,10 +42,34 @@ class Example:
     """Reference output for generation tasks (unused by classification)."""
 
 
+def _reference_list(label: Any) -> list | None:
+    """A generation target that holds several references: a JSON list, or a CSV cell of one."""
+    if isinstance(label, str) and label.lstrip().startswith("["):
+        try:
+            parsed = json.loads(label)
+        except ValueError:
+            return None  # a target that happens to start with "["
+        return parsed if isinstance(parsed, list) else None
+    return label if isinstance(label, list) else None
+
+
 def _make_example(
-    text: Any, label: Any, source: str, labelled: bool, strip: bool, where: tuple[str, str]
-) -> Example | str:
-    """Validate one row; return an Example, or the problem as a string starting with ``source``."""
+    text: Any,
+    label: Any,
+    source: str,
+    labelled: bool,
+    strip: bool,
+    where: tuple[str, str],
+    lists: bool = False,
+) -> Example | list[Example] | str:
+    """Validate one row; return an Example, or the problem as a string starting with ``source``.
+    With ``lists`` (generation targets), a list of references gives one Example per reference."""
+    refs = _reference_list(label) if lists and labelled else None
+    if refs is not None:
+        if not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+            return f"{source}: the references ({where[1]}) must be a non-empty list of non-empty strings, got {label!r}"
+        made = [_make_example(text, r, source, labelled, strip, where) for r in refs]
+        return made[0] if isinstance(made[0], str) else made
     if not isinstance(text, str):
         return f"{source}: text ({where[0]}) must be a string, got {type(text).__name__} {text!r}"
     text = text.strip()
@@ -266,7 +291,9 @@ def read_examples(
             :data:`TARGET_COLUMNS`).
         guess_label_column: Without a named or known label column, take the last column (True)
             or report the missing column (False).
-        label_role: What the label column holds, for messages ("label", or "target" for generation).
+        label_role: What the label column holds, for messages ("label", or "target" for generation;
+            a target may be a list of references, in JSON or a CSV cell holding a JSON list: each
+            reference becomes an Example with the same text and source).
 
     Raises:
         FileNotFoundError: The file does not exist, or is a folder (``MissingFileError``).
@@ -358,9 +385,13 @@ def read_examples(
             continue
         label = row[lc] if labelled else None
         ex = _make_example(
-            row[tc], label, source, labelled, strip_prefix_word, (where(tc), where(lc) if labelled else "")
-        )
-        examples.append(ex) if isinstance(ex, Example) else problems.append((start, ex))
+            row[tc], label, source, labelled, strip_prefix_word, (where(tc), where(lc) if labelled else ""),
+            lists=label_role == "target",
+        )  # fmt: skip
+        if isinstance(ex, str):
+            problems.append((start, ex))
+        else:
+            examples.extend(ex) if isinstance(ex, list) else examples.append(ex)
     if problems:
         raise DataError([m for _, m in sorted(problems, key=lambda p: p[0])])
     if blank:
@@ -500,6 +531,25 @@ def split_by_input(
     random.Random(seed).shuffle(inputs)
     held = set(inputs[: max(1, round(fraction * len(inputs)))])
     return [e for e in examples if e.text not in held], [e for e in examples if e.text in held]
+
+
+def sample_inputs(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
+    """At most ``limit`` distinct inputs of ``examples``: a fixed-seed sample in file order, with
+    every row of a kept input (e.g. all references of a generation input). None: all."""
+    inputs = list(dict.fromkeys(ex.text for ex in examples))
+    if limit is None or len(inputs) <= limit:
+        return examples
+    keep = set(random.Random(seed).sample(inputs, limit))
+    logger.info("scoring a fixed-seed sample of %d of %d inputs", limit, len(inputs))
+    return [ex for ex in examples if ex.text in keep]
+
+
+def group_references(examples: list[Example]) -> tuple[list[str], list[list[str]]]:
+    """Distinct inputs (file order) and all targets of each: the references generation is scored on."""
+    refs: dict[str, list[str]] = defaultdict(list)
+    for ex in examples:
+        refs[ex.text].append(ex.target)
+    return list(refs), list(refs.values())
 
 
 DEMO_TEMPLATE = "Review: {text}\nSentiment:"

@@ -217,3 +217,18 @@ class Generator:
                     res.finish_reasons[j],
                 )
         return GenerateOutput(tokens, out_texts, reasons)
+
+
+def evaluate_generation(generator: Generator, inputs: list[str], references: list[list[str]],
+                        max_new_tokens: int, desc: str | None = None, examples: int = 5) -> dict:  # fmt: skip
+    """Greedy outputs for ``inputs`` scored against every reference of each (BLEU, ROUGE-L, exact
+    match; see :func:`softprompt.metrics.generation_report`), with the first few as examples."""
+    from softprompt.metrics import generation_report
+
+    out = generator.generate(inputs, progress=desc, max_new_tokens=max_new_tokens)
+    report = generation_report(out.texts, references)
+    report["examples"] = [
+        {"input": i, "output": o, "references": r}
+        for i, o, r in zip(inputs[:examples], out.texts[:examples], references[:examples], strict=False)
+    ]
+    return report

@@ -31,10 +31,13 @@ def classification_report(gold: list[str], pred: list[str], labels: list[str]) -
         per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
     present = [label for label in labels if per_class[label]["support"] > 0]
     correct = sum(confusion[i][i] for i in range(C))
+    predicted = sorted(set(pred), key=index.get)
     return {
         "accuracy": correct / len(gold),
         "macro_f1": sum(per_class[label]["f1"] for label in present) / max(len(present), 1),
         "num_rows": len(gold),
+        # one label predicted for every row although the rows hold several: the prompt has collapsed
+        "collapsed_to": predicted[0] if len(predicted) == 1 and len(present) > 1 else None,
         "per_class": per_class,
         "labels": list(labels),
         "confusion": confusion,
@@ -49,6 +52,9 @@ def format_report(report: dict, title: str = "") -> str:
     lines.append(
         f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   rows {report['num_rows']}"
     )
+    if report.get("collapsed_to") is not None:
+        lines.append(f"WARNING: every row was predicted {report['collapsed_to']!r}: the figures above are "
+                     "the majority class's share, not a learned classifier")  # fmt: skip
     lines.append(f"{'label':<{width}}  precision  recall  f1      support")
     for label in labels:
         c = report["per_class"][label]

@@ -73,6 +73,9 @@ class TrainConfig:
     """Micro-batches per optimizer step (effective batch = batch_size x grad_accum x processes)."""
     max_grad_norm: float = 1.0
     """Clip the prompt gradient's norm to this (0 disables)."""
+    class_weights: str = "none"
+    """none, or balanced: weight each class's loss by N / (C x its count), so rare classes count as
+    much as common ones (for imbalanced labels)."""
     loss: str = "class"
     """class: cross-entropy over the label words only; lm: next-token loss over the full vocabulary."""
     scoring: str = "auto"
@@ -85,6 +88,12 @@ class TrainConfig:
     """Share of the training data held out for validation when no validation_file is given."""
     eval_every: int = 50
     """Validate (and keep the best prompt) every N steps."""
+    select_metric: str = "auto"
+    """Validation figure that picks the best prompt: accuracy, macro_f1, or auto (macro-F1 when the
+    training labels are imbalanced, said in the log; accuracy otherwise; ROUGE-L for generation)."""
+    max_test_inputs: int | None = None
+    """Score at most this many test inputs (a fixed-seed sample, per evaluation: the baselines too);
+    None: all."""
     eval_batch_size: int = 32
     """Rows per batch when evaluating."""
     patience: int = 0
@@ -117,7 +126,8 @@ class TrainConfig:
         choices = {
             "optimizer": ("adamw", "adafactor"), "schedule": ("linear", "cosine", "constant"),
             "loss": ("class", "lm"), "task": ("classification", "generation"), "scoring": ("auto", "first_token", "sequence"),
-            "truncation_side": ("left", "right"), "dtype": ("float32", "bfloat16", "fp32", "bf16"),
+            "truncation_side": ("left", "right"), "class_weights": ("none", "balanced"),
+            "select_metric": ("auto", "accuracy", "macro_f1"), "dtype": ("float32", "bfloat16", "fp32", "bf16"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -126,6 +136,9 @@ class TrainConfig:
                      "max_target_length", "max_new_tokens"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_eval_inputs", "max_test_inputs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr must be a positive number, got {self.lr}")
         if not 0 < self.validation_fraction < 1:

@@ -331,7 +331,10 @@ def train_prompt(run: Run) -> None:
 
     def validate(step: int) -> bool:
         report = task.evaluate(run.prompted, prompt, "validation")
-        score = report[task.metric]  # accuracy (classification) or ROUGE-L (generation)
+        score = report[task.metric]  # accuracy or macro-F1 (classification), ROUGE-L (generation)
+        if report.get("collapsed_to") is not None and ctx.is_main:
+            log.warning("step %d: the prompt predicts %r for every validation row (collapsed to one class)",
+                        step, report["collapsed_to"])  # fmt: skip
         # every process evaluates (under fsdp each forward needs all of them); the main one writes
         if ctx.is_main:
             floats = {k: v for k, v in report.items() if isinstance(v, float)}
@@ -378,6 +381,7 @@ def evaluate(run: Run) -> dict:
         "trainable_parameters": run.prompt.weight.numel(),
         "scoring": getattr(task, "mode", None),
         "global_batch_size": run.global_batch,
+        "example_input": getattr(task, "example_input", None),
     }
     if task.test_set is not None:
         evals = {"trained": best}
@@ -387,6 +391,9 @@ def evaluate(run: Run) -> dict:
             report = task.evaluate(run.prompted, p, "test", desc=f"test ({name})")
             results[f"test_{name}"] = report
             log.info("\n%s", task.format(report, f"test set, {name.replace('_', ' ')}:"))
+            if report.get("collapsed_to") is not None:
+                log.warning("test set, %s: every row was predicted %r; its accuracy is the share of that "
+                            "class, not a learned classifier", name.replace("_", " "), report["collapsed_to"])  # fmt: skip
     return results
 
 

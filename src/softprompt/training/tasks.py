@@ -12,7 +12,7 @@ prompt). Two tasks exist:
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,20 +23,21 @@ from softprompt.data import (
     DEMO_VERBALIZER,
     Example,
     demo_paths,
+    group_references,
     read_examples,
     read_pairs,
     read_source,
+    sample_inputs,
     split_by_input,
     split_validation,
 )
-from softprompt.decoding import Generator
+from softprompt.decoding import Generator, evaluate_generation
 from softprompt.errors import DataError, UsageError
 from softprompt.meta import PromptMeta
 from softprompt.metrics import (
     classification_report,
     format_generation_report,
     format_report,
-    generation_report,
 )
 from softprompt.model import PromptedLM
 from softprompt.scoring import class_scores, predict_scores
@@ -105,6 +106,33 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Ex
     return train, val, test
 
 
+# A class holding this many times the rows of the rarest counts as imbalance (auto picks macro-F1).
+IMBALANCE_RATIO = 1.5
+
+
+def choose_metric(select: str, counts: Counter) -> str:
+    """The validation figure that picks the best prompt; ``auto`` looks at the training labels."""
+    if select != "auto":
+        return select
+    if len(counts) < 2:
+        return "accuracy"
+    (top, most), least = counts.most_common(1)[0], min(counts.values())
+    if most >= IMBALANCE_RATIO * least:
+        log.warning(
+            "labels are imbalanced (%r is %.0f%% of the training rows, the rarest class %.0f%%): the best "
+            "prompt is picked by validation macro-F1, since accuracy rewards predicting %r for everything "
+            "(--select_metric accuracy to change; --class_weights balanced weights the loss too)",
+            top, 100 * most / counts.total(), 100 * least / counts.total(), top,
+        )  # fmt: skip
+        return "macro_f1"
+    return "accuracy"
+
+
+def example_input(*splits: list[Example] | None) -> str | None:
+    """A text from the run's own data, for the closing "predict with" hint."""
+    return next((split[0].text for split in splits if split), None)
+
+
 def make_verbalizer(cfg: TrainConfig, train: list[Example]) -> Verbalizer:
     if cfg.verbalizer:
         return Verbalizer.parse(cfg.verbalizer)
@@ -150,13 +178,17 @@ def evaluate_split(prompted, prompt, data: Encoded, space: LabelSpace, pad_id: i
 
 
 class ClassificationTask:
-    """Labels scored through label words; validation picks the prompt with the best accuracy."""
-
-    metric = "accuracy"
+    """Labels scored through label words; validation picks the prompt with the best accuracy, or
+    macro-F1 for imbalanced labels (``select_metric``)."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.train_ex, self.val_ex, self.test_ex = load_splits(cfg)
+        if self.test_ex:
+            self.test_ex = sample_inputs(self.test_ex, cfg.max_test_inputs, cfg.seed)
+        self.example_input = example_input(self.test_ex, self.val_ex)
+        self.counts = Counter(ex.label for ex in self.train_ex)
+        self.metric = choose_metric(cfg.select_metric, self.counts)
         self.verbalizer = make_verbalizer(cfg, self.train_ex)
         self.template = Template(cfg.template)
         log.info(
@@ -181,6 +213,14 @@ class ClassificationTask:
             encode(self.test_ex, tokenizer, self.template, v, cfg, "test") if self.test_ex else None
         )
         self.lengths = [len(r) for r in self.train_set.rows]
+        self.class_weight = None
+        if cfg.class_weights == "balanced":  # N / (C x n_c), as scikit-learn's "balanced"
+            n, labels = len(self.train_ex), v.labels
+            self.class_weight = torch.tensor(
+                [n / (len(labels) * self.counts[lab]) if self.counts[lab] else 1.0 for lab in labels]
+            )
+            log.info("class weights (balanced): %s",
+                     {lab: round(float(w), 3) for lab, w in zip(labels, self.class_weight, strict=True)})  # fmt: skip
 
     @property
     def mode(self) -> str:
@@ -202,11 +242,12 @@ class ClassificationTask:
         gold = torch.tensor([self.train_set.gold[i] for i in idx], device=prompted.device)
         scores = class_scores(prompted, rows, self.space, self.pad_id, prompt)  # (B, C) log-probs
         # class: softmax over the label words only; lm: the gold word's log-prob over the vocabulary
-        loss = (
-            F.cross_entropy(scores, gold)
-            if self.cfg.loss == "class"
-            else -scores.gather(1, gold[:, None]).mean()
-        )
+        weight = None if self.class_weight is None else self.class_weight.to(scores.device)
+        if self.cfg.loss == "class":
+            loss = F.cross_entropy(scores, gold, weight=weight)
+        else:
+            nll = -scores.gather(1, gold[:, None])[:, 0]
+            loss = nll.mean() if weight is None else (weight[gold] * nll).sum() / weight[gold].sum()
         P = prompt.num_virtual_tokens if prompt is not None else 0
         return loss, sum(len(r) + P for r in rows)
 
@@ -243,10 +284,13 @@ class GenerationTask:
         cols = (cfg.text_column, cfg.target_column)
         self.train_ex = read_pairs(cfg.train_file, *cols)
         self.test_ex = read_pairs(cfg.test_file, *cols) if cfg.test_file else None
+        if self.test_ex:
+            self.test_ex = sample_inputs(self.test_ex, cfg.max_test_inputs, cfg.seed)
         if cfg.validation_file:
             self.val_ex = read_pairs(cfg.validation_file, *cols)
         else:
             self.train_ex, self.val_ex = split_by_input(self.train_ex, cfg.validation_fraction, cfg.seed)
+        self.example_input = example_input(self.test_ex, self.val_ex)
         self.template = Template(cfg.template)
         log.info(
             "data: %d train pairs, %d validation inputs, %s test inputs",
@@ -285,10 +329,7 @@ class GenerationTask:
         if cut_in or cut_out:
             log.warning("%s: truncated %d inputs (max_length=%d) and %d targets (max_target_length=%d)",
                         split, cut_in, cfg.max_length, cut_out, cfg.max_target_length)  # fmt: skip
-        refs: dict[str, list[str]] = defaultdict(list)
-        for ex in examples:
-            refs[ex.text].append(ex.target)
-        return GenSet(rows, starts, list(refs), list(refs.values()))
+        return GenSet(rows, starts, *group_references(examples))
 
     def describe(self) -> str:
         targets = sum(len(r) - s for r, s in zip(self.train_set.rows, self.train_set.starts, strict=True))
@@ -319,13 +360,7 @@ class GenerationTask:
         inputs, refs = data.inputs[:limit], data.references[:limit]
         gen = Generator(prompted, self.tokenizer, prompt, template=self.cfg.template,
                         max_length=self.cfg.max_length, batch_size=self.cfg.eval_batch_size)  # fmt: skip
-        out = gen.generate(inputs, progress=desc, max_new_tokens=self.cfg.max_new_tokens)
-        report = generation_report(out.texts, refs)
-        report["examples"] = [
-            {"input": i, "output": o, "references": r}
-            for i, o, r in zip(inputs[:5], out.texts[:5], refs[:5], strict=False)
-        ]
-        return report
+        return evaluate_generation(gen, inputs, refs, self.cfg.max_new_tokens, desc)
 
     @staticmethod
     def format(report: dict, title: str) -> str:
