@@ -70,8 +70,8 @@ def test_inputs_run_without_their_template_head_and_fall_back_when_it_is_missing
     texts = ["the food was good", "a boring film"]
     pairs = [(n, t) for t in texts for n in names]
     logps = score_mixed(store, [store.get(n) for n, _ in pairs], [t for _, t in pairs], overhead=10**6)
-    full = max(len(encode_text(store.tokenizer, store.get(n).usage.template, t, 256)[0]) + (2 if n == "quality" else 0)
-               for n, t in pairs)  # fmt: skip
+    # labels continue each input's cache (softprompt.scoring), so a pass is as wide as the inputs
+    full = max(len(encode_text(store.tokenizer, store.get(n).usage.template, t, 256)[0]) for n, t in pairs)
     assert widths == [full - 1]  # one batch, every row one token (its head) shorter
     # A head that the inputs do not start with: those rows run in full, with the same scores.
     entry = store.get("topic")
@@ -79,7 +79,7 @@ def test_inputs_run_without_their_template_head_and_fall_back_when_it_is_missing
     entries = [wrong if n == "topic" else store.get(n) for n, _ in pairs]
     widths.clear()
     again = score_mixed(store, entries, [t for _, t in pairs], overhead=10**6)
-    assert widths == [full - 1]  # "quality" rows are the longest and still lose their head
+    assert widths == [full]  # the "topic" rows now run with their head
     for a, b in zip(logps, again, strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     for name in names:

@@ -13,11 +13,20 @@ costs a fixed part worth a few dozen tokens (``benchmarks/forward_cost.py`` fits
 apart, not as 2 x 84 tokens. On a GPU a small forward pass costs nearly the same for 1 or 1,000
 tokens, so the default there (2,048 tokens, not measured here) keeps batches whole unless padding is
 extreme.
+
+Memory (:class:`ModelShape`, :func:`pass_bytes`, :func:`memory_budget`): what a forward pass holds,
+computed from the model's sizes, and how much of the machine a chunk of work may take. Label
+scoring sizes its chunks with them, and training refuses, before the first step, a configuration
+whose smallest chunk cannot fit.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -94,3 +103,115 @@ def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
     real = sum(lengths[i] for b in batches for i in b)
     return (padded - real) / padded if padded else 0.0
+
+
+# ---------------------------------------------------------------------------------------- memory
+MEMORY_FRACTION = 0.25  # of the memory available when a chunk is planned, by default
+MEMORY_BUDGET_ENV = "SOFTPROMPT_MEMORY_BUDGET"
+# Tokens in one pass beyond which a bigger chunk saves no time: on CPU the fixed cost of a pass is
+# worth ~32 tokens (see above), so 2,048 amortise it fully; an accelerator wants far bigger passes.
+CPU_CHUNK_TOKENS = 2048
+ACCELERATOR_CHUNK_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder that set a forward pass's memory (``PromptedLM.shape()`` reads them)."""
+
+    hidden: int
+    layers: int
+    intermediate: int  # MLP width
+    heads: int
+    kv_width: int  # key/value heads x head size
+    vocab: int
+    dtype_bytes: int
+
+    def cache_bytes(self, tokens: int) -> int:
+        """Keys and values of ``tokens`` positions over every layer."""
+        return 2 * self.layers * self.kv_width * tokens * self.dtype_bytes
+
+
+def pass_bytes(shape: ModelShape, tokens: int, keys: int, grad: bool, checkpointing: bool = False) -> int:
+    """Activation memory of one pass of ``tokens`` new tokens (all rows), each attending to ``keys`` keys.
+
+    Per token and layer a decoder block computes (counted from a Llama / GPT-2 block): the residual,
+    the normed input, the attention output and the next residual (4 x hidden), queries, keys and
+    values (hidden + 2 x kv), three MLP-wide tensors (gate, up, their product) and, per head, a row
+    of attention scores and its softmax (2 x heads x keys). Without ``grad`` these are freed layer by
+    layer, so one layer's worth is the peak. With ``grad`` autograd keeps, per layer, the inputs of
+    every matmul and norm (6 x hidden), four MLP-wide tensors, keys and values, and the attention
+    probabilities; with ``checkpointing`` only each block's input is kept (hidden per layer), plus
+    one block's saved tensors while it is recomputed.
+    """
+    D, M, kv, H = shape.hidden, shape.intermediate, shape.kv_width, shape.heads
+    transient = tokens * (5 * D + 2 * kv + 3 * M + 2 * H * keys)
+    saved = tokens * (6 * D + 4 * M + 2 * kv + H * keys)
+    if not grad:
+        per = transient
+    elif checkpointing:
+        per = shape.layers * tokens * D + saved + transient
+    else:
+        per = shape.layers * saved + transient
+    return per * shape.dtype_bytes
+
+
+def logits_bytes(shape: ModelShape, positions: int, grad: bool) -> int:
+    """The LM head at ``positions`` positions: logits in the model's dtype, a float32 copy and the
+    log-softmax's temporary (and, with ``grad``, the logits' gradient)."""
+    fp32 = 4 * (3 if grad else 2) + (shape.dtype_bytes if shape.dtype_bytes != 4 else 0)
+    return positions * shape.vocab * fp32
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes free for new tensors now: free GPU memory, or the system's available RAM (psutil when
+    installed, else /proc/meminfo); None when it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30}  # fmt: skip
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"2GB"``, ``"512MiB"``, ``"1.5e9"`` or a number -> bytes."""
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GB, 512MiB or 1000000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def memory_budget(device: torch.device | str, budget: int | str | None = None) -> int:
+    """Bytes one chunk of work may use: ``budget`` if given, else $SOFTPROMPT_MEMORY_BUDGET (e.g. ``2GB``),
+    else a quarter of the memory available now (1 GiB when that cannot be told)."""
+    if budget is None:
+        budget = os.environ.get(MEMORY_BUDGET_ENV) or None
+    if budget is not None:
+        return parse_bytes(budget)
+    free = available_memory(device)
+    return int(MEMORY_FRACTION * free) if free is not None else 2**30
+
+
+def chunk_tokens(device: torch.device | str) -> int:
+    """Most new tokens worth putting in one pass on ``device`` (bigger passes save no time)."""
+    return CPU_CHUNK_TOKENS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_TOKENS
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"

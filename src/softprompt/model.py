@@ -12,9 +12,10 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
 
+from softprompt.batching import ModelShape
 from softprompt.config import MAX_VIRTUAL_TOKENS
 from softprompt.errors import UsageError
-from softprompt.prefix import DecodeState, PromptPrefix
+from softprompt.prefix import DecodeState, InputContext, PromptPrefix
 from softprompt.prompt import SoftPrompt
 
 PromptLike = SoftPrompt | torch.Tensor
@@ -67,6 +68,22 @@ class PromptedLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    def shape(self) -> ModelShape:
+        """The sizes that set the memory of a forward pass, from the model's config."""
+        cfg = self.config.get_text_config()
+        D, heads = self.hidden_size, cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or D // heads
+        intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * D
+        return ModelShape(hidden=D, layers=cfg.num_hidden_layers, intermediate=intermediate, heads=heads,
+                          kv_width=kv_heads * head_dim, vocab=self.lm_head.weight.shape[0],
+                          dtype_bytes=self.dtype.itemsize)  # fmt: skip
+
+    @property
+    def supports_label_trie(self) -> bool:
+        """Whether :meth:`continue_rows` works here: it needs an attention that takes a custom 4D mask."""
+        return getattr(self.config, "_attn_implementation", None) in ("eager", "sdpa")
 
     # ------------------------------------------------------------------ building the input
     def _prompt_rows(
@@ -218,6 +235,46 @@ class PromptedLM(nn.Module):
         )
         return self.logits_from_hidden(hidden[:, -1]), state
 
+    def continue_rows(
+        self,
+        context: InputContext,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        depth: torch.Tensor,
+        visible: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final hidden states (R, N, D) of N new tokens per row after input ``rows[r]`` of ``context``
+        (from ``forward(..., return_context=True)``).
+
+        Token i of row r sits at position ``next_position + depth[r, i] - 1`` and attends to the
+        whole input and to the new tokens j with ``visible[r, i, j]`` (itself and its ancestors in a
+        label trie): one pass runs many label continuations of one input, each shared prefix once.
+        """
+        if not self.supports_label_trie:
+            raise UsageError(
+                f"continuing rows needs eager or sdpa attention, not {self.config._attn_implementation}"
+            )
+        device = self.device
+        rows = rows.to(device)
+        R, N = tokens.shape
+        cache = DynamicCache(
+            ddp_cache_data=[(k[rows], v[rows]) for k, v in context.layers], config=self.config
+        )
+        seen = context.mask.to(device)[rows].bool()[:, None, :].expand(R, N, -1)  # (R, N, L) the input
+        allowed = torch.cat([seen, visible.to(device)], dim=2)[:, None]  # (R, 1, N, L+N)
+        # an additive float mask: eager attention adds it, sdpa takes it as it is
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
+        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
+        positions = context.next_position.to(device)[rows, None] + depth.to(device) - 1  # (R, N)
+        out = self.decoder(
+            inputs_embeds=self.embed_tokens(tokens.to(device)),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        return out.last_hidden_state
+
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """Feed one new token per row (B,) and return the next logits (B, V); ``state`` is updated."""
@@ -304,15 +361,27 @@ class PromptedLM(nn.Module):
         positions: str | torch.Tensor = "last",
         prompt_lengths: torch.Tensor | None = None,
         prefix: PromptPrefix | None = None,
-    ) -> torch.Tensor:
+        return_context: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, InputContext]:
         """Logits at the requested input positions.
 
         Args:
             positions: ``"last"`` -> (B, V) at each row's last real token; ``"all"`` -> (B, T, V);
                 a LongTensor (B, K) of input positions -> (B, K, V). The head runs only there.
             prefix: a :meth:`prefix_cache` to use instead of ``prompt`` (``prompt_index`` picks entries).
+            return_context: also return the keys and values of prompt + input (any padding side), to
+                continue the rows with :meth:`continue_rows`; differentiable w.r.t. the prompt.
         """
-        hidden = self.hidden_states(input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix)
+        hidden, state = self._run(
+            input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix, return_context
+        )
+        logits = self._logits_at(hidden, input_ids, attention_mask, positions)
+        if not return_context:
+            return logits
+        layers = [(layer.keys, layer.values) for layer in state.cache.layers]
+        return logits, InputContext(layers, state.mask, state.next_position)
+
+    def _logits_at(self, hidden, input_ids, attention_mask, positions) -> torch.Tensor:
         if isinstance(positions, str):
             if positions == "all":
                 return self.logits_from_hidden(hidden)

@@ -21,6 +21,31 @@ class DecodeState:
 
 
 @dataclass
+class InputContext:
+    """What a batch of inputs leaves behind for continuing each row: per layer ``(K, V)`` of shape
+    (B, H_kv, L, head_dim) over the row's prompt and input, which slots are real (B, L), and the
+    position of each row's next token (B,). Plain tensors: on the autograd graph when the pass that
+    made them was, so label tokens scored after them pass gradients back to the prompt."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+    next_position: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Keys and values flattened: ``[K_0, V_0, K_1, V_1, ...]``."""
+        return [t for kv in self.layers for t in kv]
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> InputContext:
+        """The same context over other key/value tensors (in :meth:`tensors` order)."""
+        layers = [(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)]
+        return InputContext(layers, self.mask, self.next_position)
+
+
+@dataclass
 class PromptPrefix:
     """Cached keys and values of N prompts: per layer ``(K, V)`` of shape (N, H_kv, P, head_dim).
 
