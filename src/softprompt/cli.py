@@ -306,34 +306,59 @@ def _use_args(p: ArgumentParser, *, data: bool) -> None:
     )
 
 
+def _parser(**kwargs) -> ArgumentParser:
+    """A parser that refuses abbreviated options (``--max_step`` is not ``--max_steps``)."""
+    return ArgumentParser(allow_abbrev=False, **kwargs)
+
+
+def unknown_options(parser: ArgumentParser, argv: list[str]) -> list[str]:
+    """Each ``--option`` in ``argv`` that its command does not have, with the closest it does."""
+    import difflib
+
+    if not argv or argv[0] not in parser.command_parsers:
+        return []
+    command = parser.command_parsers[argv[0]]
+    known = {s for action in command._actions for s in action.option_strings}
+    problems = []
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; see softprompt {argv[0]} --help"
+            problems.append(f"unknown option {name} for softprompt {argv[0]}{hint}")
+    return problems
+
+
 def build_parser() -> ArgumentParser:
+    from jsonargparse import set_parsing_settings
+
     from softprompt.compare import CompareConfig
     from softprompt.training import TrainConfig
 
-    parser = ArgumentParser(
-        prog="softprompt", description="Prompt tuning for Hugging Face causal language models."
-    )
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings are the help
+
+    parser = _parser(prog="softprompt", description="Prompt tuning for Hugging Face causal language models.")
     sub = parser.add_subcommands(dest="command")
 
-    p = ArgumentParser(
-        description="Train a soft prompt for classification (defaults: the built-in sentiment demo)."
-    )
+    p = _parser(description="Train a soft prompt for classification (defaults: the built-in sentiment demo).")
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options.")
     p.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
     sub.add_subcommand("train", p, help="Train, validate, test and save a prompt.")
 
-    p = ArgumentParser(description="Evaluate a trained prompt on labelled data.")
+    p = _parser(description="Evaluate a trained prompt on labelled data.")
     p.add_argument("--config", action=ActionConfigFile)
     _use_args(p, data=True)
     sub.add_subcommand("eval", p, help="Classification: accuracy, macro-F1, per-class figures, confusion "
                        "matrix. Generation: BLEU, ROUGE-L, exact match.")  # fmt: skip
 
-    p = ArgumentParser(description="Classify texts with a trained prompt; one JSON object per line out.")
+    p = _parser(description="Classify texts with a trained prompt; one JSON object per line out.")
     p.add_argument("--config", action=ActionConfigFile)
     _use_args(p, data=False)
     sub.add_subcommand("predict", p, help="Label and per-label scores for each text.")
 
-    p = ArgumentParser(description="Generate text with a trained prompt; one JSON object per line out.")
+    p = _parser(description="Generate text with a trained prompt; one JSON object per line out.")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("prompt", type=str, help="Folder of a trained prompt.")
     p.add_argument("texts", type=str, nargs="*", default=[], help="Inputs ('-': read stdin).")
@@ -354,7 +379,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output", type=str | None, default=None, help="Write JSONL to this file.")
     sub.add_subcommand("generate", p, help="Continue each input under the prompt (greedy or sampled).")
 
-    p = ArgumentParser(description="Create a prompt without training and save it (PEFT format).")
+    p = _parser(description="Create a prompt without training and save it (PEFT format).")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("output", type=str, help="Folder to save the prompt to.")
     p.add_argument("--model", type=str, default="smollm2", help="Base model.")
@@ -368,12 +393,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Seed for the random parts of the init.")
     sub.add_subcommand("init", p, help="Initialise a prompt (text, vocab, labels, random, file).")
 
-    p = ArgumentParser(description="Describe a saved prompt.")
+    p = _parser(description="Describe a saved prompt.")
     p.add_argument("path", type=str, help="Folder of a saved prompt (ours or PEFT's).")
     p.add_argument("--as_json", type=bool, default=False, help="Print JSON.")
     sub.add_subcommand("info", p, help="Size, init, template, base model and norms of a saved prompt.")
 
-    p = ArgumentParser(description="Serve every prompt of a store folder over HTTP (OpenAI-compatible API).")
+    p = _parser(description="Serve every prompt of a store folder over HTTP (OpenAI-compatible API).")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("store", type=str, help="Folder of saved prompts, one sub-folder per prompt.")
     p.add_argument("--model", type=str, default="smollm2", help="Base model the prompts were trained on.")
@@ -402,12 +427,12 @@ def build_parser() -> ArgumentParser:
     )
     sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
 
-    p = ArgumentParser(description="Prompt tuning vs LoRA vs full fine-tuning on the same data and budget.")
+    p = _parser(description="Prompt tuning vs LoRA vs full fine-tuning on the same data and budget.")
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options.")
     p.add_class_arguments(CompareConfig, nested_key=None, as_group=False)
     sub.add_subcommand("compare", p, help="Measure accuracy, parameters, disk, memory, time and task switch.")
 
-    p = ArgumentParser(description="Look inside saved prompts: nearest tokens, norms, movement, similarity.")
+    p = _parser(description="Look inside saved prompts: nearest tokens, norms, movement, similarity.")
     p.add_argument(
         "paths", type=str, nargs="+", help="Saved prompt folders (several: also their similarity)."
     )
@@ -416,11 +441,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top_k", type=int, default=5, help="Nearest vocabulary tokens per virtual token.")
     p.add_argument("--as_json", type=bool, default=False, help="Print JSON.")
     sub.add_subcommand("inspect", p, help="Nearest tokens, norms, distance from init, prompt similarity.")
+    parser.command_parsers = dict(sub.choices)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    problems = unknown_options(parser, sys.argv[1:] if argv is None else argv)
+    if problems:
+        print("error: " + "\n       ".join(problems), file=sys.stderr)
+        raise SystemExit(2)
     try:
         args = parser.parse_args(argv)
     except SoftpromptError as e:  # a dataclass's own validation, raised while parsing
