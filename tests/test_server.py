@@ -99,7 +99,9 @@ def test_completions_follow_openai_format_and_equal_the_library(store):
         ("/v1/classify", {"model": "topic", "input": "the", "ensemble": "max"}, 422),
         ("/v1/classify", {"model": "topic"}, 422),
         ("/v1/completions", {"model": "free", "prompt": "the", "max_tokens": 1000}, 400),
-        ("/v1/completions", {"model": "free", "prompt": "the", "stream": True}, 400),
+        ("/v1/completions", {"model": "free", "prompt": "the", "echo": True}, 400),
+        ("/v1/completions", {"model": "free", "prompt": "the", "stream": True, "logprobs": 1}, 400),
+        ("/v1/completions", {"model": "free", "prompt": "the", "logprobs": 6}, 422),  # OpenAI's limit: 5
         ("/v1/completions", {"model": "free", "prompt": "the", "seed": 1}, 400),
         ("/v1/completions", {"model": "free", "prompt": "the " * 100}, 400),  # input over max_input_tokens
         ("/v1/completions", {"model": "free", "prompt": ["the"] * 5, "n": 2}, 413),  # over max_items
@@ -204,7 +206,7 @@ def test_late_request_joins_its_peers_instead_of_running_alone(store, monkeypatc
 
 
 def test_a_failing_request_does_not_fail_the_others(store, monkeypatch):
-    import softprompt.serving.server as serve
+    import softprompt.serving.batcher as serve
 
     real = serve.score_mixed
 

@@ -9,6 +9,7 @@ batches whose rows use different prompts, and the cached prompt prefix.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,156 @@ def _cut_at_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+@dataclass
+class TokenLogprob:
+    """The log-probability of a generated token under the model (before temperature and top-p), and
+    the ``top`` most likely tokens at that step as ``(token id, log-probability)``, best first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class RowEnd:
+    """How a row of a generation ended: why, its final tokens, and their text (``None`` without a
+    tokenizer). With a stop string, tokens and text end before it."""
+
+    reason: str
+    tokens: list[int]
+    text: str | None
+
+
+@dataclass
+class DecodeStep:
+    """What one step of :func:`generate_steps` did to each row of the batch."""
+
+    index: int
+    """The step, from 0 (the token picked from the prefill's logits)."""
+    tokens: list[int | None]
+    """Per row: the token appended to its output at this step; None when none was (the row had
+    ended before, or it picked EOS)."""
+    logprobs: list[TokenLogprob | None] | None
+    """Per row (with ``logprobs``): the log-probability of the token in ``tokens``; else None."""
+    ended: dict[int, RowEnd]
+    """The rows that ended at this step. After the last step every row has ended exactly once."""
+
+
 @torch.no_grad()
+def generate_steps(
+    prompted: PromptedLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    prompt: PromptLike | None = None,
+    prompt_index: torch.Tensor | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+    prefix: PromptPrefix | None = None,
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    stop_strings: list[str] | None = None,
+    tokenizer=None,
+    generator: torch.Generator | None = None,
+    logprobs: int | None = None,
+) -> Iterator[DecodeStep]:
+    """:func:`generate` one step at a time: yields a :class:`DecodeStep` per token position, so a
+    caller can stream tokens as they come or run other work between steps.
+
+    The arguments are :func:`generate`'s; ``logprobs`` (an int, 0 or more) also reports each generated
+    token's log-probability and that many most likely alternatives (one log-softmax per step).
+    Checks run at the first ``next()``, where the prefill also runs; closing the iterator early
+    stops the decoding.
+    """
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UsageError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+    if logprobs is not None and logprobs < 0:
+        raise UsageError(f"logprobs must be >= 0 (alternatives per token) or None, got {logprobs}")
+    stops = [s for s in (stop_strings or []) if s]
+    if stops and tokenizer is None:
+        raise UsageError("stop_strings need the tokenizer (to read the generated text)")
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None) or prompted.config.eos_token_id
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = pad_id if pad_id is not None else (min(eos) if eos else 0)
+    ids, mask = left_pad(input_ids, attention_mask, pad_id)
+    B = ids.shape[0]
+
+    out: list[list[int]] = [[] for _ in range(B)]
+
+    def end(b: int, reason: str, text: str | None = None) -> RowEnd:
+        if text is None and tokenizer is not None:
+            text = tokenizer.decode(out[b], skip_special_tokens=True)
+        return RowEnd(reason, out[b], text)
+
+    logits, state = prompted.prefill(ids, mask, prompt, prompt_index, prompt_lengths, prefix)
+    active = torch.ones(B, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        tokens = pick_tokens(logits, do_sample, temperature, top_p, generator)
+        picked = tokens.tolist()  # one device-to-host copy per step
+        scored = _token_logprobs(logits, tokens, logprobs) if logprobs is not None else None
+        added: list[int | None] = [None] * B
+        ended: dict[int, RowEnd] = {}
+        for b in torch.nonzero(active).flatten().tolist():
+            token = picked[b]
+            if token in eos:
+                active[b] = False
+                ended[b] = end(b, "stop")
+                continue
+            out[b].append(token)
+            added[b] = token
+            if stops:
+                text = tokenizer.decode(out[b], skip_special_tokens=True)
+                cut = _cut_at_stop(text, stops)
+                if cut is not None:
+                    active[b] = False
+                    out[b] = _tokens_within(out[b], text[:cut], tokenizer)
+                    ended[b] = end(b, "stop", text[:cut])
+        last = not active.any() or step == max_new_tokens - 1
+        if last:
+            for b in torch.nonzero(active).flatten().tolist():
+                ended[b] = end(b, "length")
+        row_logprobs = (
+            None
+            if scored is None
+            else [s if t is not None else None for s, t in zip(scored, added, strict=True)]
+        )
+        yield DecodeStep(step, added, row_logprobs, ended)
+        if last:
+            return
+        # Finished rows keep receiving a pad token; their outputs are no longer read.
+        feed = torch.where(active.to(tokens.device), tokens, torch.full_like(tokens, pad_id))
+        logits = prompted.decode_step(feed, state)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Each row's log-probability of its picked token, and its ``top`` most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    chosen = logp.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
+    if top > 0:
+        values, indices = logp.topk(min(top, logp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(c, t) for c, t in zip(chosen, tops, strict=True)]
+
+
+def collect(steps: Iterator[DecodeStep], tokenizer=None) -> GenerateOutput:
+    """The :class:`GenerateOutput` of a finished :func:`generate_steps` run."""
+    ends: dict[int, RowEnd] = {}
+    for step in steps:
+        ends.update(step.ended)
+    rows = [ends[b] for b in range(len(ends))]
+    texts = None if tokenizer is None else [r.text for r in rows]
+    return GenerateOutput([r.tokens for r in rows], texts, [r.reason for r in rows])
+
+
 def generate(
     prompted: PromptedLM,
     input_ids: torch.Tensor,
@@ -98,57 +248,15 @@ def generate(
 
     The prompt comes from ``prompt`` (run with every input) or ``prefix`` (its keys and values
     computed once, see :meth:`PromptedLM.prefix_cache`); neither gives the plain model. Rows may be
-    left- or right-padded; they are decoded left-padded.
+    left- or right-padded; they are decoded left-padded. :func:`generate_steps` gives the same
+    tokens one step at a time.
     """
-    if max_new_tokens < 1:
-        raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
-    stops = [s for s in (stop_strings or []) if s]
-    if stops and tokenizer is None:
-        raise UsageError("stop_strings need the tokenizer (to read the generated text)")
-    if eos_token_id is None:
-        eos_token_id = getattr(tokenizer, "eos_token_id", None) or prompted.config.eos_token_id
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = pad_id if pad_id is not None else (min(eos) if eos else 0)
-    ids, mask = left_pad(input_ids, attention_mask, pad_id)
-    B = ids.shape[0]
-
-    logits, state = prompted.prefill(ids, mask, prompt, prompt_index, prompt_lengths, prefix)
-    out: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    texts: list[str | None] = [None] * B
-    active = torch.ones(B, dtype=torch.bool)
-    for step in range(max_new_tokens):
-        tokens = pick_tokens(logits, do_sample, temperature, top_p, generator)
-        picked = tokens.tolist()  # one device-to-host copy per step
-        for b in torch.nonzero(active).flatten().tolist():
-            token = picked[b]
-            if token in eos:
-                active[b], reasons[b] = False, "stop"
-                continue
-            out[b].append(token)
-            if stops:
-                text = tokenizer.decode(out[b], skip_special_tokens=True)
-                cut = _cut_at_stop(text, stops)
-                if cut is not None:
-                    active[b], reasons[b], texts[b] = False, "stop", text[:cut]
-                    out[b] = _tokens_within(out[b], text[:cut], tokenizer)
-        if not active.any() or step == max_new_tokens - 1:
-            break
-        # Finished rows keep receiving a pad token; their outputs are no longer read.
-        feed = torch.where(active.to(tokens.device), tokens, torch.full_like(tokens, pad_id))
-        logits = prompted.decode_step(feed, state)
-    if tokenizer is None:
-        return GenerateOutput(out, None, reasons)
-    final = [
-        t if t is not None else tokenizer.decode(o, skip_special_tokens=True)
-        for t, o in zip(texts, out, strict=True)
-    ]
-    return GenerateOutput(out, final, reasons)
+    steps = generate_steps(
+        prompted, input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix,
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+        eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer, generator=generator,
+    )  # fmt: skip
+    return collect(steps, tokenizer)
 
 
 def _tokens_within(tokens: list[int], text: str, tokenizer) -> list[int]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from softprompt.decoding import generate
+from softprompt.decoding import DecodeStep, RowEnd, TokenLogprob, generate_steps
 from softprompt.errors import UsageError
 from softprompt.prefix import PromptPrefix
 from softprompt.scoring import label_scores
@@ -197,18 +198,49 @@ def ensemble_result(members: list[PromptEntry], text: str, logps: list[torch.Ten
 # ---------------------------------------------------------------------------- generation
 @dataclass
 class Completion:
-    """One generated continuation: the text, its token ids, why it stopped, and the input size."""
+    """One generated continuation: the text, its token ids, why it stopped, the input size, and
+    (when asked) each token's log-probability."""
 
     text: str
     tokens: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
-def generate_mixed(
+def generation_rows(
+    store: PromptStore, entries: list[PromptEntry], inputs: list[str | list[int]], apply_template: bool = True
+) -> list[list[int]]:
+    """Token ids of each input: a text in its prompt's template (with ``apply_template``), or a list
+    of token ids used as they are (e.g. a conversation in the chat template, see :func:`chat_ids`)."""
+    tokenizer = store.tokenizer
+    rows = [
+        list(x) if not isinstance(x, str)
+        else list(tokenizer(render(e, x) if apply_template else x, add_special_tokens=False)["input_ids"])
+        for e, x in zip(entries, inputs, strict=True)
+    ]  # fmt: skip
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise UsageError(f"texts {empty} tokenise to nothing; give each row some text to continue")
+    return rows
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of a conversation in the base model's chat template, ending with the prompt for
+    the assistant's turn (``add_generation_prompt=True``). The soft prompt goes before all of them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(
+            "the base model's tokenizer has no chat template, so messages cannot be formatted; use "
+            "/v1/completions with the prompt's own template, or a chat model"
+        )
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def generate_mixed_steps(
     store: PromptStore,
     entries: list[PromptEntry],
-    texts: list[str],
+    inputs: list[str | list[int]],
     *,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -217,38 +249,56 @@ def generate_mixed(
     apply_template: bool = True,
     generator: torch.Generator | None = None,
     use_prefix: bool | None = None,
+    logprobs: int | None = None,
+) -> tuple[list[list[int]], Iterator[DecodeStep]]:
+    """:func:`generate_mixed` one step at a time: the input token ids of each row, and the steps
+    (:func:`softprompt.decoding.generate_steps`; the model runs as the steps are taken)."""
+    rows = generation_rows(store, entries, inputs, apply_template)
+    ids, mask = pad_rows(rows, store.tokenizer.pad_token_id, side="left")
+    kwargs = prompt_inputs(store, entries, use_prefix)
+    steps = generate_steps(
+        store.prompted, ids, mask, **kwargs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
+        eos_token_id=store.tokenizer.eos_token_id, stop_strings=stop or None, tokenizer=store.tokenizer,
+        generator=generator, logprobs=logprobs,
+    )  # fmt: skip
+    return rows, steps
+
+
+def generate_mixed(
+    store: PromptStore,
+    entries: list[PromptEntry],
+    texts: list[str | list[int]],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    apply_template: bool = True,
+    generator: torch.Generator | None = None,
+    use_prefix: bool | None = None,
+    logprobs: int | None = None,
 ) -> list[Completion]:
     """Continue text i under prompt ``entries[i]``, all rows in one generation batch.
 
     ``temperature=0`` is greedy decoding. With ``apply_template`` each text is put in its prompt's
-    template first (the form the prompt was trained on).
+    template first (the form the prompt was trained on); a row given as token ids is used as is.
+    ``logprobs`` (0 or more alternatives) also returns each generated token's log-probability.
     """
-    prompted, tokenizer = store.prompted, store.tokenizer
-    rows = [
-        list(tokenizer(render(e, t) if apply_template else t, add_special_tokens=False)["input_ids"])
-        for e, t in zip(entries, texts, strict=True)
-    ]
-    empty = [i for i, r in enumerate(rows) if not r]
-    if empty:
-        raise UsageError(f"texts {empty} tokenise to nothing; give each row some text to continue")
-    ids, mask = pad_rows(rows, tokenizer.pad_token_id, side="left")
-    kwargs = prompt_inputs(store, entries, use_prefix)
-    out = generate(
-        prompted,
-        ids,
-        mask,
-        **kwargs,
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else 1.0,
-        top_p=top_p,
-        eos_token_id=tokenizer.eos_token_id,
-        stop_strings=stop or None,
-        tokenizer=tokenizer,
-        generator=generator,
-    )
-    texts_out = out.texts or [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+    rows, steps = generate_mixed_steps(
+        store, entries, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        stop=stop, apply_template=apply_template, generator=generator, use_prefix=use_prefix,
+        logprobs=logprobs,
+    )  # fmt: skip
+    ends: dict[int, RowEnd] = {}
+    scored: list[list[TokenLogprob]] = [[] for _ in rows]
+    for step in steps:
+        ends.update(step.ended)
+        for b, lp in enumerate(step.logprobs or []):
+            if lp is not None:
+                scored[b].append(lp)
     return [
-        Completion(text, list(tokens), reason, len(r))
-        for text, tokens, reason, r in zip(texts_out, out.tokens, out.finish_reasons, rows, strict=True)
-    ]
+        Completion(ends[b].text, ends[b].tokens, ends[b].reason, len(r),
+                   scored[b][: len(ends[b].tokens)] if logprobs is not None else None)
+        for b, r in enumerate(rows)
+    ]  # fmt: skip

@@ -68,24 +68,38 @@ class PromptUsage:
     ``verbalizer``/``labels`` are None for prompts without label words (generation only).
     ``head_ids``: the tokens the template's inputs start with (:meth:`Template.head_ids`), cached with
     the prompt; each input is checked to start with them before they are cut.
+    ``chat``: the prompt was trained on inputs in the base model's chat template (see
+    :func:`trained_on_chat_template`), so chat requests give it the input it was trained on.
     """
 
     template: Template | None
     verbalizer: Verbalizer | None
     labels: LabelSpace | None
     head_ids: tuple[int, ...] = ()
+    chat: bool = False
 
     @classmethod
     def from_prompt(cls, prompt: SoftPrompt, tokenizer) -> PromptUsage:
         meta = prompt.meta
         template = Template(meta.template) if meta.template else None
+        chat = trained_on_chat_template(meta)
         spec = meta.verbalizer or meta.label_words
         if not spec or tokenizer is None:
-            return cls(template, None, None)
+            return cls(template, None, None, chat=chat)
         verbalizer = Verbalizer.parse(spec)
         labels = verbalizer.label_space(tokenizer, meta.scoring or "auto")
         head = template.head_ids(tokenizer) if template is not None else ()
-        return cls(template, verbalizer, labels, head)
+        return cls(template, verbalizer, labels, head, chat)
+
+
+def trained_on_chat_template(meta) -> bool:
+    """Whether a prompt's metadata says its training inputs were formatted with the base model's chat
+    template (``chat_template: true`` in softprompt.json, as a field or under ``extra``). Prompts
+    without that record were trained on plain text in their own template."""
+    flag = getattr(meta, "chat_template", None)
+    if flag is None:
+        flag = (getattr(meta, "extra", None) or {}).get("chat_template")
+    return bool(flag)
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,7 @@ class PromptEntry:
             "labels": self.labels,
             "label_words": None if self.usage.verbalizer is None else list(self.usage.verbalizer.words),
             "scoring": None if self.usage.labels is None else self.usage.labels.mode,
+            "chat_template": self.usage.chat,
             "path": None if self.path is None else str(self.path),
         }
 
