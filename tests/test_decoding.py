@@ -332,3 +332,53 @@ def test_prefix_with_fixed_tokens_equals_running_them_as_input(arch):
                  positions="all")[:, len(head):]  # fmt: skip
     real = mask.bool()
     torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- step by step
+@pytest.mark.parametrize("stops", [None, ["neutral world", "classify"]])
+def test_generate_steps_add_up_to_generate_and_report_logprobs(stops):
+    """generate_steps yields each row's tokens as they come; together they are generate's output, every
+    row ends exactly once, and logprobs are the model's log-softmax at each step."""
+    from softprompt.decoding import generate_steps
+
+    tok = make_tokenizer()
+    lm = PromptedLM(tiny_llama())
+    prompt = torch.randn(4, 32, generator=torch.Generator().manual_seed(7))
+    ids, mask = pad_rows([tok(t)["input_ids"] for t in ("the film was", "a", "news of the world")], 0, "left")
+    kw = {"max_new_tokens": 7, "tokenizer": tok, "eos_token_id": EOS, "stop_strings": stops}
+    want = generate(lm, ids, mask, prompt=prompt, **kw)
+    steps = list(generate_steps(lm, ids, mask, prompt=prompt, logprobs=3, **kw))
+    assert [s.index for s in steps] == list(range(len(steps))) and len(steps) <= 7
+    ended = [b for s in steps for b in s.ended]
+    assert sorted(ended) == [0, 1, 2]  # each row ends once
+    for b in range(3):
+        streamed = [s.tokens[b] for s in steps if s.tokens[b] is not None]
+        end = next(s.ended[b] for s in steps if b in s.ended)
+        assert (end.tokens, end.text, end.reason) == (want.tokens[b], want.texts[b], want.finish_reasons[b])
+        assert streamed[: len(end.tokens)] == end.tokens  # a stop string only cuts the end
+    # logprobs: the log-softmax of the model's next-token logits for the picked token, with the top 3
+    row = ids[0][mask[0].bool()].tolist()
+    with torch.no_grad():
+        for k, step in enumerate(steps[:3]):
+            if step.tokens[0] is None:
+                break
+            logits = lm(torch.tensor([row + want.tokens[0][:k]]), prompt=prompt)[0]
+            ref = torch.log_softmax(logits, -1)
+            lp = step.logprobs[0]
+            assert lp.logprob == pytest.approx(float(ref[step.tokens[0]]), abs=1e-4)
+            assert [i for i, _ in lp.top] == ref.topk(3).indices.tolist()
+            assert lp.top[0][0] == step.tokens[0]  # greedy picks the most likely token
+
+
+def test_generate_steps_check_at_the_first_step_and_can_stop_early():
+    from softprompt.decoding import generate_steps
+
+    lm = PromptedLM(tiny_llama())
+    ids, mask = batch()
+    steps = generate_steps(lm, ids, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(steps)
+    steps = generate_steps(lm, ids, mask, max_new_tokens=50, eos_token_id=EOS)
+    first = next(steps)
+    assert len(first.tokens) == ids.shape[0]
+    steps.close()  # a caller may stop decoding at any step

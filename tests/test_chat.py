@@ -1,0 +1,315 @@
+"""Chat completions, streaming and logprobs, through the official openai client against a real uvicorn
+server on loopback (tiny model; its word-level tokenizer gets a small Jinja chat template here)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import pytest
+import torch
+from test_registry import make_store
+
+from softprompt import SoftPrompt
+from softprompt.decoding import generate
+from softprompt.meta import PromptMeta
+
+pytest.importorskip("fastapi", reason="the server needs fastapi (pip install -e .[serve])")
+openai = pytest.importorskip("openai", reason="the openai client is a test dependency")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from softprompt.serving.server import ServeLimits, create_app  # noqa: E402
+
+# Roles as words of the tiny vocabulary: "question" before a user turn, "answer" before an assistant
+# turn (and as the generation prompt), "label" before a system message.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}question {% elif m['role'] == 'system' %}label "
+    "{% else %}answer {% endif %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}answer{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "classify the review"},
+    {"role": "user", "content": "the film was good"},
+    {"role": "assistant", "content": "positive"},
+    {"role": "user", "content": "the food was bad"},
+]
+
+
+@pytest.fixture
+def store(llama, tmp_path):
+    store = make_store(tmp_path / "store", llama)
+    store.tokenizer.chat_template = CHAT_TEMPLATE
+    g = torch.Generator().manual_seed(3)
+    store.add("free", SoftPrompt(torch.randn(4, 32, generator=g)))  # trained without the chat template
+    chat_meta = PromptMeta(extra={"chat_template": True})
+    store.add("chat", SoftPrompt(torch.randn(5, 32, generator=g), chat_meta))
+    return store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(store, **limits):
+    """``create_app(store)`` served by uvicorn on loopback; yields (openai client, app)."""
+    import uvicorn
+
+    port = free_port()
+    app = create_app(store, ServeLimits(**limits))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start within 30 s"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        yield client, app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def reference(store, name: str, ids: list[int], max_new_tokens: int):
+    """Greedy decoding.generate with the prompt run in full (no cached prefix) on exactly ``ids``."""
+    tok = store.tokenizer
+    return generate(store.prompted, torch.tensor([ids]), prompt=store.get(name).prompt.weight,
+                    max_new_tokens=max_new_tokens, tokenizer=tok, eos_token_id=tok.eos_token_id)  # fmt: skip
+
+
+def chat_ids(store, messages) -> list[int]:
+    out = store.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def slow_steps(store, monkeypatch, seconds: float) -> None:
+    """Make each decoding step take at least ``seconds`` (a generation then lasts long enough to overlap)."""
+    real = store.prompted.decode_step
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store.prompted, "decode_step", slow)
+
+
+# ---------------------------------------------------------------------------- chat
+def test_chat_with_the_openai_client_sees_the_chat_template_after_the_prompt(store):
+    with running_server(store) as (client, _):
+        one = client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "the film"}], max_tokens=6, temperature=0
+        )
+        many = client.chat.completions.create(
+            model="chat", messages=CONVERSATION, max_tokens=6, temperature=0
+        )
+        raw = client.chat.completions.with_raw_response.create(
+            model="chat", messages=CONVERSATION, max_completion_tokens=6, temperature=0
+        )
+    for resp, messages in ((one, [{"role": "user", "content": "the film"}]), (many, CONVERSATION)):
+        ids = chat_ids(store, messages)
+        ref = reference(store, "chat", ids, 6)
+        assert resp.object == "chat.completion" and resp.model == "chat"
+        choice = resp.choices[0]
+        assert choice.message.role == "assistant" and choice.message.content == ref.texts[0]
+        assert choice.finish_reason == ref.finish_reasons[0]
+        assert resp.usage.prompt_tokens == len(ids) and resp.usage.completion_tokens == len(ref.tokens[0])
+        assert resp.usage.total_tokens == len(ids) + len(ref.tokens[0])
+    # the conversation really is several turns in the template, with the generation prompt at the end
+    text = store.tokenizer.decode(chat_ids(store, CONVERSATION))
+    assert (
+        text
+        == "label classify the review question the film was good answer positive question the food was bad answer"
+    )
+    # a prompt trained with the chat template gets no warning; max_completion_tokens is max_tokens
+    assert (
+        "x-softprompt-warning" not in raw.headers
+        and raw.parse().choices[0].message.content == many.choices[0].message.content
+    )
+
+
+def test_chat_warns_when_the_prompt_was_not_trained_on_the_chat_template(store, caplog):
+    with running_server(store) as (client, _):
+        raw = client.chat.completions.with_raw_response.create(
+            model="free", messages=[{"role": "user", "content": "the film"}], max_tokens=3, temperature=0
+        )
+        raw.parse()
+        client.chat.completions.create(
+            model="free", messages=[{"role": "user", "content": "a"}], max_tokens=2
+        )
+    assert "not trained on the chat template" in raw.headers["x-softprompt-warning"]
+    assert "not trained on the chat template" in raw.parse().model_extra["warning"]
+    logged = [r for r in caplog.records if "was not trained with it" in r.getMessage()]
+    assert len(logged) == 1  # once per prompt version, not per request
+    assert store.get("free").describe()["chat_template"] is False
+    assert store.get("chat").describe()["chat_template"] is True
+
+
+def test_chat_errors_are_openai_errors(store):
+    with running_server(store, max_tokens=32, max_input_tokens=40) as (client, _):
+        user = [{"role": "user", "content": "the film"}]
+        cases = [
+            {"model": "chat", "messages": user, "n": 2},
+            {"model": "chat", "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+            {"model": "chat", "messages": user, "max_tokens": 100},
+            {"model": "chat", "messages": [{"role": "user", "content": "the " * 60}]},
+            {"model": "chat", "messages": user, "seed": 3},
+            {"model": "chat", "messages": user, "stream": True, "logprobs": True},
+            {"model": "chat", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        ]  # fmt: skip
+        for body in cases:
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(**body)
+            assert info.value.body["message"], body
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nope", messages=user)
+        with pytest.raises(openai.UnprocessableEntityError):
+            client.chat.completions.create(model="chat", messages=[])
+        # a base model without a chat template: said so, with what to use instead
+        store.tokenizer.chat_template = None
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            client.chat.completions.create(model="chat", messages=user)
+        store.tokenizer.chat_template = CHAT_TEMPLATE
+        # text parts are joined; the server still answers normally after the errors
+        parts = [{"type": "text", "text": "the "}, {"type": "text", "text": "film"}]
+        a = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": parts}],
+                                           max_tokens=3, temperature=0)  # fmt: skip
+        b = client.chat.completions.create(model="chat", messages=user, max_tokens=3, temperature=0)
+        assert a.choices[0].message.content == b.choices[0].message.content
+
+
+# ---------------------------------------------------------------------------- streaming
+def test_streaming_chat_and_completions_add_up_to_the_unstreamed_answers(store):
+    with running_server(store) as (client, _):
+        chat_kw = {"model": "chat", "messages": CONVERSATION, "max_tokens": 8, "temperature": 0}
+        whole = client.chat.completions.create(**chat_kw).choices[0].message.content
+        chunks = list(
+            client.chat.completions.create(**chat_kw, stream=True, stream_options={"include_usage": True})
+        )
+        cmpl_kw = {
+            "model": "sentiment",
+            "prompt": ["the film", "news of"],
+            "max_tokens": 6,
+            "temperature": 0,
+            "n": 2,
+        }
+        unstreamed = client.completions.create(**cmpl_kw)
+        pieces = list(client.completions.create(**cmpl_kw, stream=True))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole and len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"] or finish == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0  # include_usage: last chunk
+    # completions: 2 prompts x n=2, chunks interleaved by index; each index adds up to its choice
+    for choice in unstreamed.choices:
+        got = "".join(p.choices[0].text for p in pieces if p.choices[0].index == choice.index)
+        assert got == choice.text
+        ends = [p.choices[0].finish_reason for p in pieces if p.choices[0].index == choice.index]
+        assert [e for e in ends if e] == [choice.finish_reason]
+
+
+def test_streamed_text_holds_back_what_a_stop_string_may_cut(store):
+    kw = {"model": "sentiment", "prompt": "the film", "max_tokens": 10, "temperature": 0}
+    with running_server(store) as (client, _):
+        free = client.completions.create(**kw).choices[0].text
+        words = free.split()
+        assert len(words) >= 4, "the tiny model should write a few words here"
+        stop = " ".join(words[2:4])  # a stop string that spans two tokens
+        cut = client.completions.create(**kw, stop=[stop]).choices[0]
+        streamed = list(client.completions.create(**kw, stop=[stop], stream=True))
+    assert cut.finish_reason == "stop" and cut.text == free[: free.find(stop)]
+    assert "".join(p.choices[0].text for p in streamed) == cut.text
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_batcher_keeps_serving_while_a_request_streams(store, monkeypatch):
+    """A streamed generation runs step by step: a classification and a short completion sent while it
+    streams are answered before it ends; the streamed text equals the same request unstreamed."""
+    slow_steps(store, monkeypatch, 0.03)
+    kw = {"model": "free", "prompt": "the food", "max_tokens": 40, "temperature": 0}
+    with running_server(store) as (client, app):
+        finished: dict[str, float] = {}
+        first_piece = threading.Event()
+        streamed: list[str] = []
+
+        def stream() -> None:
+            for chunk in client.completions.create(**kw, stream=True):
+                streamed.append(chunk.choices[0].text)
+                first_piece.set()
+            finished["stream"] = time.monotonic()
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        assert first_piece.wait(timeout=60)
+        label = client.post("/classify", body={"model": "topic", "input": "the film"}, cast_to=object)
+        finished["classify"] = time.monotonic()
+        short = client.completions.create(model="sentiment", prompt="a boring", max_tokens=3, temperature=0)
+        finished["short"] = time.monotonic()
+        thread.join(timeout=120)
+        whole = client.completions.create(**kw).choices[0]
+        batches = app.state.batcher.stats["batches"]
+    assert whole.finish_reason == "length", "pick an input the tiny model does not end early"
+    assert "".join(streamed) == whole.text
+    assert label["data"][0]["label"] in ("s", "b", "t") and short.choices[0].text is not None
+    assert finished["classify"] < finished["stream"] and finished["short"] < finished["stream"]
+    assert batches >= 4  # the stream, the classification and the short completion each had a batch
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(store, monkeypatch):
+    slow_steps(store, monkeypatch, 0.02)
+    with running_server(store) as (client, app):
+        batcher = app.state.batcher
+        stream = client.completions.create(model="free", prompt="the food", max_tokens=200, temperature=0,
+                                           stream=True)  # fmt: skip
+        next(iter(stream))
+        stream.close()
+        deadline = time.monotonic() + 3  # 200 steps would take at least 4 s
+        while batcher._running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not batcher._running
+        # and the server goes on answering
+        assert client.completions.create(model="free", prompt="the", max_tokens=2).choices
+
+
+# ---------------------------------------------------------------------------- logprobs
+def test_logprobs_of_completions_and_chat(store):
+    tok = store.tokenizer
+    with running_server(store) as (client, _):
+        done = client.completions.create(
+            model="free", prompt="the food", max_tokens=4, temperature=0, logprobs=3
+        )
+        chat = client.chat.completions.create(model="chat", messages=CONVERSATION, max_tokens=3, temperature=0,
+                                              logprobs=True, top_logprobs=2)  # fmt: skip
+        plain = client.completions.create(model="free", prompt="the food", max_tokens=4, temperature=0)
+    lp = done.choices[0].logprobs
+    assert plain.choices[0].logprobs is None
+    n = done.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    # the first token's log-probability is the model's log-softmax after prompt + input
+    ids = tok("the food", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = store.prompted(torch.tensor([ids]), prompt=store.get("free").prompt.weight)[0]
+    ref = torch.log_softmax(logits, -1)
+    assert lp.token_logprobs[0] == pytest.approx(float(ref.max()), abs=1e-4)
+    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(v, abs=1e-6)
+               for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert content[0].top_logprobs[0].logprob == pytest.approx(content[0].logprob, abs=1e-6)
+
+
+def test_classify_style_logprobs_with_testclient(store):
+    """One token with its alternatives: a label's probability without /v1/classify."""
+    with TestClient(create_app(store), base_url="http://127.0.0.1") as client:
+        r = client.post("/v1/completions", json={"model": "sentiment", "prompt": "a boring plot", "max_tokens": 1,
+                                                 "temperature": 0, "logprobs": 5})  # fmt: skip
+    assert r.status_code == 200, r.text
+    top = r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert len(top) == 5 and all(v <= 0 for v in top.values())
