@@ -239,6 +239,49 @@ def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batc
           api_key=api_key)  # fmt: skip
 
 
+def cmd_export_embeds(prompt: str, texts: list[str], file: str | None, text_column: str | None,
+                      model: str | None, template: str | None, chat_template: bool, served_model: str | None,
+                      max_tokens: int, temperature: float, dtype: str, output: str | None) -> None:  # fmt: skip
+    import torch
+
+    from softprompt.text import Template
+    from softprompt.vllm import prompt_embeds_request
+
+    texts = _read_inputs(texts, file, text_column, "inputs")
+    loaded, base, tokenizer = _prompt_and_model(prompt, model, "float32")
+    tensor_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    if tensor_dtype is None:
+        raise UsageError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+
+    def request(text: str) -> dict:
+        if chat_template:  # the text as the user's message, in the base model's chat template
+            messages = [{"role": "user", "content": Template(template or "{text}").render(text)}]
+            return prompt_embeds_request(
+                loaded,
+                None,
+                tokenizer,
+                base,
+                messages=messages,
+                served_model=served_model,
+                dtype=tensor_dtype,
+                max_tokens=max_tokens,
+                temperature=temperature,
+            )
+        return prompt_embeds_request(
+            loaded,
+            text,
+            tokenizer,
+            base,
+            template,
+            served_model=served_model,
+            dtype=tensor_dtype,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+
+    _write_jsonl((request(t) for t in texts), output)
+
+
 def cmd_compare(cfg) -> None:
     import shlex
 
@@ -427,6 +470,32 @@ def build_parser() -> ArgumentParser:
     )
     sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
 
+    p = _parser(
+        description="Write vLLM /v1/completions requests (JSONL, one per input) whose prompt_embeds "
+        "carry the prompt's vectors and the input's token embeddings (vLLM: --enable-prompt-embeds)."
+    )
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("prompt", type=str, help="Folder of a trained prompt.")
+    p.add_argument("texts", type=str, nargs="*", default=[], help="Inputs ('-': read stdin).")
+    p.add_argument("--file", type=str | None, default=None, help="Read inputs from a jsonl/csv/tsv file.")
+    p.add_argument("--text_column", type=str | None, default=None, help="Input column (name or index).")
+    p.add_argument("--model", type=str | None, default=None, help="Base model; default: the prompt's.")
+    p.add_argument("--template", type=str | None, default=None, help="Override the prompt's template.")
+    p.add_argument("--chat_template", type=bool, default=False,
+                   help="Put each input (in --template, if given) as the user's message in the base model's "
+                   "chat template, after the prompt.")  # fmt: skip
+    p.add_argument("--served_model", type=str | None, default=None,
+                   help="The request's model field: the name vLLM serves the base model under (default: the "
+                   "prompt's base model).")  # fmt: skip
+    p.add_argument("--max_tokens", type=int, default=16, help="Tokens to generate per request.")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling.")
+    p.add_argument("--dtype", type=str, default="float32",
+                   help="Dtype of the sent tensor: float32 or bfloat16 (half the bytes).")  # fmt: skip
+    p.add_argument(
+        "--output", type=str | None, default=None, help="Write JSONL to this file (default: stdout)."
+    )
+    sub.add_subcommand("export-embeds", p, help="vLLM requests with prompt_embeds for a trained prompt.")
+
     p = _parser(description="Prompt tuning vs LoRA vs full fine-tuning on the same data and budget.")
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options.")
     p.add_class_arguments(CompareConfig, nested_key=None, as_group=False)
@@ -499,6 +568,9 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "serve":
             cmd_serve(a.store, a.model, a.dtype, a.host, a.port, a.max_batch_size, a.batch_window_ms,
                       a.batch_gap_ms, a.max_queue, a.max_tokens, a.allow_management, a.api_key)  # fmt: skip
+        elif name == "export-embeds":
+            cmd_export_embeds(a.prompt, a.texts, a.file, a.text_column, a.model, a.template, a.chat_template,
+                              a.served_model, a.max_tokens, a.temperature, a.dtype, a.output)  # fmt: skip
     except SoftpromptError as e:
         # The user's to fix, and the message says how: a traceback would bury it. Anything else is a
         # bug in softprompt or below it, and goes up with its traceback.

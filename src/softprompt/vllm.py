@@ -1,0 +1,146 @@
+"""Serving a trained prompt on vLLM: completions requests whose ``prompt_embeds`` carry the prompt.
+
+vLLM started with ``--enable-prompt-embeds`` takes, on ``POST /v1/completions``, a field
+``prompt_embeds``: base64 of a ``torch.save``'d float tensor ``(seq_len, hidden)`` that replaces the
+token embeddings of the input. :func:`prompt_embeds_request` builds that tensor the way
+:class:`~softprompt.model.PromptedLM` builds its input: the prompt's P vectors first (positions
+0..P-1), then the token embeddings of the text in the prompt's template, tokenized without special
+tokens (no BOS, as everywhere in softprompt), so vLLM's first token is the one ``PromptedLM`` predicts
+(tested on the first-token logits). With ``messages`` the conversation is put in the base model's
+chat template instead, still after the prompt.
+
+The flag lets a client hand the server arbitrary tensors: keep such a vLLM server behind your own
+service and never expose it to untrusted clients (README, "Serving at scale with vLLM").
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import torch
+
+from softprompt.errors import UsageError
+from softprompt.model import PromptedLM
+from softprompt.prompt import SoftPrompt
+from softprompt.text import Template
+
+
+def input_ids(tokenizer, text: str | None = None, template: str | Template | None = None,
+              messages: list[dict] | None = None) -> list[int]:  # fmt: skip
+    """The token ids that follow the prompt: ``text`` in ``template`` (default ``{text}``), or
+    ``messages`` in the tokenizer's chat template with the assistant's turn opened; no BOS is added."""
+    if (text is None) == (messages is None):
+        raise UsageError("give either a text or chat messages to build the input from")
+    if messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError("the tokenizer has no chat template; give a text (with its template) instead")
+        out = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        ids = list(out["input_ids"])
+    else:
+        template = template if isinstance(template, Template) else Template(template or "{text}")
+        ids = list(tokenizer(template.render(text), add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise UsageError("the input tokenises to nothing; give some text")
+    return ids
+
+
+def prompt_embeds(prompt: SoftPrompt | torch.Tensor, ids: list[int], model,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """``[prompt vectors; embeddings of ids]``: a ``(P + len(ids), hidden)`` tensor on the CPU.
+
+    ``model`` is the base model (any Hugging Face causal LM, or a :class:`PromptedLM`); only its
+    input embeddings are read.
+    """
+    weight = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
+    embedding = model.embed_tokens if isinstance(model, PromptedLM) else model.get_input_embeddings()
+    if weight.dim() != 2 or weight.shape[1] != embedding.weight.shape[1]:
+        raise UsageError(
+            f"the prompt is {tuple(weight.shape)} but the model's hidden size is {embedding.weight.shape[1]}; "
+            "give a (P, hidden) prompt trained on this model"
+        )
+    with torch.no_grad():
+        tokens = embedding(torch.tensor(ids, device=embedding.weight.device))  # (T, D)
+        # the model's own dtype for the tokens, the prompt cast to it as PromptedLM casts at use
+        rows = torch.cat([weight.detach().to(tokens.device, tokens.dtype), tokens])  # (P + T, D)
+    return rows.to("cpu", dtype).contiguous()
+
+
+def encode_embeds(tensor: torch.Tensor) -> str:
+    """Base64 of ``torch.save(tensor)``: the form vLLM reads in ``prompt_embeds``."""
+    buffer = io.BytesIO()
+    torch.save(tensor.detach().cpu().contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_embeds(data: str) -> torch.Tensor:
+    """The tensor of an :func:`encode_embeds` string (read with ``weights_only=True``, as vLLM does)."""
+    tensor = torch.load(io.BytesIO(base64.b64decode(data)), map_location="cpu", weights_only=True)
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or not tensor.is_floating_point():
+        raise UsageError("prompt_embeds must hold one 2-D float tensor (seq_len, hidden)")
+    return tensor
+
+
+def prompt_embeds_request(
+    prompt: SoftPrompt | torch.Tensor,
+    text: str | list[str] | None,
+    tokenizer,
+    model,
+    template: str | Template | None = None,
+    *,
+    messages: list[dict] | None = None,
+    served_model: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    **params,
+) -> dict:
+    """The JSON body of a vLLM ``POST /v1/completions`` request for ``text`` under ``prompt``.
+
+    Args:
+        prompt: a trained prompt (its template is the default ``template``) or a (P, D) tensor.
+        text: the input, or a list of inputs (one ``prompt_embeds`` entry each, one choice each).
+        tokenizer, model: the base model the prompt was trained on (only its embeddings are read).
+        template: the input template; default: the prompt's own (``{text}`` without one).
+        messages: instead of ``text``, a conversation put in the tokenizer's chat template.
+        served_model: the ``model`` field: the name vLLM serves the base model under (default: the
+            prompt's ``base_model``, else the model's ``name_or_path``).
+        dtype: of the sent tensor; ``torch.bfloat16`` halves the request for a bf16 server.
+        max_tokens, temperature, params: further fields of the request (``stop``, ``logprobs``, ...).
+
+    Send it with any HTTP client, or with the openai client through :func:`openai_arguments`.
+    """
+    meta = getattr(prompt, "meta", None)
+    if template is None and messages is None:
+        template = getattr(meta, "template", None)
+    texts = [text] if isinstance(text, str) or text is None else list(text)
+    if messages is not None and text is not None:
+        raise UsageError("give either text or messages, not both")
+    if not texts:
+        raise UsageError("text is an empty list; give at least one input")
+    encoded = [
+        encode_embeds(prompt_embeds(prompt, input_ids(tokenizer, t, template, messages), model, dtype))
+        for t in (texts if messages is None else [None])
+    ]
+    if served_model is None:
+        config = model.config if not isinstance(model, PromptedLM) else model.model.config
+        served_model = (
+            getattr(meta, "base_model", None) or getattr(config, "name_or_path", None) or "base-model"
+        )
+    return {
+        "model": served_model,
+        "prompt_embeds": encoded[0] if len(encoded) == 1 and isinstance(text, str | None) else encoded,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        **params,
+    }
+
+
+def openai_arguments(request: dict) -> dict:
+    """Keyword arguments for ``openai.OpenAI(...).completions.create`` that send ``request``: the
+    client requires a ``prompt`` (an empty one, which vLLM ignores next to ``prompt_embeds``) and
+    passes ``prompt_embeds`` in ``extra_body``."""
+    rest = {k: v for k, v in request.items() if k != "prompt_embeds"}
+    return {**rest, "prompt": "", "extra_body": {"prompt_embeds": request["prompt_embeds"]}}
