@@ -111,3 +111,113 @@ def test_predict_scores_with_the_shared_head_in_the_prefix_equal_the_reference(t
     torch.testing.assert_close(plain, ref, atol=1e-5, rtol=0)
     # the template head was long enough to be cached in the prefix (not a trivial pass)
     assert shared_head(rows) == 3
+
+
+# ---------------------------------------------------------------------------- many classes: the trie
+# Labels that share prefixes at several depths, one label that is a prefix of another ((10, 11) and
+# (10, 11, 12)), and one-token labels, in sequence mode.
+SHARED = LabelSpace(((10, 11), (10, 13), (10, 11, 12), (20,), (20, 5, 6), (7,), (10,), (30, 5)), "sequence")
+
+
+def trie_scores_padded(prompted, prompt, rows, space, side, memory=None):
+    """The trie path by hand on rows padded on ``side``: first tokens at each input's last
+    position + the label continuations on its cache."""
+    from softprompt.scoring import continuation_scores
+    from softprompt.text import pad_rows
+
+    ids, mask = pad_rows(rows, 0, side=side)
+    logits, context = prompted(ids, mask, prompt=prompt, positions="last", return_context=True)
+    first = logits.float().log_softmax(-1)[:, list(space.trie.first_tokens)]
+    rest = continuation_scores(prompted, context, [space.trie] * len(rows), memory or 10**12)
+    return first + torch.stack(rest)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("memory", [None, 1], ids=["one-chunk", "smallest-chunks"])
+def test_trie_scores_equal_the_reference_for_any_padding_and_chunking(tiny_model, side, memory):
+    prompted = PromptedLM(tiny_model)
+    prompt = torch.randn(4, 32, generator=torch.Generator().manual_seed(1)) * 0.5
+    rows = rows_of(5, seed=3)  # lengths 1..6: padding on either side must not change a score
+    with torch.no_grad():
+        got = trie_scores_padded(prompted, prompt, rows, SHARED, side, memory)
+        via_api = class_scores(prompted, rows, SHARED, 0, prompt, memory=memory)
+    ref = torch.stack([reference(tiny_model, prompt, r, SHARED) for r in rows])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(via_api, ref, atol=1e-5, rtol=0)
+
+
+def test_the_trie_runs_each_input_once_and_each_label_prefix_once(llama, monkeypatch):
+    """Sequence scoring used to run input + label once per class: C passes of the input. Now: one
+    pass of the inputs, then one token per distinct label prefix per input."""
+    prompted = PromptedLM(llama)
+    passes: list[tuple[int, int]] = []
+    run = prompted.decoder.forward
+    monkeypatch.setattr(prompted.decoder, "forward",
+                        lambda *a, **k: passes.append(tuple(k["inputs_embeds"].shape[:2])) or run(*a, **k))  # fmt: skip
+    rows = rows_of(4, seed=2)
+    with torch.no_grad():
+        class_scores(prompted, rows, SHARED, 0, None, batch_size=8)
+    # nodes: (10,), (20,), (30,), (10, 11), (20, 5): 5 label tokens run per input, not 8 x (input + label)
+    assert SHARED.trie.num_nodes == 5
+    assert passes == [(4, max(len(r) for r in rows)), (4, 5)]
+    passes.clear()
+    with torch.no_grad():
+        class_scores(prompted, rows, SHARED, 0, None, batch_size=64, method="rows")
+    assert sum(b for b, _ in passes) == 4 * SHARED.num_classes  # the plain form: a row per class
+
+
+@pytest.mark.parametrize("memory", [None, 1], ids=["one-chunk", "smallest-chunks"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+def test_trie_training_gradient_equals_the_row_gradient(tiny_model, memory, checkpointing):
+    """The loss path (batch_size None): same loss and same prompt gradient as one row per class,
+    also when the backward pass runs chunk by chunk and when blocks are recomputed."""
+    from torch.nn import functional as F
+
+    from softprompt.model import enable_activation_checkpointing
+
+    if checkpointing:
+        enable_activation_checkpointing(tiny_model)
+    prompted = PromptedLM(tiny_model)
+    rows, gold = rows_of(5, seed=7), torch.tensor([0, 2, 4, 6, 7])
+    grads, losses = {}, {}
+    for method in ("rows", "trie"):
+        prompt = SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(1)) * 0.5)
+        loss = F.cross_entropy(
+            class_scores(prompted, rows, SHARED, 0, prompt, method=method, memory=memory), gold
+        )
+        loss.backward()
+        grads[method], losses[method] = prompt.weight.grad, loss.detach()
+    torch.testing.assert_close(losses["trie"], losses["rows"], atol=1e-5, rtol=0)
+    assert grads["rows"].abs().max() > 1e-4
+    torch.testing.assert_close(grads["trie"], grads["rows"], atol=1e-6, rtol=1e-4)
+
+
+def test_trie_with_per_input_label_spaces_and_a_prefix_bank(tiny_model):
+    """Mixed tasks: inputs of different label spaces (first_token and two tries) under different
+    cached prompts, scored together, equal each input alone."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randn(3, 32, generator=g) * 0.5, torch.randn(5, 32, generator=g) * 0.5]
+    prompted = PromptedLM(tiny_model)
+    prefix = prompted.prefix_cache(torch.stack([torch.cat([prompts[0], torch.zeros(2, 32)]), prompts[1]]),
+                                   prompt_lengths=torch.tensor([3, 5]))  # fmt: skip
+    spaces = [
+        LabelSpace(((10,), (12,)), "first_token"),
+        SHARED,
+        LabelSpace(((40, 41, 42), (40, 43)), "sequence"),
+    ]
+    rows = rows_of(5, seed=6)
+    which, task = [0, 1, 1, 0, 1], [0, 1, 2, 2, 1]
+    with torch.no_grad():
+        got = label_scores(prompted, rows, [spaces[t] for t in task], 0, prefix=prefix, prompt_index=which,
+                           batch_size=3, memory=1)  # fmt: skip
+    for r, k, t, scores in zip(rows, which, task, got, strict=True):
+        torch.testing.assert_close(scores, reference(tiny_model, prompts[k], r, spaces[t]), atol=1e-5, rtol=0)
+
+
+def test_the_row_form_still_equals_the_reference(tiny_model):
+    prompt = torch.randn(4, 32, generator=torch.Generator().manual_seed(1)) * 0.5
+    rows = rows_of(5, seed=3)
+    with torch.no_grad():
+        got = class_scores(PromptedLM(tiny_model), rows, SHARED, 0, prompt, method="rows", batch_size=4)
+    ref = torch.stack([reference(tiny_model, prompt, r, SHARED) for r in rows])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)

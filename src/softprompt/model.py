@@ -71,14 +71,7 @@ class PromptedLM(nn.Module):
 
     def shape(self) -> ModelShape:
         """The sizes that set the memory of a forward pass, from the model's config."""
-        cfg = self.config.get_text_config()
-        D, heads = self.hidden_size, cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or D // heads
-        intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * D
-        return ModelShape(hidden=D, layers=cfg.num_hidden_layers, intermediate=intermediate, heads=heads,
-                          kv_width=kv_heads * head_dim, vocab=self.lm_head.weight.shape[0],
-                          dtype_bytes=self.dtype.itemsize)  # fmt: skip
+        return config_shape(self.config, self.dtype.itemsize)
 
     @property
     def supports_label_trie(self) -> bool:
@@ -176,8 +169,11 @@ class PromptedLM(nn.Module):
         hidden, _ = self._run(input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix, False)
         return hidden
 
-    def _run(self, input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix, keep_cache):
-        """One pass over the input; returns hidden states (B, T, D) and, if asked, a :class:`DecodeState`."""
+    def _run(self, input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix, keep_cache,
+             decoding=False):  # fmt: skip
+        """One pass over the input; returns hidden states (B, T, D) and, if asked, a :class:`DecodeState`
+        (``decoding``: its cache grows step by step; otherwise one pass fills it, see :class:`OnePassCache`)."""
+        cache_class = DynamicCache if decoding else OnePassCache
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
@@ -189,7 +185,7 @@ class PromptedLM(nn.Module):
                 )
             rows = prefix.select(prompt_index, B, self.device, self.dtype)
             # a fresh cache holding the prefix's keys and values (the prefix itself stays untouched)
-            cache = DynamicCache(ddp_cache_data=rows.layers, config=self.config)
+            cache = cache_class(ddp_cache_data=rows.layers, config=self.config)
             # Real tokens continue after their own prompt: positions L_r, L_r+1, ...
             positions = ((mask.cumsum(dim=1) - 1).clamp(min=0) + rows.lengths.unsqueeze(1)) * mask
             embeds, mask = self.embed_tokens(input_ids), torch.cat([rows.mask(), mask], dim=1)
@@ -200,7 +196,7 @@ class PromptedLM(nn.Module):
                 input_ids, attention_mask, prompt, prompt_index, prompt_lengths
             )
         if keep_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = cache_class(config=self.config)
         kwargs = {self._cache_kwarg: cache} if cache is not None else {}
         out = self.decoder(
             inputs_embeds=embeds,
@@ -231,7 +227,7 @@ class PromptedLM(nn.Module):
         Returns the logits at each row's last position (B, V) and the decoding state.
         """
         hidden, state = self._run(
-            input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix, True
+            input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix, True, decoding=True
         )
         return self.logits_from_hidden(hidden[:, -1]), state
 
@@ -257,7 +253,7 @@ class PromptedLM(nn.Module):
         device = self.device
         rows = rows.to(device)
         R, N = tokens.shape
-        cache = DynamicCache(
+        cache = OnePassCache(
             ddp_cache_data=[(k[rows], v[rows]) for k, v in context.layers], config=self.config
         )
         seen = context.mask.to(device)[rows].bool()[:, None, :].expand(R, N, -1)  # (R, N, L) the input
@@ -420,6 +416,25 @@ class PromptedLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[where])
 
 
+class OnePassCache(DynamicCache):
+    """A key/value cache that one pass fills, one update per layer. A layer that runs again (gradient
+    checkpointing recomputes each block in the backward pass) starts from what the layer held before
+    its first update, so it sees the same keys and values instead of appending a second copy."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        before = self.__dict__.setdefault("_before_update", {})
+        if layer_idx in before:  # a rerun of this layer
+            if before[layer_idx] is None:
+                self.layers[layer_idx] = self.layer_class_to_replicate()
+            else:
+                vars(self.layers[layer_idx]).clear()
+                vars(self.layers[layer_idx]).update(before[layer_idx])
+        else:
+            known = layer_idx < len(self.layers)
+            before[layer_idx] = dict(vars(self.layers[layer_idx])) if known else None
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
 def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Index of each row's last real token, for left or right padding: (B,)."""
     B, T = input_ids.shape
@@ -470,6 +485,29 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
         layer.forward = forward  # instance attribute: FSDP hooks on __call__ stay outside the checkpoint
         layer._softprompt_checkpointed = True
     return len(layers)
+
+
+def config_shape(config, dtype_bytes: int) -> ModelShape:
+    """The :class:`ModelShape` a model config describes (Llama-style names, or GPT-2's through its
+    attribute map), for weights of ``dtype_bytes`` bytes."""
+    cfg = config.get_text_config()
+    D, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or D // heads
+    intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * D
+    return ModelShape(hidden=D, layers=cfg.num_hidden_layers, intermediate=intermediate, heads=heads,
+                      kv_width=kv_heads * head_dim, vocab=cfg.vocab_size, dtype_bytes=dtype_bytes)  # fmt: skip
+
+
+def saved_model_shape(name_or_path: str, dtype_bytes: int) -> ModelShape | None:
+    """The shape of the model saved at ``name_or_path`` (a folder, or a hub id in the local cache),
+    read from its config alone; None where no config can be read (e.g. a bare .gguf file)."""
+    from transformers import AutoConfig
+
+    try:
+        return config_shape(AutoConfig.from_pretrained(name_or_path, local_files_only=True), dtype_bytes)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def max_positions(config) -> int | None:

@@ -228,7 +228,27 @@ class Verbalizer:
 
 
 # ---------------------------------------------------------------------- choosing words automatically
-_FILLER = {"a", "an", "the", "of", "and", "or", "to", "in", "on", "for", "with", "by", "is", "my"}
+# words a shortened name may not start with, and words it may not drop (they flip a label's meaning)
+_FILLER = {
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "or",
+    "to",
+    "in",
+    "on",
+    "for",
+    "with",
+    "by",
+    "is",
+    "my",
+    "at",
+    "from",
+    "up",
+}
+_NEGATIONS = {"not", "no", "never", "without", "non"}
 
 
 def _words(text: str) -> list[str]:
@@ -240,15 +260,22 @@ def word_candidates(label: str) -> list[str]:
     """Phrases that could stand for ``label``, most natural first.
 
     The label's own words ("card_arrival" -> "card arrival"; after the last ``:`` for hierarchical
-    labels, "NUM:dist" -> "dist"), then its later parts ("arrival"), its single words, and its words
-    behind its parents' ("num dist"), for labels that only differ by their parent.
+    labels, "NUM:dist" -> "dist"), then its later parts ("arrival"; never starting with a filler
+    word such as "or", never dropping a "not"), its single words, and its words behind its parents'
+    ("num dist"), for labels that only differ by their parent.
     """
     parts = label.split(":")
     own, parents = _words(parts[-1]) or _words(label), [w for p in parts[:-1] for w in _words(p)]
     if not own:
         return [label.strip() or label]
-    found = [" ".join(own), *(" ".join(own[i:]) for i in range(1, len(own)))]
-    found += [w for w in own if w not in _FILLER]
+    found = [" ".join(own)]
+    found += [
+        " ".join(own[i:])
+        for i in range(1, len(own))
+        if own[i] not in _FILLER and not _NEGATIONS & set(own[:i])
+    ]
+    if not _NEGATIONS & set(own):
+        found += [w for w in own if w not in _FILLER]
     if parents:
         found.append(" ".join(parents + own))
     return list(dict.fromkeys(found))
@@ -276,10 +303,12 @@ def _match(options: list[list[tuple[str, int]]]) -> list[str] | None:
 def auto_verbalizer(labels: list[str], tokenizer) -> Verbalizer:
     """Label words for ``labels`` whose first tokens all differ, so ``first_token`` scoring applies.
 
-    Each label keeps its own name as words where that first token is unique ("city"); the others
-    get the closest candidate (see :func:`word_candidates`) that gives every label a first token of
-    its own. When no such choice exists, each label gets its full name and scoring falls back to
-    ``sequence``. The chosen mapping is logged.
+    Each label keeps its own name as words where no other label's name starts with the same token
+    ("city"). A first token that several names share ("card" of "card arrival" and "card linking",
+    "other" of ENTY:other and LOC:other) goes to none of them: they get their closest other
+    candidate (see :func:`word_candidates`: "arrival", "loc other"), chosen so that every label has
+    a first token of its own. When no such choice exists, each label gets its full name and scoring
+    falls back to ``sequence``. The chosen mapping is logged.
     """
 
     def first(word: str) -> int | None:
@@ -288,13 +317,13 @@ def auto_verbalizer(labels: list[str], tokenizer) -> Verbalizer:
         return None if not ids or unknown else ids[0]
 
     options = [[(w, t) for w in word_candidates(lab) if (t := first(w)) is not None] for lab in labels]
-    full = [opts[0] if opts else None for opts in options]
-    taken = [o[1] for o in full if o is not None]
-    fixed = [o is not None and taken.count(o[1]) == 1 for o in full]
-    order = sorted(range(len(labels)), key=lambda i: not fixed[i])  # unique own names first, kept
-    picks = _match([[full[i]] if fixed[i] else options[i] for i in order]) or _match(
-        [options[i] for i in order]
-    )
+    named = [opts[0][1] for opts in options if opts]
+    contested = {t for t in named if named.count(t) > 1}
+    own = [bool(opts) and opts[0][1] not in contested for opts in options]
+    order = sorted(range(len(labels)), key=lambda i: not own[i])  # labels keeping their own name first
+    # the others try their uncontested candidates first; a label keeping its own name keeps it
+    picks = _match([options[i][:1] if own[i] else sorted(options[i], key=lambda o: o[1] in contested)
+                    for i in order]) or _match([options[i] for i in order])  # fmt: skip
     if picks is not None:
         words = dict(zip((labels[i] for i in order), picks, strict=True))
         verbalizer = Verbalizer({lab: words[lab] for lab in labels})

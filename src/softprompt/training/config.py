@@ -34,7 +34,8 @@ class TrainConfig:
     template: str = DEMO_TEMPLATE
     """Input template with one {text} placeholder; the label word follows it."""
     verbalizer: str | dict[str, str] | None = None
-    """label=word pairs, e.g. '0=negative,1=positive'; default: each label is its own word."""
+    """label=word pairs, e.g. '0=negative,1=positive'; auto: words from the label names whose first
+    tokens differ (one pass scores every class; the mapping is logged); default: each label is its own word."""
     model: str = "smollm2"
     """Base model: smollm2 (packaged offline), a local folder, a .gguf file or a hub id."""
     dtype: str = "float32"

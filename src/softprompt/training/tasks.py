@@ -33,17 +33,18 @@ from softprompt.data import (
 )
 from softprompt.decoding import Generator, evaluate_generation
 from softprompt.errors import DataError, UsageError
+from softprompt.loading import resolve_device, resolve_dtype
 from softprompt.meta import PromptMeta
 from softprompt.metrics import (
     classification_report,
     format_generation_report,
     format_report,
 )
-from softprompt.model import PromptedLM
-from softprompt.scoring import class_scores, predict_scores
+from softprompt.model import PromptedLM, saved_model_shape
+from softprompt.scoring import check_training_memory, class_scores, predict_scores
 from softprompt.text import Template, encode_text, pad_rows
 from softprompt.training.config import TrainConfig
-from softprompt.verbalizer import LabelSpace, Verbalizer
+from softprompt.verbalizer import LabelSpace, Verbalizer, auto_verbalizer
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ def example_input(*splits: list[Example] | None) -> str | None:
 
 
 def make_verbalizer(cfg: TrainConfig, train: list[Example]) -> Verbalizer:
+    """The verbalizer ``cfg`` asks for. ``auto``: each label as its own word here; ``prepare`` then
+    picks words whose first tokens differ, which needs the tokenizer (see :func:`auto_verbalizer`)."""
+    if cfg.verbalizer == "auto":
+        return Verbalizer.parse(sorted({ex.label for ex in train}))
     if cfg.verbalizer:
         return Verbalizer.parse(cfg.verbalizer)
     if cfg.train_file is None:
@@ -205,6 +210,8 @@ class ClassificationTask:
 
     def prepare(self, tokenizer) -> None:
         cfg, v = self.cfg, self.verbalizer
+        if cfg.verbalizer == "auto":  # words with distinct first tokens where possible (logged)
+            self.verbalizer = v = auto_verbalizer(v.labels, tokenizer)
         self.pad_id = tokenizer.pad_token_id
         self.space = v.label_space(tokenizer, cfg.scoring)
         self.train_set = encode(self.train_ex, tokenizer, self.template, v, cfg, "train")
@@ -213,6 +220,10 @@ class ClassificationTask:
             encode(self.test_ex, tokenizer, self.template, v, cfg, "test") if self.test_ex else None
         )
         self.lengths = [len(r) for r in self.train_set.rows]
+        # the model's shape from its config (the tokenizer came from the same folder), so a batch
+        # that cannot fit is refused before the run folder is written; else at the first batch
+        shape = saved_model_shape(tokenizer.name_or_path, resolve_dtype(cfg.dtype).itemsize)
+        self.memory_checked = shape is not None and self.check_memory(shape, resolve_device(cfg.device))
         self.class_weight = None
         if cfg.class_weights == "balanced":  # N / (C x n_c), as scikit-learn's "balanced"
             n, labels = len(self.train_ex), v.labels
@@ -237,7 +248,17 @@ class ClassificationTask:
             self.mode,
         )
 
+    def check_memory(self, shape, device) -> bool:
+        """Refuse (``ConfigError``: bytes needed, bytes available, what to change) a batch_size whose
+        micro-batch cannot fit in memory even with the smallest chunk of label tokens."""
+        cfg = self.cfg
+        check_training_memory(shape, device, self.space, cfg.batch_size, max(self.lengths),
+                              cfg.num_virtual_tokens, cfg.gradient_checkpointing)  # fmt: skip
+        return True
+
     def batch_loss(self, prompted: PromptedLM, prompt, idx: list[int]) -> tuple[torch.Tensor, int]:
+        if not self.memory_checked:  # before the first step's forward pass
+            self.memory_checked = self.check_memory(prompted.shape(), prompted.device)
         rows = [self.train_set.rows[i] for i in idx]
         gold = torch.tensor([self.train_set.gold[i] for i in idx], device=prompted.device)
         scores = class_scores(prompted, rows, self.space, self.pad_id, prompt)  # (B, C) log-probs
