@@ -18,8 +18,15 @@ requests per batch), ``mixed_ratio_vs_single`` (target >= 0.9) and ``mixed_ratio
 The prompts are untrained (speed does not depend on the values). ``--dtype bfloat16`` runs every
 server (ours and PEFT) in bf16. ``--smoke`` runs a tiny model.
 
+``--stream`` measures streaming instead (our server alone, ``results/serve_load_stream.json``):
+``--clients`` clients send ``/v1/completions`` with ``stream: true`` (``--stream-tokens`` tokens,
+8 tasks interleaved) and time the first chunk of text (time to first chunk, TTFC) and the whole
+answer; the same requests unstreamed give the wait without streaming (``ttfc_ratio_vs_unstreamed``).
+Then one client classifies, alone and while the streams run: the batcher answers it between
+decoding steps (``classify_during_streams_ratio`` is its p50 latency over the p50 alone).
+
 Run:  .venv/bin/python benchmarks/serve_load.py [--dtype bfloat16 --output results/serve_load_bf16.json]
-      [--device cuda]
+      [--device cuda] [--stream]
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pydantic import BaseModel
 from results_io import run_command, utc_now, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
+STREAM_RESULTS = RESULTS.with_name("serve_load_stream.json")
 TASKS = [  # (template, verbalizer): eight tasks, each with its own words and prompt length
     ("Review: {text}\nSentiment:", {"neg": "negative", "pos": "positive"}),
     ("Article: {text}\nTopic:", {"w": "world", "s": "sports", "b": "business", "t": "science"}),
@@ -229,6 +237,102 @@ async def load(url: str, names: list[str], texts: list[str], n: int, clients: in
     return {"rps": n / wall, "p50_ms": statistics.median(latencies), "p99_ms": q[98]}
 
 
+async def stream_load(url: str, names: list[str], texts: list[str], n: int, clients: int, tokens: int,
+                      stream: bool = True) -> dict:  # fmt: skip
+    """``n`` greedy completions of at most ``tokens`` tokens (the same requests streamed or not) from
+    ``clients`` clients; with ``stream``, also the time to the first chunk that carries text."""
+    import httpx
+
+    firsts: list[float] = []
+    totals: list[float] = []
+    counter = iter(range(n))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for i in counter:
+            body = {"model": names[i % len(names)], "prompt": texts[i % len(texts)], "max_tokens": tokens,
+                    "temperature": 0, "stream": stream}  # fmt: skip
+            t0 = time.perf_counter()
+            if not stream:
+                r = await http.post(url + "/v1/completions", json=body)
+                r.raise_for_status()
+                totals.append((time.perf_counter() - t0) * 1000)
+                continue
+            first = None
+            async with http.stream("POST", url + "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data: {") and '"text": ""' not in line:
+                        first = (time.perf_counter() - t0) * 1000
+                    if line == "data: [DONE]":
+                        break
+            firsts.append(first if first is not None else (time.perf_counter() - t0) * 1000)
+            totals.append((time.perf_counter() - t0) * 1000)
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    out = {"total_p50_ms": statistics.median(totals), "total_p99_ms": statistics.quantiles(totals, n=100)[98]}
+    if stream:
+        out |= {
+            "ttfc_p50_ms": statistics.median(firsts),
+            "ttfc_p99_ms": statistics.quantiles(firsts, n=100)[98],
+        }
+    return out
+
+
+async def classify_while(url: str, texts: list[str], n: int, background) -> dict:
+    """p50 latency of ``n`` classify requests sent one after another while ``background`` runs."""
+    import httpx
+
+    latencies: list[float] = []
+    task = asyncio.ensure_future(background) if background is not None else None
+    async with httpx.AsyncClient(timeout=600) as http:
+        if task is not None:
+            await asyncio.sleep(0.5)  # let the streams start
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = await http.post(url + "/v1/classify", json={"model": "task0", "input": texts[i % len(texts)]})
+            r.raise_for_status()
+            latencies.append((time.perf_counter() - t0) * 1000)
+    if task is not None:
+        await task
+    return {"p50_ms": statistics.median(latencies)}
+
+
+def streaming(args, names8: list[str], texts: list[str]) -> dict:
+    """Time to first chunk vs the whole unstreamed answer, and classify latency while streams run."""
+    proc, url = start(args, "ours", len(TASKS))
+    out: dict = {"stream_tokens": args.stream_tokens, "stream_requests": args.stream_requests}
+    try:
+        warm = max(4, args.clients)
+        asyncio.run(stream_load(url, names8, texts, warm, args.clients, args.stream_tokens))  # warm-up
+        streamed, unstreamed = [], []
+        for r in range(args.rounds):  # alternate, so drift favours neither
+            order = [True, False] if r % 2 == 0 else [False, True]
+            for stream in order:
+                res = asyncio.run(stream_load(url, names8, texts, args.stream_requests, args.clients,
+                                              args.stream_tokens, stream))  # fmt: skip
+                (streamed if stream else unstreamed).append(res)
+        for key in ("ttfc_p50_ms", "ttfc_p99_ms", "total_p50_ms", "total_p99_ms"):
+            out[f"stream_{key}"] = statistics.median(res[key] for res in streamed)
+        out["unstreamed_total_p50_ms"] = statistics.median(res["total_p50_ms"] for res in unstreamed)
+        out["ttfc_ratio_vs_unstreamed"] = out["stream_ttfc_p50_ms"] / out["unstreamed_total_p50_ms"]
+        alone = asyncio.run(classify_while(url, texts, args.latency_requests, None))
+        busy = asyncio.run(classify_while(url, texts, args.latency_requests, stream_load(
+            url, names8, texts, args.stream_requests, args.clients, args.stream_tokens)))  # fmt: skip
+        out["classify_alone_p50_ms"], out["classify_during_streams_p50_ms"] = alone["p50_ms"], busy["p50_ms"]
+        out["classify_during_streams_ratio"] = busy["p50_ms"] / alone["p50_ms"]
+    finally:
+        stop(proc)
+    print(f"streaming ({args.clients} clients, {args.stream_tokens} tokens): time to first chunk p50 "
+          f"{out['stream_ttfc_p50_ms']:.1f} ms (p99 {out['stream_ttfc_p99_ms']:.1f}), whole answer p50 "
+          f"{out['stream_total_p50_ms']:.1f} ms; unstreamed p50 {out['unstreamed_total_p50_ms']:.1f} ms "
+          f"(TTFC / unstreamed {out['ttfc_ratio_vs_unstreamed']:.2f}); classify p50 alone "
+          f"{out['classify_alone_p50_ms']:.1f} ms, during the streams {out['classify_during_streams_p50_ms']:.1f} ms "
+          f"({out['classify_during_streams_ratio']:.2f}x)")  # fmt: skip
+    return out
+
+
 def batch_counts(url: str) -> tuple[int, int]:
     """Requests and batches our server has run so far (its ``/health``)."""
     import httpx
@@ -318,7 +422,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="Model dtype of every server (ours and PEFT).")
     ap.add_argument("--device", default="cpu", help="Device of every server's model, e.g. cuda.")
     ap.add_argument("--smoke", action="store_true", help="A tiny random model and few requests (seconds).")
-    ap.add_argument("--output", default=str(RESULTS))
+    ap.add_argument("--stream", action="store_true", help="Measure streaming (time to first chunk) instead.")
+    ap.add_argument("--stream-tokens", type=int, default=32, help="Tokens per streamed completion.")
+    ap.add_argument("--stream-requests", type=int, default=32, help="Streamed requests per round.")
+    ap.add_argument(
+        "--output", default=None, help="Results file (default: results/serve_load[_stream].json)."
+    )
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # child process: run a server
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--num-prompts", type=int, default=8, help=argparse.SUPPRESS)
@@ -326,12 +435,22 @@ def main() -> None:
     if args.serve:
         run_server(args)
         return
+    default_output = STREAM_RESULTS if args.stream else RESULTS
     if args.smoke:
         args.requests, args.latency_requests, args.rounds = 48, 12, 2
+        args.stream_requests = min(args.stream_requests, 16)
     from softprompt.data import demo_paths, read_examples
 
     texts = [ex.text for ex in read_examples(str(demo_paths()[1]))][:64]
     names8 = [f"task{i}" for i in range(len(TASKS))]
+    if args.stream:
+        out = {"model": "tiny-random-llama" if args.smoke else args.model, "clients": args.clients,
+               "tasks": len(TASKS), "rounds": args.rounds, "dtype": args.dtype, "device": args.device}  # fmt: skip
+        out |= streaming(args, names8, texts)
+        out["command"], out["date"] = run_command(), utc_now()
+        if not args.smoke or args.output is not None:
+            write_results(args.output or default_output, out)
+        return
     out: dict = {"model": "tiny-random-llama" if args.smoke else args.model, "clients": args.clients,
                  "requests": args.requests, "tasks": len(TASKS), "rounds": args.rounds, "dtype": args.dtype,
                  "device": args.device, "batch_window_ms": args.window_ms, "batch_gap_ms": args.gap_ms}  # fmt: skip
@@ -344,8 +463,8 @@ def main() -> None:
     print(f"mixed/single throughput {out['mixed_ratio_vs_single']:.2f} (target >= 0.9), "
           f"mixed/PEFT {out['mixed_ratio_vs_peft']:.2f} (target >= 3), "
           f"p50 with 1000 prompts / 1 prompt {out['loaded_1000_ratio_vs_1']:.2f} (target <= 1.1)")  # fmt: skip
-    if not args.smoke or args.output != str(RESULTS):
-        write_results(args.output, out)
+    if not args.smoke or args.output is not None:
+        write_results(args.output or default_output, out)
 
 
 if __name__ == "__main__":

@@ -313,3 +313,57 @@ def test_classify_style_logprobs_with_testclient(store):
     assert r.status_code == 200, r.text
     top = r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
     assert len(top) == 5 and all(v <= 0 for v in top.values())
+
+
+# ---------------------------------------------------------------------------- failures
+def test_a_failing_generation_does_not_fail_the_others(store, monkeypatch):
+    import softprompt.serving.batcher as batcher_module
+
+    real = batcher_module.generate_mixed_steps
+
+    def flaky(store_, entries, texts, **kw):
+        if "boom" in texts:
+            raise RuntimeError("model failure on one input")
+        return real(store_, entries, texts, **kw)
+
+    monkeypatch.setattr(batcher_module, "generate_mixed_steps", flaky)
+    codes: dict[str, int] = {}
+    app = create_app(store, ServeLimits(batch_window_ms=300, batch_gap_ms=None))
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+
+        def call(text: str) -> None:
+            body = {"model": "free", "prompt": text, "max_tokens": 3}
+            codes[text] = client.post("/v1/completions", json=body).status_code
+
+        threads = [threading.Thread(target=call, args=(t,)) for t in ("the film", "boom", "good food")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert codes == {"the film": 200, "boom": 500, "good food": 200}
+
+
+def test_a_failure_while_streaming_ends_the_stream_with_an_error(store, monkeypatch):
+    real, steps_left = store.prompted.decode_step, [1]
+
+    def fails_when_no_steps_are_left(*args, **kwargs):
+        if steps_left[0] == 0:
+            raise RuntimeError("the device went away")
+        steps_left[0] -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store.prompted, "decode_step", fails_when_no_steps_are_left)
+    with running_server(store) as (client, _):
+        got = []
+        with pytest.raises(openai.APIError, match="the model failed on this request"):
+            for chunk in client.completions.create(
+                model="free", prompt="the food", max_tokens=20, stream=True
+            ):
+                got.append(chunk.choices[0].text)
+        assert got, "the first pieces arrived before the failure"
+        with pytest.raises(openai.InternalServerError):
+            client.completions.create(model="free", prompt="the food", max_tokens=20)
+        steps_left[0] = 10**6
+        assert client.completions.create(
+            model="free", prompt="the food", max_tokens=3
+        ).choices  # still serving
