@@ -261,6 +261,37 @@ def test_batcher_keeps_serving_while_a_request_streams(store, monkeypatch):
     assert batches >= 4  # the stream, the classification and the short completion each had a batch
 
 
+def test_generations_beyond_the_running_limit_wait_and_start_as_one_batch(store, monkeypatch):
+    slow_steps(store, monkeypatch, 0.02)
+    with running_server(store, max_running_batches=2) as (client, app):
+        batcher = app.state.batcher
+        long = {"model": "free", "prompt": "the food", "max_tokens": 60, "temperature": 0}
+        results: list = []
+
+        def call(body: dict) -> None:
+            results.append(client.completions.create(**body).choices[0].finish_reason)
+
+        threads = [threading.Thread(target=call, args=(long,)) for _ in range(2)]
+        threads[0].start()
+        deadline = time.monotonic() + 30
+        while len(batcher._running) < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        threads[1].start()
+        while len(batcher._running) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(batcher._running) == 2  # the second one started beside the first
+        short = {"model": "sentiment", "prompt": "a boring", "max_tokens": 2, "temperature": 0}
+        later = [threading.Thread(target=call, args=(short,)) for _ in range(3)]
+        for t in later:
+            t.start()
+        while sum(len(g) for g in batcher._waiting.values()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sum(len(g) for g in batcher._waiting.values()) == 3  # no third batch while two run
+        for t in threads + later:
+            t.join(timeout=120)
+        assert len(results) == 5 and batcher.stats["batches"] == 3  # the three waiting ones: one batch
+
+
 def test_a_client_that_leaves_a_stream_stops_its_generation(store, monkeypatch):
     slow_steps(store, monkeypatch, 0.02)
     with running_server(store) as (client, app):

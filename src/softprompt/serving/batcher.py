@@ -6,8 +6,9 @@ Classification requests are scored in one pass per batch. Generation runs step b
 (:func:`softprompt.serving.mixed.generate_mixed_steps`): between two decoding steps of the batches in
 progress the worker takes the requests that arrived, so a long or streamed generation does not hold
 up the others. A classification is answered within about one decoding step, and a new generation
-starts its own batch beside the running ones (their steps alternate). A streamed request receives
-each row's new text after every step.
+starts its own batch beside the running ones (their steps alternate), up to
+``ServeLimits.max_running_batches``; beyond that, generation requests wait and start together as one
+batch when a running one ends. A streamed request receives each row's new text after every step.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class Batcher:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.max_queue)
         self.stats = {"batches": 0, "rows": 0, "requests": 0}
         self._running: list[Running] = []  # the worker's own: generation batches in progress
+        self._waiting: dict[tuple, list[Job]] = {}  # generation jobs waiting for a batch slot, by key
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -161,7 +163,7 @@ class Batcher:
     def _work(self) -> None:
         last_jobs, last_end = 0, float("-inf")
         while True:
-            if self._running:  # generations in progress: take what has arrived, without waiting
+            if self._running or self._waiting:  # generations to run: take what has arrived, without waiting
                 jobs, stop = self._take_arrived()
             else:
                 first = self.queue.get()
@@ -176,14 +178,19 @@ class Batcher:
                     if key[0] == "classify":
                         self._run_group(key, group)
                     else:
-                        self._start_generation(group)
+                        self._waiting.setdefault(key, []).extend(group)
                 last_jobs, last_end = len(jobs), time.monotonic()
+            self._start_waiting()
             for run in list(self._running):  # one step of each generation batch, in turn
                 self._step(run)
             if stop:
+                gone = APIError(503, "the server is shutting down", "server_error")
                 for run in self._running:
-                    self._fail(run.rows, APIError(503, "the server is shutting down", "server_error"))
+                    self._fail(run.rows, gone)
+                for group in self._waiting.values():
+                    self._fail([(job, 0) for job in group], gone)
                 self._running.clear()
+                self._waiting.clear()
                 return
 
     def _gather(self, first: Job, last_jobs: int, last_end: float) -> tuple[list[Job], bool]:
@@ -253,6 +260,14 @@ class Batcher:
         return out
 
     # ------------------------------------------------------------------ generation
+    def _start_waiting(self) -> None:
+        """Start waiting generation requests (oldest first, one batch per kind) while slots are free."""
+        while self._waiting and len(self._running) < self.limits.max_running_batches:
+            key = next(iter(self._waiting))
+            jobs = [job for job in self._waiting.pop(key) if not job.cancelled.is_set()]
+            if jobs:
+                self._start_generation(jobs)
+
     def _start_generation(self, jobs: list[Job]) -> None:
         self.stats["requests"] += len(jobs)
         for job in jobs:

@@ -30,6 +30,10 @@ class ServeLimits:
     """The batch closes early when no request arrives for this long (``None``: wait out the window),
     once it holds as many requests as the batch before it (if that one ended under a second ago).
     One client alone waits only this gap; many clients fill the batch with their next requests."""
+    max_running_batches: int = 2
+    """Most generation batches decoding at once, their steps taken in turn (so a request that arrives
+    while another generates starts beside it instead of waiting for it to end). Generation requests
+    beyond wait and then start together as one batch: under load, batches stay full."""
     max_queue: int = 256
     """Requests waiting beyond this are refused with 503 (the client should retry later)."""
     max_input_tokens: int = 512
@@ -185,4 +189,3 @@ def check_text(text: str, what: str) -> None:
             400, f"{what} holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is "
             "not valid Unicode; send UTF-8 text", code="invalid_text",
         ) from None  # fmt: skip
-
