@@ -185,8 +185,9 @@ def test_serve_command_refuses_a_public_host_without_a_key(tmp_path, monkeypatch
     monkeypatch.setattr(server, "serve", lambda *a, **kw: calls.append(kw))
     monkeypatch.setenv("SOFTPROMPT_API_KEY", "from-env")
     main(["serve", str(tmp_path), "--host", "0.0.0.0"])
-    main(["serve", str(tmp_path), "--api_key", "from-flag"])
+    main(["serve", str(tmp_path), "--api_key", "from-flag", "--max_running_batches", "3"])
     assert [c["api_key"] for c in calls] == ["from-env", "from-flag"]
+    assert [c["limits"].max_running_batches for c in calls] == [2, 3]
 
 
 def free_port() -> int:

@@ -223,7 +223,7 @@ def cmd_info(path: str, as_json: bool) -> None:
 
 def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batch_size: int,
               batch_window_ms: float, batch_gap_ms: float, max_queue: int, max_tokens: int,
-              allow_management: bool, api_key: str | None = None) -> None:  # fmt: skip
+              allow_management: bool, api_key: str | None = None, max_running_batches: int = 2) -> None:  # fmt: skip
     import os
 
     api_key = api_key or os.environ.get("SOFTPROMPT_API_KEY") or None
@@ -234,7 +234,8 @@ def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batc
             f"softprompt serve needs fastapi and uvicorn ({e}); pip install 'softprompt[serve]'"
         ) from None
     limits = ServeLimits(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                         batch_gap_ms=batch_gap_ms if batch_gap_ms > 0 else None, max_tokens=max_tokens)  # fmt: skip
+                         batch_gap_ms=batch_gap_ms if batch_gap_ms > 0 else None, max_tokens=max_tokens,
+                         max_running_batches=max_running_batches)  # fmt: skip
     serve(store, model, dtype, host=host, port=port, limits=limits, allow_management=allow_management,
           api_key=api_key)  # fmt: skip
 
@@ -460,6 +461,9 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--max_queue", type=int, default=256, help="Queued requests before 503.")
     p.add_argument("--max_tokens", type=int, default=256, help="Largest max_tokens per completion.")
+    p.add_argument("--max_running_batches", type=int, default=2,
+                   help="Generation batches decoding at once, steps in turn; later ones wait and start "
+                   "together.")  # fmt: skip
     p.add_argument("--allow_management", type=bool, default=True, help="Allow load/unload over HTTP.")
     p.add_argument(
         "--api_key",
@@ -567,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd_inspect(a.paths, a.model, a.dtype, a.top_k, a.as_json)
         elif name == "serve":
             cmd_serve(a.store, a.model, a.dtype, a.host, a.port, a.max_batch_size, a.batch_window_ms,
-                      a.batch_gap_ms, a.max_queue, a.max_tokens, a.allow_management, a.api_key)  # fmt: skip
+                      a.batch_gap_ms, a.max_queue, a.max_tokens, a.allow_management, a.api_key,
+                      a.max_running_batches)  # fmt: skip
         elif name == "export-embeds":
             cmd_export_embeds(a.prompt, a.texts, a.file, a.text_column, a.model, a.template, a.chat_template,
                               a.served_model, a.max_tokens, a.temperature, a.dtype, a.output)  # fmt: skip
