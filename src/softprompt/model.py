@@ -39,8 +39,12 @@ class PromptedLM(nn.Module):
     serves any number of prompts and one batch can mix tasks.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, shared_prefix: bool = True):
         super().__init__()
+        # Run each prompt once per call and let every row attend to its keys and values (the prompt
+        # attends only to itself, so they are the same for every row): B*L + P tokens per pass
+        # instead of B*(P + L), gradients included. False: the prompt is run in front of every row.
+        self.shared_prefix = shared_prefix
         model.requires_grad_(False)
         model.eval()  # frozen means frozen: no dropout noise in the base model either
         self.model = model
@@ -72,6 +76,16 @@ class PromptedLM(nn.Module):
     def shape(self) -> ModelShape:
         """The sizes that set the memory of a forward pass, from the model's config."""
         return config_shape(self.config, self.dtype.itemsize)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the decoder's weights are sharded across processes (FSDP2): every process must then
+        run the same passes, and no pass may run inside a backward pass (the weights are freed there)."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # torch without FSDP2
+            return False
+        return any(isinstance(m, FSDPModule) for m in self.decoder.modules())
 
     @property
     def supports_label_trie(self) -> bool:
@@ -178,6 +192,9 @@ class PromptedLM(nn.Module):
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
         cache = None
+        if prompt is not None and prefix is None and self.shared_prefix:
+            prefix, prompt_index = self._shared_prefix(prompt, prompt_index, prompt_lengths, B)
+            prompt = None
         if prefix is not None:
             if prompt is not None:
                 raise ValueError(
@@ -286,6 +303,25 @@ class PromptedLM(nn.Module):
         state.next_position = state.next_position + 1
         return self.logits_from_hidden(out.last_hidden_state[:, -1])
 
+    def _shared_prefix(
+        self, prompt: PromptLike, prompt_index, prompt_lengths, batch_size: int
+    ) -> tuple[PromptPrefix, torch.Tensor | None]:
+        """The prompts a batch uses, each run once (differentiable), and each row's index into them.
+        ``prompt_lengths`` here is per row, as in :meth:`build_inputs`."""
+        self._prompt_rows(prompt, prompt_index, batch_size)  # the same checks as the concatenated path
+        bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
+        bank = bank.unsqueeze(0) if bank.dim() == 2 else bank
+        if prompt_index is None:
+            used, index = torch.zeros(1, dtype=torch.long), None
+        else:
+            used, index = torch.unique(prompt_index.to(bank.device), return_inverse=True)
+        lengths = None
+        if prompt_lengths is not None:  # per row -> per prompt used
+            row_lengths = prompt_lengths.to(used.device).long()
+            rows_of = torch.zeros(batch_size, dtype=torch.long) if index is None else index.to(used.device)
+            lengths = torch.zeros(len(used), dtype=torch.long).scatter_(0, rows_of, row_lengths)
+        return self._prefix(bank[used.to(bank.device)], lengths, None, OnePassCache), index
+
     @torch.no_grad()
     def prefix_cache(
         self,
@@ -306,6 +342,11 @@ class PromptedLM(nn.Module):
         cached after each prompt. Inputs then pass only what follows them: the result is the same as
         running ``tokens + input`` with the plain prompt prefix, with fewer tokens per forward pass.
         """
+        return self._prefix(prompt, prompt_lengths, tokens, DynamicCache)
+
+    def _prefix(self, prompt: PromptLike, prompt_lengths, tokens, cache_class) -> PromptPrefix:
+        """:meth:`prefix_cache`'s computation, differentiable w.r.t. the prompt outside ``no_grad``
+        (``cache_class`` :class:`OnePassCache` keeps it right under gradient checkpointing)."""
         bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
         bank = bank.unsqueeze(0) if bank.dim() == 2 else bank
         N, P, _ = bank.shape
@@ -330,7 +371,7 @@ class PromptedLM(nn.Module):
             after = lengths.to(self.device).unsqueeze(1) + torch.arange(h, device=self.device)
             positions = torch.cat([positions, after], dim=1)
             lengths = lengths + h
-        cache = DynamicCache(config=self.config)
+        cache = cache_class(config=self.config)
         self.decoder(
             inputs_embeds=rows,
             attention_mask=mask,

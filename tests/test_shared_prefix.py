@@ -1,0 +1,142 @@
+"""Training with the prompt run once per batch (the shared prefix) computes what running it in front
+of every row computes: the same loss and the same prompt gradient, on both architectures, both
+padding sides, both attention implementations, prompt banks of mixed lengths and a bf16 base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, tiny_llama
+
+from softprompt import PromptedLM, SoftPrompt
+from softprompt.model import enable_activation_checkpointing
+
+
+def batch(padding: str, vocab: int = 40, seed: int = 0):
+    """Four rows of lengths 7, 4, 6, 2 padded on ``padding``; labels on every real token but the first."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, T = [7, 4, 6, 2], 7
+    ids = torch.zeros(4, T, dtype=torch.long)
+    mask = torch.zeros(4, T, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        cols = slice(T - n, T) if padding == "left" else slice(0, n)
+        ids[r, cols] = torch.randint(3, vocab, (n,), generator=g)
+        mask[r, cols] = 1
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    first = mask.argmax(dim=1)
+    labels[torch.arange(4), first] = -100  # nothing predicts a row's first token
+    return ids, mask, labels
+
+
+def loss_and_grad(model, shared: bool, prompt: torch.Tensor, ids, mask, labels, **kw):
+    weight = prompt.clone().requires_grad_(True)
+    loss = PromptedLM(model, shared_prefix=shared).loss(ids, mask, labels, weight, **kw)
+    loss.backward()
+    return loss.detach(), weight.grad
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_shared_prefix_gives_the_concatenated_loss_and_gradient(arch, padding, attn):
+    model = MODEL_FACTORIES[arch]()
+    model.set_attn_implementation(attn)
+    prompt = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)) * 0.5
+    ids, mask, labels = batch(padding)
+    loss_a, grad_a = loss_and_grad(model, True, prompt, ids, mask, labels)
+    loss_b, grad_b = loss_and_grad(model, False, prompt, ids, mask, labels)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=0)
+    assert torch.allclose(grad_a, grad_b, rtol=1e-5, atol=1e-7 * grad_b.abs().max())
+    assert grad_a.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_mixed_prompts_of_different_lengths_in_one_batch(arch):
+    """A bank of 3 prompts (padded to 6 tokens; lengths 6, 2, 4), rows choosing 2, 0, 2, 1: each used
+    prompt runs once, and every used prompt gets the concatenated path's gradient (prompt 1 included)."""
+    model = MODEL_FACTORIES[arch]()
+    bank = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(2)) * 0.5
+    index = torch.tensor([2, 0, 2, 1])
+    lengths = torch.tensor([4, 6, 4, 2])  # per row: its prompt's length
+    ids, mask, labels = batch("left")
+    kw = {"prompt_index": index, "prompt_lengths": lengths}
+    loss_a, grad_a = loss_and_grad(model, True, bank, ids, mask, labels, **kw)
+    loss_b, grad_b = loss_and_grad(model, False, bank, ids, mask, labels, **kw)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=0)
+    assert torch.allclose(grad_a, grad_b, rtol=1e-5, atol=1e-7 * grad_b.abs().max())
+    for p, n in enumerate([6, 2, 4]):  # a prompt of length n uses slots 0..n-1; the rest get no gradient
+        assert (grad_a[p, :n].abs().sum(dim=1) > 0).all()
+        assert torch.equal(grad_a[p, n:], torch.zeros_like(grad_a[p, n:]))
+
+
+def test_bf16_base_with_fp32_prompt_agrees_within_bf16_rounding():
+    """bf16 rounds differently along the two paths: agreement to a few bf16 ulps, stated here."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    prompt = torch.randn(5, 32, generator=torch.Generator().manual_seed(3)) * 0.5
+    ids, mask, labels = batch("left")
+    loss_a, grad_a = loss_and_grad(model, True, prompt, ids, mask, labels)
+    loss_b, grad_b = loss_and_grad(model, False, prompt, ids, mask, labels)
+    assert grad_a.dtype == torch.float32  # the prompt stays fp32
+    assert torch.allclose(loss_a.float(), loss_b.float(), rtol=2e-2)
+    cos = torch.nn.functional.cosine_similarity(grad_a.flatten(), grad_b.flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_rows_continue_at_position_p_after_the_shared_prompt(monkeypatch):
+    """The rows' positions start at P, not 0: with them shifted to 0 the logits differ."""
+    model = tiny_llama()
+    prompted = PromptedLM(model)
+    prompt = torch.randn(5, 32, generator=torch.Generator().manual_seed(4)) * 0.5
+    ids, mask, _ = batch("right")
+    seen = {}
+    real = prompted.decoder.forward
+
+    def spy(*args, **kwargs):
+        if kwargs["inputs_embeds"].shape[0] == ids.shape[0]:
+            seen["positions"] = kwargs["position_ids"].clone()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prompted.decoder, "forward", spy)
+    with torch.no_grad():
+        prompted(ids, mask, prompt=prompt, positions="all")
+    first = seen["positions"][torch.arange(4), mask.argmax(dim=1)]
+    assert first.tolist() == [5, 5, 5, 5]  # every row's first token at position P
+    with torch.no_grad():
+        shared = PromptedLM(model)(ids, mask, prompt=prompt, positions="all")
+        concat = PromptedLM(model, shared_prefix=False)(ids, mask, prompt=prompt, positions="all")
+    real_tokens = mask.bool()
+    assert torch.allclose(shared[real_tokens], concat[real_tokens], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_gradient_checkpointing_keeps_the_shared_prefix_exact(arch):
+    """Checkpointed blocks rerun in the backward pass; the rows must still see the prompt then."""
+    prompt = torch.randn(5, 32, generator=torch.Generator().manual_seed(5)) * 0.5
+    ids, mask, labels = batch("left")
+    loss_a, grad_a = loss_and_grad(MODEL_FACTORIES[arch](), False, prompt, ids, mask, labels)
+    checkpointed = MODEL_FACTORIES[arch]()
+    assert enable_activation_checkpointing(checkpointed) > 0
+    loss_b, grad_b = loss_and_grad(checkpointed, True, prompt, ids, mask, labels)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=0)
+    assert torch.allclose(grad_a, grad_b, rtol=1e-5, atol=1e-7 * grad_a.abs().max())
+
+
+def test_prompt_tokens_run_once_per_batch(monkeypatch):
+    """Tokens through the decoder per training step: P + B*T shared, B*(P + T) concatenated."""
+    model = tiny_llama()
+    ids, mask, labels = batch("left")
+    counts = {}
+    for shared in (True, False):
+        prompted = PromptedLM(model, shared_prefix=shared)
+        real = prompted.decoder.forward
+        total = {"n": 0}
+
+        def count(*args, _real=real, _total=total, **kwargs):
+            _total["n"] += kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(prompted.decoder, "forward", count)
+        prompted.loss(ids, mask, labels, SoftPrompt(torch.randn(5, 32)))
+        counts[shared] = total["n"]
+        monkeypatch.undo()
+    assert counts[True] == 5 + 4 * 7 and counts[False] == 4 * (5 + 7)
