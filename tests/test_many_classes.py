@@ -235,3 +235,27 @@ def test_verbalizer_auto_trains_with_distinct_first_tokens_and_saves_its_words(
     assert len({w.split()[0] for w in words.values()}) == 4
     assert results["scoring"] == "first_token"
     assert "verbalizer auto" in caplog.text and "first_token" in caplog.text
+
+
+def test_a_sharded_model_runs_the_same_passes_on_every_process_and_none_inside_backward(monkeypatch):
+    """Under FSDP every process must run the same passes (one chunk, whatever its memory) and the
+    label tokens stay on the graph: a sharded decoder cannot run inside the backward pass."""
+    from test_scoring import SHARED, rows_of
+
+    model = tiny_llama()
+    rows, gold = rows_of(5, seed=7), torch.tensor([0, 2, 4, 6, 7])
+    grads, called = {}, []
+    apply = scoring._TrieScores.apply  # the chunked backward, counted
+    monkeypatch.setattr(scoring._TrieScores, "apply", lambda *a: called.append(1) or apply(*a))
+    for sharded in (False, True):
+        monkeypatch.setattr(PromptedLM, "sharded", property(lambda self, s=sharded: s))
+        prompted = PromptedLM(model)
+        _, context = prompted(torch.tensor(rows[1:2]), return_context=True)
+        plan = TriePlan(prompted, context, [SHARED.trie] * 3, budget=1, train=True)
+        assert (len(plan.chunks[True]) == 1) == sharded
+        called.clear()
+        prompt = SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(1)) * 0.5)
+        F.cross_entropy(class_scores(prompted, rows, SHARED, 0, prompt, memory=1), gold).backward()
+        assert bool(called) != sharded
+        grads[sharded] = prompt.weight.grad
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-6, rtol=1e-4)

@@ -15,12 +15,14 @@ one pass with a tree-shaped attention mask, the LM head only at those nodes. So 
 about one pass of the input plus a few label tokens, not C passes of input + label.
 
 Chunks of trie rows are sized from the model's shape to a memory budget (:mod:`softprompt.batching`).
-For training (``batch_size=None`` with gradients) the label part is an autograd function that keeps
-nothing of a chunk: its backward pass runs each chunk again, so the memory of training is one
-micro-batch's input pass plus one chunk, whatever the number of labels; :func:`check_training_memory`
-refuses a configuration where even that cannot fit. ``method="rows"`` keeps the plain form (one row
-per input and class, input + label word), as a reference and for attention kernels that take no
-custom mask.
+For training (``batch_size=None`` with gradients) the label tokens of a micro-batch run in one pass
+kept for the backward pass when that fits the budget; otherwise the label part is an autograd
+function that keeps nothing of a chunk: its backward pass runs each chunk again, so the memory of
+training is one micro-batch's input pass plus one chunk, whatever the number of labels.
+:func:`check_training_memory` refuses a configuration where even that cannot fit.
+
+``method="rows"`` keeps the plain form (one row per input and class, input + label word), as a
+reference and for attention kernels that take no custom mask.
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ class TriePlan:
     group of whole subtrees (:meth:`LabelTrie.split`). Rows are sorted by size and packed greedily
     into chunks whose :func:`trie_chunk_bytes` stays under ``budget`` and whose tokens stay under
     :func:`~softprompt.batching.chunk_tokens`. Chunks for a backward pass (``grad``) are smaller.
+    A sharded model (FSDP) gets one chunk of everything: every process must run the same passes,
+    whatever memory it has.
     """
 
     def __init__(self, prompted: PromptedLM, context: InputContext, tries: list[LabelTrie], budget: int,
@@ -164,7 +168,8 @@ class TriePlan:
         self.sizes = [len(t.sequences) for t in tries]
         offsets = [sum(self.sizes[:b]) for b in range(len(tries))]
         most = max(t.num_nodes for t in tries)
-        fit = [n for n in range(1, most + 1) if self.fits(1, n, train)]
+        self.whole = prompted.sharded
+        fit = [n for n in range(1, most + 1) if self.whole or self.fits(1, n, train)]
         max_nodes = fit[-1] if fit else 1  # a row of one subtree runs even if it exceeds the budget
         self.rows: list[tuple[int, int, TrieRows]] = [
             (b, offsets[b], t.rows(group))
@@ -172,7 +177,8 @@ class TriePlan:
             if t.num_nodes
             for group in t.split(max_nodes)
         ]
-        self.chunks = {grad: self._pack(grad) for grad in ({False, train})}
+        everything = [list(range(len(self.rows)))]
+        self.chunks = {grad: everything if self.whole else self._pack(grad) for grad in ({False, train})}
 
     def fits(self, rows: int, nodes: int, grad: bool) -> bool:
         bytes_ = trie_chunk_bytes(self.shape, rows, nodes, self.context.length, grad)
@@ -254,7 +260,13 @@ def continuation_scores(
     kv = context.tensors()
     train = torch.is_grad_enabled() and any(t.requires_grad for t in kv)
     plan = TriePlan(prompted, context, tries, budget, train)
-    flat = _TrieScores.apply(plan, *kv) if train else plan.run(kv)
+    if not train:
+        flat = plan.run(kv)
+    elif len(plan.chunks[True]) == 1:  # it fits (or FSDP): one pass kept on the graph, nothing run twice
+        where, values = plan.run_chunk(plan.chunks[True][0], kv)
+        flat = torch.zeros(sum(plan.sizes), device=values.device).index_add(0, where, values)
+    else:  # chunk by chunk, each run again in the backward pass
+        flat = _TrieScores.apply(plan, *kv)
     return list(flat.split(plan.sizes))
 
 
