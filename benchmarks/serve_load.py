@@ -21,7 +21,9 @@ server (ours and PEFT) in bf16. ``--smoke`` runs a tiny model.
 ``--stream`` measures streaming instead (our server alone, ``results/serve_load_stream.json``):
 ``--clients`` clients send ``/v1/completions`` with ``stream: true`` (``--stream-tokens`` tokens,
 8 tasks interleaved) and time the first chunk of text (time to first chunk, TTFC) and the whole
-answer; the same requests unstreamed give the wait without streaming (``ttfc_ratio_vs_unstreamed``).
+answer; the same requests unstreamed give the wait without streaming (``ttfc_ratio_vs_unstreamed``;
+under this load the first chunk mostly waits for a batch slot), and the same for one client alone
+(``one_client_*``: no queueing).
 Then one client classifies, alone and while the streams run: the batcher answers it between
 decoding steps (``classify_during_streams_ratio`` is its p50 latency over the p50 alone).
 
@@ -317,6 +319,16 @@ def streaming(args, names8: list[str], texts: list[str]) -> dict:
             out[f"stream_{key}"] = statistics.median(res[key] for res in streamed)
         out["unstreamed_total_p50_ms"] = statistics.median(res["total_p50_ms"] for res in unstreamed)
         out["ttfc_ratio_vs_unstreamed"] = out["stream_ttfc_p50_ms"] / out["unstreamed_total_p50_ms"]
+        # one client alone: no queueing, the first chunk comes after the prefill and one step
+        n1 = max(4, args.rounds * 2)
+        one = asyncio.run(stream_load(url, names8, texts, n1, 1, args.stream_tokens))
+        one_plain = asyncio.run(stream_load(url, names8, texts, n1, 1, args.stream_tokens, False))
+        out["one_client_ttfc_p50_ms"], out["one_client_total_p50_ms"] = (
+            one["ttfc_p50_ms"],
+            one["total_p50_ms"],
+        )
+        out["one_client_unstreamed_p50_ms"] = one_plain["total_p50_ms"]
+        out["one_client_ttfc_ratio_vs_unstreamed"] = one["ttfc_p50_ms"] / one_plain["total_p50_ms"]
         alone = asyncio.run(classify_while(url, texts, args.latency_requests, None))
         busy = asyncio.run(classify_while(url, texts, args.latency_requests, stream_load(
             url, names8, texts, args.stream_requests, args.clients, args.stream_tokens)))  # fmt: skip
@@ -324,6 +336,9 @@ def streaming(args, names8: list[str], texts: list[str]) -> dict:
         out["classify_during_streams_ratio"] = busy["p50_ms"] / alone["p50_ms"]
     finally:
         stop(proc)
+    print(f"one client, {args.stream_tokens} tokens: time to first chunk p50 {out['one_client_ttfc_p50_ms']:.1f} ms, "
+          f"whole answer {out['one_client_total_p50_ms']:.1f} ms, unstreamed {out['one_client_unstreamed_p50_ms']:.1f} ms "
+          f"(TTFC / unstreamed {out['one_client_ttfc_ratio_vs_unstreamed']:.2f})")  # fmt: skip
     print(f"streaming ({args.clients} clients, {args.stream_tokens} tokens): time to first chunk p50 "
           f"{out['stream_ttfc_p50_ms']:.1f} ms (p99 {out['stream_ttfc_p99_ms']:.1f}), whole answer p50 "
           f"{out['stream_total_p50_ms']:.1f} ms; unstreamed p50 {out['unstreamed_total_p50_ms']:.1f} ms "

@@ -119,6 +119,7 @@ class Batcher:
         self.stats = {"batches": 0, "rows": 0, "requests": 0}
         self._running: list[Running] = []  # the worker's own: generation batches in progress
         self._waiting: dict[tuple, list[Job]] = {}  # generation jobs waiting for a batch slot, by key
+        self._outbox: list[tuple[Job, object]] = []  # stream items of this round, sent together
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -183,6 +184,7 @@ class Batcher:
             self._start_waiting()
             for run in list(self._running):  # one step of each generation batch, in turn
                 self._step(run)
+            self._flush()
             if stop:
                 gone = APIError(503, "the server is shutting down", "server_error")
                 for run in self._running:
@@ -191,6 +193,7 @@ class Batcher:
                     self._fail([(job, 0) for job in group], gone)
                 self._running.clear()
                 self._waiting.clear()
+                self._flush()
                 return
 
     def _gather(self, first: Job, last_jobs: int, last_end: float) -> tuple[list[Job], bool]:
@@ -318,7 +321,7 @@ class Batcher:
             if run.streams[b] is not None and b not in step.ended:
                 piece = run.streams[b].add(token)
                 if piece:
-                    _push(job, StreamText(i, piece))
+                    self._outbox.append((job, StreamText(i, piece)))
         for b, end in step.ended.items():
             job, i = run.rows[b]
             scored = None if run.logprobs is None else run.logprobs[b][: len(end.tokens)]
@@ -326,9 +329,9 @@ class Batcher:
             job.results[i] = done
             job.pending -= 1
             if run.streams[b] is not None:
-                _push(job, StreamText(i, run.streams[b].finish(end.text), done))
+                self._outbox.append((job, StreamText(i, run.streams[b].finish(end.text), done)))
             if job.pending == 0:
-                _settle(job, job.results, None)
+                self._settle(job, job.results, None)
             run.left -= 1
         if run.left == 0:
             self._running.remove(run)
@@ -349,23 +352,34 @@ class Batcher:
 
     def _fail(self, rows: list[tuple[Job, int]], error: APIError) -> None:
         for job, _ in rows:
-            _settle(job, None, error)
+            self._settle(job, None, error)
+
+    def _settle(self, job: Job, result, error: APIError | None) -> None:
+        """Answer a generation job once: its completions, or the error."""
+        if job.settled:
+            return
+        job.settled = True
+        if job.stream is not None:
+            self._outbox.append((job, error if error is not None else result))
+        else:
+            _deliver(job, result, error)
+
+    def _flush(self) -> None:
+        """Hand this round's stream items to the event loop in one call (one wake-up, not one per row)."""
+        if not self._outbox:
+            return
+        by_loop: dict[int, list[tuple[Job, object]]] = defaultdict(list)
+        for job, item in self._outbox:
+            by_loop[id(job.loop)].append((job, item))
+        self._outbox = []
+        for items in by_loop.values():
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: the server is gone
+                items[0][0].loop.call_soon_threadsafe(_put_all, items)
 
 
-def _push(job: Job, item) -> None:
-    with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop has closed, the server is gone
-        job.loop.call_soon_threadsafe(job.stream.put_nowait, item)
-
-
-def _settle(job: Job, result, error: APIError | None) -> None:
-    """Answer a generation job once: its completions, or the error."""
-    if job.settled:
-        return
-    job.settled = True
-    if job.stream is not None:
-        _push(job, error if error is not None else result)
-    else:
-        _deliver(job, result, error)
+def _put_all(items: list[tuple[Job, object]]) -> None:
+    for job, item in items:
+        job.stream.put_nowait(item)
 
 
 def _deliver(job: Job, result, error: Exception | None) -> None:
