@@ -460,7 +460,8 @@ def main() -> None:
     names8 = [f"task{i}" for i in range(len(TASKS))]
     if args.stream:
         out = {"model": "tiny-random-llama" if args.smoke else args.model, "clients": args.clients,
-               "tasks": len(TASKS), "rounds": args.rounds, "dtype": args.dtype, "device": args.device}  # fmt: skip
+               "tasks": len(TASKS), "rounds": args.rounds, "dtype": args.dtype, "device": args.device,
+               "threads": args.threads}  # fmt: skip
         out |= streaming(args, names8, texts)
         out["command"], out["date"] = run_command(), utc_now()
         if not args.smoke or args.output is not None:
