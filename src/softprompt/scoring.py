@@ -98,6 +98,8 @@ def label_scores(
         raise ValueError(f"got {len(spaces)} label spaces for {len(inputs)} inputs")
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of {', '.join(METHODS)}")
+    if not inputs:
+        return []
     index = None if prompt_index is None else torch.as_tensor(prompt_index, dtype=torch.long)
     lengths = None if prompt_lengths is None else torch.as_tensor(prompt_lengths, dtype=torch.long)
     if overhead is None:
