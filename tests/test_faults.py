@@ -2,6 +2,7 @@
 save, a torn log line, a resume with changed settings or data, a run folder that already holds a
 run, a damaged ``softprompt.json`` and a hub model asked for offline."""
 
+# ruff: noqa: F811  (the `data` fixture imported from test_training is a test argument here)
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +87,7 @@ def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
 @pytest.mark.parametrize("point", pf.FAULT_POINTS)
 def test_checkpoint_save_killed_at_each_step_resumes_exactly(
     tiny_model_dir, data, tmp_path, monkeypatch, point
-):  # noqa: F811
+):
     """Killed while saving the step-4 checkpoint, a resume continues from step 2 or 4 (whichever
     complete copy the kill left) and ends with the uninterrupted run's prompt."""
     train(config(tiny_model_dir, data, tmp_path / "full", baselines=False))
@@ -101,7 +102,7 @@ def test_checkpoint_save_killed_at_each_step_resumes_exactly(
     assert leftovers(out) == []
 
 
-def test_torn_last_log_line_is_dropped_on_resume(tiny_model_dir, data, tmp_path):  # noqa: F811
+def test_torn_last_log_line_is_dropped_on_resume(tiny_model_dir, data, tmp_path):
     out = tmp_path / "run"
     train(config(tiny_model_dir, data, out, max_steps=4, baselines=False))
     with open(out / "metrics.jsonl", "a") as f:
@@ -111,7 +112,7 @@ def test_torn_last_log_line_is_dropped_on_resume(tiny_model_dir, data, tmp_path)
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_damaged_log_line_in_the_middle_names_file_and_line(tiny_model_dir, data, tmp_path):  # noqa: F811
+def test_damaged_log_line_in_the_middle_names_file_and_line(tiny_model_dir, data, tmp_path):
     out = tmp_path / "run"
     train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -132,7 +133,7 @@ def test_damaged_log_line_in_the_middle_names_file_and_line(tiny_model_dir, data
 )
 def test_resume_with_changed_settings_is_refused_listing_each(
     tiny_model_dir, data, tmp_path, change, expected
-):  # noqa: F811
+):
     out = tmp_path / "run"
     train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
     before = (out / "hyperparameters.json").read_text()
@@ -142,7 +143,7 @@ def test_resume_with_changed_settings_is_refused_listing_each(
     assert (out / "hyperparameters.json").read_text() == before  # nothing was touched
 
 
-def test_resume_with_changed_data_is_refused(tiny_model_dir, data, tmp_path):  # noqa: F811
+def test_resume_with_changed_data_is_refused(tiny_model_dir, data, tmp_path):
     out = tmp_path / "run"
     train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
     with open(data["train"], "a") as f:
@@ -151,14 +152,14 @@ def test_resume_with_changed_data_is_refused(tiny_model_dir, data, tmp_path):  #
         train(config(tiny_model_dir, data, out, max_steps=4, baselines=False, resume=True))
 
 
-def test_resume_may_extend_max_steps(tiny_model_dir, data, tmp_path):  # noqa: F811
+def test_resume_may_extend_max_steps(tiny_model_dir, data, tmp_path):
     out = tmp_path / "run"
     train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
     result = train(config(tiny_model_dir, data, out, max_steps=4, eval_every=1, baselines=False, resume=True))
     assert result["steps"] == 4
 
 
-def test_training_into_a_run_folder_is_refused_without_resume_or_overwrite(tiny_model_dir, data, tmp_path):  # noqa: F811
+def test_training_into_a_run_folder_is_refused_without_resume_or_overwrite(tiny_model_dir, data, tmp_path):
     out = tmp_path / "run"
     train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
     saved = load_prompt(out / "prompt").weight
@@ -173,7 +174,7 @@ def test_training_into_a_run_folder_is_refused_without_resume_or_overwrite(tiny_
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are deleted
 
 
-def test_cli_reports_a_refused_run_in_one_line(tiny_model_dir, data, tmp_path, capsys):  # noqa: F811
+def test_cli_reports_a_refused_run_in_one_line(tiny_model_dir, data, tmp_path, capsys):
     out = tmp_path / "run"
     train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
     args = ["train", "--train_file", data["train"], "--model", tiny_model_dir, "--template", "review {text} sentiment",
