@@ -205,25 +205,23 @@ class Batcher:
         # Clients answered by the last batch (if it just ended) usually send their next request
         # now: keep the batch open for as many, so a late one does not run alone in a batch of 1.
         expect = last_jobs if start - last_end < RECENT_S else 1
-        while rows < self.limits.max_batch_size:
-            wait = deadline - time.monotonic()
-            if gap is not None and len(jobs) >= expect:
-                wait = min(wait, gap / 1000)
-            try:
-                job = self.queue.get(timeout=max(0.0, wait))
-            except queue.Empty:
-                break
-            if job is None:
-                return jobs, True
-            jobs.append(job)
-            rows += len(job.texts)
-        return jobs, False
+
+        def wait(n_jobs: int) -> float:
+            left = deadline - time.monotonic()
+            return min(left, gap / 1000) if gap is not None and n_jobs >= expect else left
+
+        return self._fill(jobs, rows, wait)
 
     def _take_arrived(self) -> tuple[list[Job], bool]:
-        jobs, rows = [], 0
+        """The jobs already queued, without waiting."""
+        return self._fill([], 0, lambda n_jobs: 0.0)
+
+    def _fill(self, jobs: list[Job], rows: int, wait) -> tuple[list[Job], bool]:
+        """Add queued jobs to ``jobs`` until the batch is full or ``wait(len(jobs))`` seconds pass
+        without one; also says whether the queue was closed (a ``None``)."""
         while rows < self.limits.max_batch_size:
             try:
-                job = self.queue.get_nowait()
+                job = self.queue.get(timeout=max(0.0, wait(len(jobs))))
             except queue.Empty:
                 break
             if job is None:

@@ -25,22 +25,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's completions request; fields we do not use are accepted and ignored."""
+class SamplingRequest(BaseModel):
+    """The fields completions and chat completions share; fields we do not use are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    seed: int | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's completions request."""
+
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    seed: int | None = None
 
 
 class ContentPart(BaseModel):
@@ -55,23 +60,14 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat completions request; fields we do not use are accepted and ignored."""
+class ChatCompletionRequest(SamplingRequest):
+    """OpenAI's chat completions request."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    seed: int | None = None
     tools: list | None = None
     response_format: dict | None = None
 
