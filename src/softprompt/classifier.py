@@ -7,6 +7,7 @@ import torch
 
 from softprompt.data import Example
 from softprompt.errors import DataError, UsageError
+from softprompt.meta import trained_on_chat_template
 from softprompt.metrics import classification_report
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt
@@ -42,7 +43,7 @@ class Classifier:
                 "this prompt has no template/label words in its softprompt.json (e.g. it was trained with PEFT); "
                 "pass --template 'Review: {text}\\nSentiment:' and --verbalizer '0=negative,1=positive'"
             )
-        self.template = Template(template)
+        self.template = Template(template, trained_on_chat_template(meta))  # as in training
         self.verbalizer = Verbalizer.parse(spec)
         self.tokenizer = tokenizer
         self.prompt = prompt

@@ -254,31 +254,12 @@ def cmd_export_embeds(prompt: str, texts: list[str], file: str | None, text_colu
     if tensor_dtype is None:
         raise UsageError(f"--dtype {dtype!r}: choose float32 or bfloat16")
 
+    if chat_template:  # each input as the user's message in the base model's chat template
+        template = Template(template or loaded.meta.template or "{text}", chat=True)
+
     def request(text: str) -> dict:
-        if chat_template:  # the text as the user's message, in the base model's chat template
-            messages = [{"role": "user", "content": Template(template or "{text}").render(text)}]
-            return prompt_embeds_request(
-                loaded,
-                None,
-                tokenizer,
-                base,
-                messages=messages,
-                served_model=served_model,
-                dtype=tensor_dtype,
-                max_tokens=max_tokens,
-                temperature=temperature,
-            )
-        return prompt_embeds_request(
-            loaded,
-            text,
-            tokenizer,
-            base,
-            template,
-            served_model=served_model,
-            dtype=tensor_dtype,
-            max_tokens=max_tokens,
-            temperature=temperature,
-        )
+        return prompt_embeds_request(loaded, text, tokenizer, base, template, served_model=served_model,
+                                     dtype=tensor_dtype, max_tokens=max_tokens, temperature=temperature)  # fmt: skip
 
     _write_jsonl((request(t) for t in texts), output)
 
@@ -486,8 +467,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model", type=str | None, default=None, help="Base model; default: the prompt's.")
     p.add_argument("--template", type=str | None, default=None, help="Override the prompt's template.")
     p.add_argument("--chat_template", type=bool, default=False,
-                   help="Put each input (in --template, if given) as the user's message in the base model's "
-                   "chat template, after the prompt.")  # fmt: skip
+                   help="Put each input (in the prompt's template or --template) as the user's message in "
+                   "the base model's chat template, after the prompt; automatic for prompts trained with "
+                   "--chat_template true.")  # fmt: skip
     p.add_argument("--served_model", type=str | None, default=None,
                    help="The request's model field: the name vLLM serves the base model under (default: the "
                    "prompt's base model).")  # fmt: skip

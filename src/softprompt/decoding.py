@@ -16,6 +16,7 @@ import torch
 
 from softprompt.batching import default_overhead, length_batches
 from softprompt.errors import UsageError
+from softprompt.meta import trained_on_chat_template
 from softprompt.model import PromptedLM, PromptLike
 from softprompt.prefix import PromptPrefix
 from softprompt.prompt import SoftPrompt
@@ -274,7 +275,8 @@ class Generator:
     Args:
         model, tokenizer: the base model the prompt was trained on.
         prompt: the trained prompt (or a (P, D) tensor); ``None`` gives the plain model with the same template (zero-shot).
-        template: override the template in the prompt's metadata (default ``{text}``).
+        template: override the template in the prompt's metadata (default ``{text}``); a string is
+            put in the chat template when the prompt was trained in it, a :class:`Template` is used as it is.
         use_prefix_cache: reuse the prompt's keys and values (True) or run the prompt with every input.
     """
 
@@ -283,13 +285,17 @@ class Generator:
         model,
         tokenizer,
         prompt: SoftPrompt | torch.Tensor | None,
-        template: str | None = None,
+        template: str | Template | None = None,
         max_length: int = 256,
         batch_size: int = 16,
         use_prefix_cache: bool = True,
     ):
-        meta_template = getattr(getattr(prompt, "meta", None), "template", None)
-        self.template = Template(template or meta_template or "{text}")
+        meta = getattr(prompt, "meta", None)
+        if isinstance(template, Template):
+            self.template = template
+        else:  # a prompt trained in the chat template is used in it (its softprompt.json says so)
+            text = template or getattr(meta, "template", None) or "{text}"
+            self.template = Template(text, trained_on_chat_template(meta))
         self.tokenizer, self.prompt = tokenizer, prompt
         self.prompted = model if isinstance(model, PromptedLM) else PromptedLM(model)
         self.max_length, self.batch_size = max_length, batch_size

@@ -37,6 +37,9 @@ class PromptMeta:
     """The words of the classes, in class order."""
     template: str | None = None
     """The input template, with one {text} placeholder."""
+    chat_template: bool | None = None
+    """True: trained on inputs put in the base model's chat template (the rendered template as the
+    user's message, the assistant's turn opened); scoring and serving do the same."""
     task: str | None = None
     """classification or generation (None: unknown, e.g. a prompt saved by PEFT)."""
     verbalizer: dict[str, str] | None = None
@@ -93,6 +96,16 @@ class PromptMeta:
         return cls(**values)
 
 
+def trained_on_chat_template(meta) -> bool:
+    """Whether a prompt's metadata says its training inputs were in the base model's chat template
+    (``chat_template: true`` in softprompt.json, as a field or under ``extra``). Prompts without that
+    record were trained on plain text in their own template."""
+    flag = getattr(meta, "chat_template", None)
+    if flag is None:
+        flag = (getattr(meta, "extra", None) or {}).get("chat_template")
+    return bool(flag)
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -104,6 +117,10 @@ def _is_str(v: Any) -> str | None:
 
 def _is_int(v: Any) -> str | None:
     return None if isinstance(v, int) and not isinstance(v, bool) else "expected an integer"
+
+
+def _is_bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "expected true or false"
 
 
 def _is_words(v: Any) -> str | None:
@@ -128,6 +145,7 @@ _FIELDS = {
     "vocab_top_k": _is_int,
     "label_words": _is_words,
     "template": _is_str,
+    "chat_template": _is_bool,
     "task": _is_str,
     "verbalizer": _is_str_map,
     "scoring": _is_str,

@@ -22,10 +22,13 @@ HEAD_PROBES = ("a", "The", " the", "1", ".", "'s", "\n", " ", "  x", "é", "-")
 class Template:
     """A string with one ``{text}`` placeholder, e.g. ``"Review: {text}\\nSentiment:"``.
 
-    Other braces are kept literally (no ``str.format``), so JSON-like templates work.
+    Other braces are kept literally (no ``str.format``), so JSON-like templates work. With ``chat``,
+    the rendered text becomes one user message in the tokenizer's chat template, with the
+    assistant's turn opened after it (:meth:`format`); the soft prompt still goes before all of it.
     """
 
     text: str = "{text}"
+    chat: bool = False
 
     def __post_init__(self) -> None:
         n = self.text.count(PLACEHOLDER)
@@ -36,7 +39,14 @@ class Template:
             )
 
     def render(self, text: str) -> str:
+        """The template with ``text`` in place of the placeholder (the user's message with ``chat``)."""
         return self.text.replace(PLACEHOLDER, text)
+
+    def format(self, tokenizer, text: str) -> str:
+        """What the model reads after the prompt, as a string: the rendered template, or with
+        ``chat`` that text as the user's message in the tokenizer's chat template."""
+        rendered = self.render(text)
+        return chat_text(tokenizer, [{"role": "user", "content": rendered}]) if self.chat else rendered
 
     def head_ids(self, tokenizer) -> tuple[int, ...]:
         """Token ids that rendered inputs start with: the fixed head before ``{text}`` (e.g.
@@ -44,13 +54,37 @@ class Template:
         "Review: "). Unusual text can still merge with the head, so callers check each input starts
         with these ids before cutting them; this only says what to expect.
         """
-        head = self.text.split(PLACEHOLDER, 1)[0]
-        if not head:
-            return ()
-        tokenized = [
-            tokenizer(head + probe, add_special_tokens=False)["input_ids"] for probe in ("", *HEAD_PROBES)
-        ]
+        if self.chat:  # the chat template's own head (system turn, user turn opened) comes first
+            texts = [self.format(tokenizer, probe) for probe in ("", *HEAD_PROBES)]
+        else:
+            head = self.text.split(PLACEHOLDER, 1)[0]
+            if not head:
+                return ()
+            texts = [head + probe for probe in ("", *HEAD_PROBES)]
+        tokenized = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         return tuple(os.path.commonprefix([list(ids) for ids in tokenized]))  # works on lists too
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """``messages`` in the tokenizer's chat template with the assistant's turn opened, as a string
+    (tokenise it with ``add_special_tokens=False``, as ``apply_chat_template`` does)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(
+            "the tokenizer has no chat template, so inputs cannot be put in one; use a chat model "
+            "(e.g. SmolLM2-Instruct, the default), or leave chat_template off and use the plain template"
+        )
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def template_last_user(messages: list[dict], template: Template) -> list[dict]:
+    """The conversation with its last user message rendered in ``template``: for a prompt trained
+    with ``--chat_template true``, whose training inputs were one user message in its template."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        return messages
+    out = list(messages)
+    out[users[-1]] = {**out[users[-1]], "content": template.render(out[users[-1]]["content"])}
+    return out
 
 
 def encode_text(
@@ -60,7 +94,7 @@ def encode_text(
 
     Returns the ids and whether the text was truncated. ``side`` is which end of the text is cut.
     """
-    ids = tokenizer(template.render(text), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(template.format(tokenizer, text), add_special_tokens=False)["input_ids"]
     if len(ids) <= max_length:
         return list(ids), False
     text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -72,7 +106,9 @@ def encode_text(
                 "raise max_length or shorten the template"
             )
         text_ids = text_ids[over:] if side == "left" else text_ids[:-over]
-        ids = tokenizer(template.render(tokenizer.decode(text_ids)), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(template.format(tokenizer, tokenizer.decode(text_ids)), add_special_tokens=False)[
+            "input_ids"
+        ]
         if len(ids) <= max_length:
             return list(ids), True
     return list(ids[:max_length]), True

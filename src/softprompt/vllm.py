@@ -21,9 +21,10 @@ import io
 import torch
 
 from softprompt.errors import UsageError
+from softprompt.meta import trained_on_chat_template
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt
-from softprompt.text import Template
+from softprompt.text import Template, template_last_user
 
 
 def input_ids(tokenizer, text: str | None = None, template: str | Template | None = None,
@@ -41,7 +42,7 @@ def input_ids(tokenizer, text: str | None = None, template: str | Template | Non
         ids = list(out["input_ids"])
     else:
         template = template if isinstance(template, Template) else Template(template or "{text}")
-        ids = list(tokenizer(template.render(text), add_special_tokens=False)["input_ids"])
+        ids = list(tokenizer(template.format(tokenizer, text), add_special_tokens=False)["input_ids"])
     if not ids:
         raise UsageError("the input tokenises to nothing; give some text")
     return ids
@@ -103,8 +104,10 @@ def prompt_embeds_request(
         prompt: a trained prompt (its template is the default ``template``) or a (P, D) tensor.
         text: the input, or a list of inputs (one ``prompt_embeds`` entry each, one choice each).
         tokenizer, model: the base model the prompt was trained on (only its embeddings are read).
-        template: the input template; default: the prompt's own (``{text}`` without one).
-        messages: instead of ``text``, a conversation put in the tokenizer's chat template.
+        template: the input template; default: the prompt's own (``{text}`` without one). A prompt
+            trained with ``--chat_template true`` gets its input in the chat template, as in training.
+        messages: instead of ``text``, a conversation put in the tokenizer's chat template (for a
+            prompt trained in it, its last user message in the prompt's template, as the server does).
         served_model: the ``model`` field: the name vLLM serves the base model under (default: the
             prompt's ``base_model``, else the model's ``name_or_path``).
         dtype: of the sent tensor; ``torch.bfloat16`` halves the request for a bf16 server.
@@ -113,8 +116,12 @@ def prompt_embeds_request(
     Send it with any HTTP client, or with the openai client through :func:`openai_arguments`.
     """
     meta = getattr(prompt, "meta", None)
-    if template is None and messages is None:
-        template = getattr(meta, "template", None)
+    chat = trained_on_chat_template(meta)
+    if not isinstance(template, Template) and (template is not None or messages is None or chat):
+        # the prompt's own template, in the chat template when it was trained in it (as served)
+        template = Template(template or getattr(meta, "template", None) or "{text}", chat)
+    if messages is not None and isinstance(template, Template) and template.chat:
+        messages, template = template_last_user(messages, template), None
     texts = [text] if isinstance(text, str) or text is None else list(text)
     if messages is not None and text is not None:
         raise UsageError("give either text or messages, not both")

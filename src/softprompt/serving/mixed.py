@@ -20,7 +20,7 @@ from softprompt.errors import UsageError
 from softprompt.prefix import PromptPrefix
 from softprompt.scoring import label_scores
 from softprompt.serving.registry import PromptEntry, PromptStore, StoreSnapshot
-from softprompt.text import Template, encode_text, pad_rows
+from softprompt.text import Template, chat_text, encode_text, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,10 @@ def prompt_inputs(
     return {"prompt": bank, "prompt_index": prompt_index, "prompt_lengths": lengths}
 
 
-def render(entry: PromptEntry, text: str) -> str:
-    """``text`` in the prompt's template (unchanged when the prompt has none)."""
-    return text if entry.usage.template is None else entry.usage.template.render(text)
+def render(entry: PromptEntry, text: str, tokenizer) -> str:
+    """``text`` in the prompt's template, and in the chat template for a prompt trained in it
+    (unchanged when the prompt has no template)."""
+    return text if entry.usage.template is None else entry.usage.template.format(tokenizer, text)
 
 
 # ---------------------------------------------------------------------------- classification
@@ -216,7 +217,7 @@ def generation_rows(
     tokenizer = store.tokenizer
     rows = [
         list(x) if not isinstance(x, str)
-        else list(tokenizer(render(e, x) if apply_template else x, add_special_tokens=False)["input_ids"])
+        else list(tokenizer(render(e, x, tokenizer) if apply_template else x, add_special_tokens=False)["input_ids"])
         for e, x in zip(entries, inputs, strict=True)
     ]  # fmt: skip
     empty = [i for i, r in enumerate(rows) if not r]
@@ -233,8 +234,7 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
             "the base model's tokenizer has no chat template, so messages cannot be formatted; use "
             "/v1/completions with the prompt's own template, or a chat model"
         )
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(out["input_ids"])
+    return list(tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
 def generate_mixed_steps(

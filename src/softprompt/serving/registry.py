@@ -44,6 +44,7 @@ from softprompt.errors import (
     UnknownPromptError,
     UsageError,
 )
+from softprompt.meta import trained_on_chat_template
 from softprompt.model import PromptedLM
 from softprompt.peft_format import CONFIG_NAME
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
@@ -69,7 +70,8 @@ class PromptUsage:
     ``head_ids``: the tokens the template's inputs start with (:meth:`Template.head_ids`), cached with
     the prompt; each input is checked to start with them before they are cut.
     ``chat``: the prompt was trained on inputs in the base model's chat template (see
-    :func:`trained_on_chat_template`), so chat requests give it the input it was trained on.
+    :func:`~softprompt.meta.trained_on_chat_template`); its ``template`` then puts every input in the
+    chat template as training did, and chat requests get its template on the last user message.
     """
 
     template: Template | None
@@ -81,8 +83,8 @@ class PromptUsage:
     @classmethod
     def from_prompt(cls, prompt: SoftPrompt, tokenizer) -> PromptUsage:
         meta = prompt.meta
-        template = Template(meta.template) if meta.template else None
         chat = trained_on_chat_template(meta)
+        template = Template(meta.template or "{text}", chat) if meta.template or chat else None
         spec = meta.verbalizer or meta.label_words
         if not spec or tokenizer is None:
             return cls(template, None, None, chat=chat)
@@ -90,16 +92,6 @@ class PromptUsage:
         labels = verbalizer.label_space(tokenizer, meta.scoring or "auto")
         head = template.head_ids(tokenizer) if template is not None else ()
         return cls(template, verbalizer, labels, head, chat)
-
-
-def trained_on_chat_template(meta) -> bool:
-    """Whether a prompt's metadata says its training inputs were formatted with the base model's chat
-    template (``chat_template: true`` in softprompt.json, as a field or under ``extra``). Prompts
-    without that record were trained on plain text in their own template."""
-    flag = getattr(meta, "chat_template", None)
-    if flag is None:
-        flag = (getattr(meta, "extra", None) or {}).get("chat_template")
-    return bool(flag)
 
 
 @dataclass(frozen=True)

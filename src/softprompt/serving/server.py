@@ -42,7 +42,12 @@ from softprompt.serving.guard import (  # noqa: F401  (check_binding, is_loopbac
     error_response,
     is_loopback,
 )
-from softprompt.serving.mixed import chat_ids, classification_result, ensemble_result, render
+from softprompt.serving.mixed import (
+    chat_ids,
+    classification_result,
+    ensemble_result,
+    render,
+)
 from softprompt.serving.openai_api import (
     DONE,
     ChatCompletionRequest,
@@ -55,6 +60,7 @@ from softprompt.serving.openai_api import (
     stop_list,
 )
 from softprompt.serving.registry import PromptEntry, PromptStore
+from softprompt.text import template_last_user
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +146,7 @@ def create_app(
 
     def encode_len(e: PromptEntry, text: str) -> int:
         check_text(text, "an input")
-        n = len(tokenizer(render(e, text), add_special_tokens=False)["input_ids"])
+        n = len(tokenizer(render(e, text, tokenizer), add_special_tokens=False)["input_ids"])
         if n > limits.max_input_tokens:
             raise APIError(
                 400, f"input of {n} tokens is over the limit of {limits.max_input_tokens}; shorten it"
@@ -264,6 +270,8 @@ def create_app(
         check_sampling(req.seed, req.stream, req.logprobs)
         stops = stop_list(req.stop)
         e = entry(store.snapshot(), req.model)
+        if e.usage.chat and e.usage.template is not None:  # as in training: the last user turn templated
+            messages = template_last_user(messages, e.usage.template)
         try:
             ids = chat_ids(tokenizer, messages)
         except UsageError as err:

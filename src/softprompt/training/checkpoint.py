@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from softprompt.errors import ConfigError
 from softprompt.peft_format import complete_copy, write_folder_atomically
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.training.config import TrainConfig
 
 CONFIG_FILE = "run_config.json"
 
@@ -103,9 +105,15 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """Each difference between a checkpoint's run and this one that resuming would hide."""
     problems = []
     before, now = saved.get("settings", {}), current["settings"]
-    for key in sorted(before.keys() & now.keys() - RESUME_SAFE):
-        if before[key] != now[key]:
-            problems.append(f"{key}: {before[key]!r} in the checkpoint, {now[key]!r} now")
+    # A setting the checkpoint lacks is newer than it: that run had the setting's default.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for key in sorted(now.keys() - RESUME_SAFE):
+        if key not in before and key not in defaults:
+            continue
+        old = before.get(key, defaults.get(key))
+        if old != now[key]:
+            known = "" if key in before else " (the default: the checkpoint predates this setting)"
+            problems.append(f"{key}: {old!r} in the checkpoint{known}, {now[key]!r} now")
     for key, digest in current["data"].items():
         old = saved.get("data", {}).get(key)
         if old and digest and old != digest and before.get(key) == now.get(key):

@@ -33,6 +33,9 @@ class TrainConfig:
     """Drop the first word of every text (TREC files start each line with a fine-grained label)."""
     template: str = DEMO_TEMPLATE
     """Input template with one {text} placeholder; the label word follows it."""
+    chat_template: bool = False
+    """Put each rendered input as the user's message in the base model's chat template (assistant's turn
+    opened; the prompt still goes first), recorded in softprompt.json so scoring and serving do the same."""
     verbalizer: str | dict[str, str] | None = None
     """label=word pairs, e.g. '0=negative,1=positive'; auto: words from the label names whose first
     tokens differ (one pass scores every class; the mapping is logged); default: each label is its own word."""

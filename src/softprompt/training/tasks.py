@@ -195,7 +195,7 @@ class ClassificationTask:
         self.counts = Counter(ex.label for ex in self.train_ex)
         self.metric = choose_metric(cfg.select_metric, self.counts)
         self.verbalizer = make_verbalizer(cfg, self.train_ex)
-        self.template = Template(cfg.template)
+        self.template = Template(cfg.template, cfg.chat_template)
         log.info(
             "data: %d train, %d validation, %s test rows; labels %s",
             len(self.train_ex),
@@ -242,6 +242,7 @@ class ClassificationTask:
 
     def annotate(self, meta: PromptMeta) -> None:
         meta.task, meta.template = "classification", self.cfg.template
+        meta.chat_template = self.cfg.chat_template or None
         meta.label_words, meta.verbalizer, meta.scoring = (
             self.verbalizer.words,
             self.verbalizer.as_dict(),
@@ -312,7 +313,7 @@ class GenerationTask:
         else:
             self.train_ex, self.val_ex = split_by_input(self.train_ex, cfg.validation_fraction, cfg.seed)
         self.example_input = example_input(self.test_ex, self.val_ex)
-        self.template = Template(cfg.template)
+        self.template = Template(cfg.template, cfg.chat_template)
         log.info(
             "data: %d train pairs, %d validation inputs, %s test inputs",
             len(self.train_ex),
@@ -336,7 +337,7 @@ class GenerationTask:
         rows, starts, cut_in, cut_out = [], [], 0, 0
         for ex in examples:
             ids, cut = encode_text(tok, self.template, ex.text, cfg.max_length, cfg.truncation_side)
-            rendered = self.template.render(ex.text)
+            rendered = self.template.format(tok, ex.text)
             # The target continues the rendered input: a space first unless the template ends in one.
             sep = "" if rendered[-1:].isspace() else " "
             target = tok(sep + ex.target.strip(), add_special_tokens=False)["input_ids"]
@@ -362,6 +363,7 @@ class GenerationTask:
             self.cfg.template,
             self.cfg.max_new_tokens,
         )
+        meta.chat_template = self.cfg.chat_template or None
 
     def batch_loss(self, prompted: PromptedLM, prompt, idx: list[int]) -> tuple[torch.Tensor, int]:
         rows = [self.train_set.rows[i] for i in idx]
@@ -379,7 +381,7 @@ class GenerationTask:
         data = self.val_set if split == "validation" else self.test_set
         limit = self.cfg.max_eval_inputs if split == "validation" else None
         inputs, refs = data.inputs[:limit], data.references[:limit]
-        gen = Generator(prompted, self.tokenizer, prompt, template=self.cfg.template,
+        gen = Generator(prompted, self.tokenizer, prompt, template=self.template,
                         max_length=self.cfg.max_length, batch_size=self.cfg.eval_batch_size)  # fmt: skip
         return evaluate_generation(gen, inputs, refs, self.cfg.max_new_tokens, desc)
 
