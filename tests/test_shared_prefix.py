@@ -140,3 +140,49 @@ def test_prompt_tokens_run_once_per_batch(monkeypatch):
         counts[shared] = total["n"]
         monkeypatch.undo()
     assert counts[True] == 5 + 4 * 7 and counts[False] == 4 * (5 + 7)
+
+
+@pytest.mark.parametrize("scoring", ["first_token", "sequence"])
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_training_scores_with_the_template_head_in_the_prefix_equal_full_rows(arch, scoring, monkeypatch):
+    """The classification loss runs the batch's common head ("review the") once, after the prompt:
+    same scores and prompt gradient as full rows (1e-5), and fewer tokens through the decoder."""
+    from conftest import make_tokenizer
+
+    from softprompt.scoring import class_scores
+    from softprompt.verbalizer import Verbalizer
+
+    tok = make_tokenizer()
+    texts = [
+        "review the film was good",
+        "review the food was really bad",
+        "review the plot",
+        "review the staff",
+    ]
+    rows = [tok(t + " sentiment")["input_ids"] for t in texts]
+    words = "0=good,1=bad" if scoring == "first_token" else "0=very good,1=very bad"
+    space = Verbalizer.parse(words).label_space(tok, scoring)
+    prompt = torch.randn(5, 32, generator=torch.Generator().manual_seed(4)) * 0.5
+    model = MODEL_FACTORIES[arch]()
+    results, tokens = {}, {}
+    for share in (True, False):
+        prompted = PromptedLM(model)
+        real, total = prompted.decoder.forward, {"n": 0}
+
+        def count(*args, _real=real, _total=total, **kwargs):
+            _total["n"] += kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(prompted.decoder, "forward", count)
+        weight = prompt.clone().requires_grad_(True)
+        scores = class_scores(prompted, rows, space, tok.pad_token_id, weight, share_head=share)
+        torch.nn.functional.cross_entropy(scores, torch.tensor([0, 1, 0, 1])).backward()
+        results[share], tokens[share] = (scores.detach(), weight.grad), total["n"]
+        monkeypatch.undo()
+    assert torch.allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    grad_a, grad_b = results[True][1], results[False][1]
+    assert (grad_a - grad_b).norm() <= 1e-5 * grad_b.norm() and grad_a.abs().sum() > 0  # relative 1e-5
+    longest = max(len(r) for r in rows)
+    # the first pass of each: (prompt + head) once, then 4 rows 2 tokens shorter, vs prompt + full rows
+    assert tokens[False] - tokens[True] == 4 * 2 - 2
+    assert tokens[False] >= 5 + 4 * longest

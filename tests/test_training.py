@@ -188,3 +188,23 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, data, tmp_path):
     train(config(tiny_model_dir, data, tmp_path / "run", max_steps=2, baselines=False))
     with pytest.raises(ValueError, match="num_virtual_tokens: 4 in the checkpoint, 6 now"):
         train(config(tiny_model_dir, data, tmp_path / "run", num_virtual_tokens=6, resume=True))
+
+
+def test_step_token_count_is_the_rows_own_tokens(tiny_model_dir, data, tmp_path):
+    """tokens_per_s counts the batch's input tokens, not the virtual tokens once per row (the shared
+    prefix runs them once per batch), for classification and for generation."""
+    from conftest import make_tokenizer, tiny_llama
+
+    from softprompt import PromptedLM, SoftPrompt
+
+    prompted, prompt = PromptedLM(tiny_llama()), SoftPrompt(torch.randn(4, 32))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"text": t, "target": "good"}) + "\n" for t in ["the film", "a plot"] * 4)
+    )
+    for cfg in (config(tiny_model_dir, data, tmp_path / "a"),
+                config(tiny_model_dir, {"train": str(pairs), "test": None}, tmp_path / "b", task="generation")):  # fmt: skip
+        task = tasks_mod.make_task(cfg)
+        task.prepare(make_tokenizer())
+        _, tokens = task.batch_loss(prompted, prompt, [0, 1, 2])
+        assert tokens == sum(len(task.train_set.rows[i]) for i in (0, 1, 2))

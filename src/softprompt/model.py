@@ -344,6 +344,12 @@ class PromptedLM(nn.Module):
         """
         return self._prefix(prompt, prompt_lengths, tokens, DynamicCache)
 
+    def training_prefix(self, prompt: PromptLike, tokens: Sequence[int] | None = None) -> PromptPrefix:
+        """:meth:`prefix_cache` with gradients, for one training step: the prompt's keys and values,
+        and those of ``tokens`` (a head every row of the batch starts with) after it. Rows passed with
+        ``prefix=`` then run only their own tokens; the gradient reaches the prompt through it."""
+        return self._prefix(prompt, None, tokens, OnePassCache)
+
     def _prefix(self, prompt: PromptLike, prompt_lengths, tokens, cache_class) -> PromptPrefix:
         """:meth:`prefix_cache`'s computation, differentiable w.r.t. the prompt outside ``no_grad``
         (``cache_class`` :class:`OnePassCache` keeps it right under gradient checkpointing)."""

@@ -70,7 +70,8 @@ class Task(Protocol):
         """Record in the prompt's metadata what using it needs (template, label words, ...)."""
 
     def batch_loss(self, prompted: PromptedLM, prompt, idx: list[int]) -> tuple[torch.Tensor, int]:
-        """Mean loss of the training rows ``idx`` and their token count (prompt included)."""
+        """Mean loss of the training rows ``idx`` and their own token count (the input tokens a step
+        learns from; the prompt's virtual tokens are not counted, so methods compare like for like)."""
 
     def evaluate(self, prompted: PromptedLM, prompt, split: str, desc: str | None = None) -> dict:
         """Figures of ``prompt`` (None: the plain model) on ``validation`` or ``test``."""
@@ -270,8 +271,7 @@ class ClassificationTask:
         else:
             nll = -scores.gather(1, gold[:, None])[:, 0]
             loss = nll.mean() if weight is None else (weight[gold] * nll).sum() / weight[gold].sum()
-        P = prompt.num_virtual_tokens if prompt is not None else 0
-        return loss, sum(len(r) + P for r in rows)
+        return loss, sum(len(r) for r in rows)
 
     def evaluate(self, prompted: PromptedLM, prompt, split: str, desc: str | None = None) -> dict:
         data = self.val_set if split == "validation" else self.test_set
@@ -373,8 +373,7 @@ class GenerationTask:
             s = self.train_set.starts[i]
             labels[j, s : len(r)] = torch.tensor(r[s:])
         loss = prompted.loss(ids, mask, labels, prompt)
-        P = prompt.num_virtual_tokens if prompt is not None else 0
-        return loss, sum(len(r) + P for r in rows)
+        return loss, sum(len(r) for r in rows)
 
     @torch.no_grad()
     def evaluate(self, prompted: PromptedLM, prompt, split: str, desc: str | None = None) -> dict:
