@@ -167,4 +167,6 @@ def test_chat_template_inputs_on_smollm2_equal_apply_chat_template(smollm2):
         assert tuple(ids[: len(head)]) == head
     assert tok.decode(head).startswith("<|im_start|>system") and tok.decode(head).endswith("user\nReview:")
     ids, cut = encode_text(tok, template, "great " * 200, 64)
-    assert cut and len(ids) <= 64 and tok.decode(ids).endswith("\nSentiment:<|im_end|>\n<|im_start|>assistant\n")
+    assert (
+        cut and len(ids) <= 64 and tok.decode(ids).endswith("\nSentiment:<|im_end|>\n<|im_start|>assistant\n")
+    )
