@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from local_server import free_port, launch
 from pydantic import BaseModel
 from results_io import run_command, utc_now, write_results
 
@@ -180,33 +180,13 @@ def peft_app(model, tokenizer):
 
 
 # ---------------------------------------------------------------------------- the client side
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(args, serve: str, num_prompts: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, __file__, "--serve", serve, "--port", str(port), "--num-prompts", str(num_prompts),
            "--model", args.model, "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
            "--window-ms", str(args.window_ms), "--gap-ms", str(args.gap_ms), "--dtype", args.dtype,
            "--device", args.device] + (["--smoke"] if args.smoke else [])  # fmt: skip
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the {serve} server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"the {serve} server did not start within 600 s")
+    return launch(cmd, port, f"the {serve} server")
 
 
 async def load(url: str, names: list[str], texts: list[str], n: int, clients: int) -> dict:

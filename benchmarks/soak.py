@@ -28,7 +28,6 @@ import asyncio
 import math
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from local_server import free_port, launch
 from results_io import run_command, utc_now, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
@@ -149,12 +149,6 @@ def prompt_names(smoke: bool) -> list[tuple[str, int | None]]:
 
 
 # ---------------------------------------------------------------------------- the client side
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` in MiB (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -293,24 +287,10 @@ async def clients(url: str, names: list[tuple[str, int | None]], n: int, until: 
 
 
 def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = free_port()
     cmd = [sys.executable, __file__, "--serve", "--workdir", str(work), "--port", str(port), "--model", args.model,
            "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
-    proc = subprocess.Popen(cmd + (["--smoke"] if args.smoke else []))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the server did not start within 600 s")
+    return launch(cmd + (["--smoke"] if args.smoke else []), port)
 
 
 def evaluate(records: list, refs: dict, churn: Churn, tolerance: float) -> dict:
