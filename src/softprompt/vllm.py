@@ -24,7 +24,7 @@ from softprompt.errors import UsageError
 from softprompt.meta import trained_on_chat_template
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt
-from softprompt.text import Template, template_last_user
+from softprompt.text import Template, chat_text, template_last_user
 
 
 def input_ids(tokenizer, text: str | None = None, template: str | Template | None = None,
@@ -36,10 +36,7 @@ def input_ids(tokenizer, text: str | None = None, template: str | Template | Non
     if messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError("the tokenizer has no chat template; give a text (with its template) instead")
-        out = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        ids = list(out["input_ids"])
+        ids = list(tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
     else:
         template = template if isinstance(template, Template) else Template(template or "{text}")
         ids = list(tokenizer(template.format(tokenizer, text), add_special_tokens=False)["input_ids"])
@@ -117,11 +114,11 @@ def prompt_embeds_request(
     """
     meta = getattr(prompt, "meta", None)
     chat = trained_on_chat_template(meta)
-    if not isinstance(template, Template) and (template is not None or messages is None or chat):
+    if not isinstance(template, Template):
         # the prompt's own template, in the chat template when it was trained in it (as served)
         template = Template(template or getattr(meta, "template", None) or "{text}", chat)
-    if messages is not None and isinstance(template, Template) and template.chat:
-        messages, template = template_last_user(messages, template), None
+    if messages is not None and template.chat:  # input_ids reads only the messages then
+        messages = template_last_user(messages, template)
     texts = [text] if isinstance(text, str) or text is None else list(text)
     if messages is not None and text is not None:
         raise UsageError("give either text or messages, not both")

@@ -78,7 +78,10 @@ class PromptUsage:
     verbalizer: Verbalizer | None
     labels: LabelSpace | None
     head_ids: tuple[int, ...] = ()
-    chat: bool = False
+
+    @property
+    def chat(self) -> bool:
+        return self.template is not None and self.template.chat
 
     @classmethod
     def from_prompt(cls, prompt: SoftPrompt, tokenizer) -> PromptUsage:
@@ -87,11 +90,11 @@ class PromptUsage:
         template = Template(meta.template or "{text}", chat) if meta.template or chat else None
         spec = meta.verbalizer or meta.label_words
         if not spec or tokenizer is None:
-            return cls(template, None, None, chat=chat)
+            return cls(template, None, None)
         verbalizer = Verbalizer.parse(spec)
         labels = verbalizer.label_space(tokenizer, meta.scoring or "auto")
         head = template.head_ids(tokenizer) if template is not None else ()
-        return cls(template, verbalizer, labels, head, chat)
+        return cls(template, verbalizer, labels, head)
 
 
 @dataclass(frozen=True)

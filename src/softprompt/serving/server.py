@@ -42,12 +42,7 @@ from softprompt.serving.guard import (  # noqa: F401  (check_binding, is_loopbac
     error_response,
     is_loopback,
 )
-from softprompt.serving.mixed import (
-    chat_ids,
-    classification_result,
-    ensemble_result,
-    render,
-)
+from softprompt.serving.mixed import chat_ids, classification_result, ensemble_result, render
 from softprompt.serving.openai_api import (
     DONE,
     ChatCompletionRequest,
@@ -270,7 +265,7 @@ def create_app(
         check_sampling(req.seed, req.stream, req.logprobs)
         stops = stop_list(req.stop)
         e = entry(store.snapshot(), req.model)
-        if e.usage.chat and e.usage.template is not None:  # as in training: the last user turn templated
+        if e.usage.chat:  # as in training: the last user turn in the prompt's template
             messages = template_last_user(messages, e.usage.template)
         try:
             ids = chat_ids(tokenizer, messages)
