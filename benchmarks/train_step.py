@@ -5,8 +5,13 @@ batch of ``--batch-size`` unpadded rows of ``--seq-len`` tokens of English text,
 ``--num-virtual-tokens`` vectors in front and the loss on ONE target per row (the last input token,
 a label word, predicted from the position before it). Four implementations, side by side:
 
-* ``shared``: ``PromptedLM.loss`` as ``softprompt train`` runs it: the prompt runs once per batch and
-  every row attends to its keys and values (P + B*T tokens a pass); the LM head only at the targets.
+* ``shared``: ``PromptedLM.loss`` as ``softprompt train`` runs it: the prompt runs once per batch, in
+  the same pass as the rows (in their padding, or ceil(P/B) extra columns: B*(T + ceil(P/B)) slots
+  here, the rows being unpadded), and every row attends to its keys and values; the LM head only at
+  the targets.
+* ``twopass`` (only with ``--variants``): the shared prefix as it ran before the one-pass layout
+  (what ``PromptedLM`` still does where the attention takes no custom mask): the prompt's own pass at
+  batch 1 first, then the rows against its keys and values.
 * ``ours``: the same with ``shared_prefix=False``: the prompt in front of every row (B*(P + T) tokens).
 * ``peft``: ``peft.get_peft_model(..., PromptTuningConfig(...))`` called with ``labels`` (HF computes
   the logits at every position and the shifted loss), on its own deep copy of the model.
@@ -53,9 +58,9 @@ from torch.nn import functional as F
 from softprompt import PromptedLM, SoftPrompt
 from softprompt.loading import load_model, packaged_gguf
 
-VARIANTS = ("shared", "ours", "peft", "bare", "lora")
+VARIANTS = ("shared", "twopass", "ours", "peft", "bare", "lora")
 DEFAULT_VARIANTS = "shared,ours,peft,bare"
-PROMPT_VARIANTS = ("shared", "ours", "peft", "bare")  # same prompt, same loss
+PROMPT_VARIANTS = ("shared", "twopass", "ours", "peft", "bare")  # same prompt, same loss
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 TEXT = (
     "The film opens on a quiet harbour town where nothing much happens until a stranger arrives. "
@@ -80,12 +85,19 @@ def make_batch(tok, batch_size: int, seq_len: int) -> Batch:
     return input_ids, torch.ones_like(input_ids), labels
 
 
+class TwoPassLM(PromptedLM):
+    """The shared prefix through its fallback: the prompt's own pass, then the rows."""
+
+    takes_custom_masks = False
+
+
 def build(name: str, model: nn.Module, weight: torch.Tensor, batch: Batch) -> tuple[Callable, list]:
     """Return ``(loss_fn, trainable_params)`` for one variant; ``loss_fn()`` gives a scalar loss."""
     input_ids, mask, labels = batch
     P, D = weight.shape
-    if name in ("shared", "ours"):
-        prompted, prompt = PromptedLM(model, shared_prefix=name == "shared"), SoftPrompt(weight)
+    if name in ("shared", "twopass", "ours"):
+        cls = TwoPassLM if name == "twopass" else PromptedLM
+        prompted, prompt = cls(model, shared_prefix=name != "ours"), SoftPrompt(weight)
         return (lambda: prompted.loss(input_ids, mask, labels, prompt)), list(prompt.parameters())
     if name == "lora":
         from peft import LoraConfig, get_peft_model
@@ -243,9 +255,11 @@ def main() -> None:
     res: dict[str, object] = {f"{n}_step_seconds": statistics.median(times[n]) for n in names}
     ratios = [
         (a, b)
-        for a in ("shared", "ours")
+        for a in ("shared", "twopass", "ours")
         for b in names
-        if a in names and b != a and (a, b) != ("ours", "shared")
+        if a in names
+        and b != a
+        and (a, b) not in (("ours", "shared"), ("twopass", "shared"), ("ours", "twopass"))
     ]
     for a, b in ratios:  # per-round ratios too: each round's steps share the machine's load
         res[f"ratio_{a}_vs_{b}"] = res[f"{a}_step_seconds"] / res[f"{b}_step_seconds"]

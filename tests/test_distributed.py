@@ -125,7 +125,7 @@ def test_activation_checkpointing_keeps_the_prompt_gradient(factory):
 
     plain, plain_runs = prompt_grad(False)
     ckpt, ckpt_runs = prompt_grad(True)
-    # the block runs twice a step (the shared prompt prefix, then the rows); checkpointed, twice more
-    assert (plain_runs, ckpt_runs) == (2, 4)  # checkpointing really recomputed the block
+    # the block runs once a step (the prompt in the rows' pass); checkpointed, once more
+    assert (plain_runs, ckpt_runs) == (1, 2)  # checkpointing really recomputed the block
     assert plain.abs().sum() > 0
     torch.testing.assert_close(ckpt, plain, rtol=0, atol=1e-7)

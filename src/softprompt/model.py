@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from softprompt.batching import ModelShape
 from softprompt.config import MAX_VIRTUAL_TOKENS
 from softprompt.errors import UsageError
-from softprompt.prefix import DecodeState, InputContext, PromptPrefix
+from softprompt.prefix import DecodeState, InputContext, PrefixInputs, PromptPrefix
 from softprompt.prompt import SoftPrompt
 
 PromptLike = SoftPrompt | torch.Tensor
@@ -88,9 +88,15 @@ class PromptedLM(nn.Module):
         return any(isinstance(m, FSDPModule) for m in self.decoder.modules())
 
     @property
-    def supports_label_trie(self) -> bool:
-        """Whether :meth:`continue_rows` works here: it needs an attention that takes a custom 4D mask."""
+    def takes_custom_masks(self) -> bool:
+        """Whether the attention takes a custom 4D mask (eager, sdpa): :meth:`continue_rows` and the
+        one-pass shared prefix need one."""
         return getattr(self.config, "_attn_implementation", None) in ("eager", "sdpa")
+
+    @property
+    def supports_label_trie(self) -> bool:
+        """Whether :meth:`continue_rows` works here."""
+        return self.takes_custom_masks
 
     # ------------------------------------------------------------------ building the input
     def _prompt_rows(
@@ -192,14 +198,16 @@ class PromptedLM(nn.Module):
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
         cache = None
-        if prompt is not None and prefix is None and self.shared_prefix:
-            prefix, prompt_index = self._shared_prefix(prompt, prompt_index, prompt_lengths, B)
+        if prompt is not None and prefix is not None:
+            raise ValueError("pass either prompt or prefix, not both (the prefix already holds the prompt)")
+        if prompt is not None and self.shared_prefix:
+            prefix, prompt_index = self._shared_inputs(prompt, prompt_index, prompt_lengths, B)
             prompt = None
+        if isinstance(prefix, PrefixInputs):
+            if not decoding and self.takes_custom_masks:
+                return self._one_pass(input_ids, mask, prefix, prompt_index, keep_cache)
+            prefix = self._run_prefix(prefix)  # its own pass first, then the rows against its cache
         if prefix is not None:
-            if prompt is not None:
-                raise ValueError(
-                    "pass either prompt or prefix, not both (the prefix already holds the prompt)"
-                )
             rows = prefix.select(prompt_index, B, self.device, self.dtype)
             # a fresh cache holding the prefix's keys and values (the prefix itself stays untouched)
             cache = cache_class(ddp_cache_data=rows.layers, config=self.config)
@@ -303,10 +311,10 @@ class PromptedLM(nn.Module):
         state.next_position = state.next_position + 1
         return self.logits_from_hidden(out.last_hidden_state[:, -1])
 
-    def _shared_prefix(
+    def _shared_inputs(
         self, prompt: PromptLike, prompt_index, prompt_lengths, batch_size: int
-    ) -> tuple[PromptPrefix, torch.Tensor | None]:
-        """The prompts a batch uses, each run once (differentiable), and each row's index into them.
+    ) -> tuple[PrefixInputs, torch.Tensor | None]:
+        """The prompts a batch uses, each once (differentiable), and each row's index into them.
         ``prompt_lengths`` here is per row, as in :meth:`build_inputs`."""
         self._prompt_rows(prompt, prompt_index, batch_size)  # the same checks as the concatenated path
         bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
@@ -320,7 +328,7 @@ class PromptedLM(nn.Module):
             row_lengths = prompt_lengths.to(used.device).long()
             rows_of = torch.zeros(batch_size, dtype=torch.long) if index is None else index.to(used.device)
             lengths = torch.zeros(len(used), dtype=torch.long).scatter_(0, rows_of, row_lengths)
-        return self._prefix(bank[used.to(bank.device)], lengths, None, OnePassCache), index
+        return self._prefix_inputs(bank[used.to(bank.device)], lengths, None), index
 
     @torch.no_grad()
     def prefix_cache(
@@ -342,17 +350,16 @@ class PromptedLM(nn.Module):
         cached after each prompt. Inputs then pass only what follows them: the result is the same as
         running ``tokens + input`` with the plain prompt prefix, with fewer tokens per forward pass.
         """
-        return self._prefix(prompt, prompt_lengths, tokens, DynamicCache)
+        return self._run_prefix(self._prefix_inputs(prompt, prompt_lengths, tokens), DynamicCache)
 
-    def training_prefix(self, prompt: PromptLike, tokens: Sequence[int] | None = None) -> PromptPrefix:
-        """:meth:`prefix_cache` with gradients, for one training step: the prompt's keys and values,
-        and those of ``tokens`` (a head every row of the batch starts with) after it. Rows passed with
-        ``prefix=`` then run only their own tokens; the gradient reaches the prompt through it."""
-        return self._prefix(prompt, None, tokens, OnePassCache)
+    def training_prefix(self, prompt: PromptLike, tokens: Sequence[int] | None = None) -> PrefixInputs:
+        """The prefix of one training step, with gradients: the prompt, and ``tokens`` (a head every
+        row of the batch starts with) after it. Rows passed with ``prefix=`` then run only their own
+        tokens, in one pass with the prefix (see :meth:`_one_pass`); the gradient reaches the prompt."""
+        return self._prefix_inputs(prompt, None, tokens)
 
-    def _prefix(self, prompt: PromptLike, prompt_lengths, tokens, cache_class) -> PromptPrefix:
-        """:meth:`prefix_cache`'s computation, differentiable w.r.t. the prompt outside ``no_grad``
-        (``cache_class`` :class:`OnePassCache` keeps it right under gradient checkpointing)."""
+    def _prefix_inputs(self, prompt: PromptLike, prompt_lengths, tokens) -> PrefixInputs:
+        """The embeddings, slots and positions of N prompts (each followed by ``tokens``), unrun."""
         bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
         bank = bank.unsqueeze(0) if bank.dim() == 2 else bank
         N, P, _ = bank.shape
@@ -377,16 +384,96 @@ class PromptedLM(nn.Module):
             after = lengths.to(self.device).unsqueeze(1) + torch.arange(h, device=self.device)
             positions = torch.cat([positions, after], dim=1)
             lengths = lengths + h
-        cache = cache_class(config=self.config)
+        return PrefixInputs(rows, mask, positions, lengths.to(self.device))
+
+    def _run_prefix(self, inputs: PrefixInputs, cache_class=None) -> PromptPrefix:
+        """Run a prefix alone and keep its keys and values; differentiable w.r.t. the prompt outside
+        ``no_grad`` (the default :class:`OnePassCache` keeps it right under gradient checkpointing)."""
+        cache = (cache_class or OnePassCache)(config=self.config)
         self.decoder(
-            inputs_embeds=rows,
-            attention_mask=mask,
-            position_ids=positions,
+            inputs_embeds=inputs.embeds,
+            attention_mask=inputs.mask,
+            position_ids=inputs.positions,
             use_cache=True,
             **{self._cache_kwarg: cache},
         )
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        return PromptPrefix(layers=layers, lengths=lengths.to(self.device))
+        return PromptPrefix(layers=layers, lengths=inputs.lengths)
+
+    def _one_pass(self, input_ids, mask, prefix: PrefixInputs, prompt_index, keep_cache):
+        """Rows and the prefixes they use in one pass, each prefix token once for the whole batch.
+
+        The prefix tokens fill the batch's padding slots (and extra columns or rows where there are
+        too few, :func:`free_slot_grid`), so the decoder's products run over about B x T + Q slots
+        (Q prefix tokens) with no row repeating its prompt.
+        In every layer each row's keys and values gain those of all prefix tokens in front
+        (:class:`SharedPrefixCache`), and a 4D mask lets a row token see its own prompt's tokens
+        and its row's earlier tokens, and a prefix token its prompt's earlier tokens. Returns the
+        hidden states at the input positions (B, T, D) and, with ``keep_cache``, a
+        :class:`DecodeState` over ``[prefix tokens, row slots]`` (for :meth:`continue_rows`).
+        """
+        device = self.device
+        B, T = input_ids.shape
+        n_prompts = prefix.num_prompts
+        if prompt_index is None and n_prompts != 1:
+            raise ValueError(f"a prefix of {n_prompts} prompts needs prompt_index (B,)")
+        index = torch.zeros(B, dtype=torch.long, device=device) if prompt_index is None else prompt_index
+        index = index.to(device)
+        if index.shape != (B,) or (B and (index.min() < 0 or index.max() >= n_prompts)):
+            raise ValueError(
+                f"prompt_index must be ({B},) with values in 0..{n_prompts - 1} (one per row), "
+                f"got {index.tolist()}"
+            )
+        pre_n, pre_s = prefix.mask.bool().nonzero(as_tuple=True)  # (Q,) prefix tokens, by prompt then slot
+        Q = pre_n.numel()
+        rows, cols = free_slot_grid(B, T, Q - int((mask == 0).sum()))
+        ids = F.pad(input_ids, (0, cols - T, 0, rows - B))
+        real = F.pad(mask.bool(), (0, cols - T, 0, rows - B))
+        index = F.pad(index, (0, rows - B))  # extra rows hold prefix tokens only
+        Tp = cols
+        slot_b, slot_t = (~real).nonzero(as_tuple=True)
+        slot_b, slot_t = slot_b[:Q], slot_t[:Q]  # where prefix token q sits
+
+        embeds = self.embed_tokens(ids).index_put((slot_b, slot_t), prefix.embeds[pre_n, pre_s])
+        start = prefix.lengths.to(device)[index]  # (B,) each row's first position after its prefix
+        positions = ((real.long().cumsum(dim=1) - 1).clamp(min=0) + start.unsqueeze(1)) * real
+        positions = positions.index_put((slot_b, slot_t), prefix.positions[pre_n, pre_s])
+
+        q = torch.arange(Q, device=device)
+        held = torch.full((rows, Tp), -1, dtype=torch.long, device=device).index_put((slot_b, slot_t), q)
+        holds = held >= 0  # (B, Tp) slots holding a prefix token
+        held_prompt = torch.where(holds, pre_n[held.clamp(min=0)], -1)  # (B, Tp)
+        # keys of the prefix part: row tokens see their own prompt's tokens, prefix tokens their
+        # prompt's earlier tokens (q order is slot order within a prompt)
+        sees = real.unsqueeze(2) & (pre_n == index.unsqueeze(1)).unsqueeze(1)  # (B, Tp, Q)
+        sees |= (pre_n == held_prompt.unsqueeze(2)) & (q <= held.unsqueeze(2))
+        # keys of the row part: a row's real tokens see its earlier real tokens; free slots themselves
+        causal = torch.ones(Tp, Tp, dtype=torch.bool, device=device).tril()
+        own = real.unsqueeze(2) & real.unsqueeze(1) & causal
+        own |= (~real & ~holds).unsqueeze(2) & torch.eye(Tp, dtype=torch.bool, device=device)
+        allowed = torch.cat([sees, own], dim=2).unsqueeze(1)  # (B, 1, Tp, Q + Tp)
+        # an additive float mask: eager attention adds it, sdpa takes it as it is
+        attn = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
+        attn = attn.masked_fill(~allowed, torch.finfo(self.dtype).min)
+
+        cache = SharedPrefixCache(slot_b, slot_t, keep=keep_cache, config=self.config)
+        out = self.decoder(
+            inputs_embeds=embeds,
+            attention_mask=attn,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        hidden = out.last_hidden_state[:B, :T]
+        if not keep_cache:
+            return hidden, None
+        if rows > B:  # the context of the caller's rows only
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:B], layer.values[:B]
+        real, positions, start, index = real[:B], positions[:B], start[:B], index[:B]
+        context_mask = torch.cat([pre_n == index.unsqueeze(1), real], dim=1).long()  # (B, Q + Tp)
+        next_pos = torch.where(real, positions, start.unsqueeze(1) - 1).max(dim=1).values + 1
+        return hidden, DecodeState(cache=cache, mask=context_mask, next_position=next_pos)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the LM head (and soft-capping where the model has it) to selected hidden states."""
@@ -480,6 +567,43 @@ class OnePassCache(DynamicCache):
             known = layer_idx < len(self.layers)
             before[layer_idx] = dict(vars(self.layers[layer_idx])) if known else None
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+class SharedPrefixCache(OnePassCache):
+    """The cache of :meth:`PromptedLM._one_pass`: each layer's keys and values of the prefix tokens,
+    which sit in slots ``(slot_b[q], slot_t[q])`` of the batch, are put in front of every row's own,
+    (B, H, Q + T', d); the gradient of every row reaches the prefix through them. Stores the result
+    only when ``keep`` (to continue the rows); a rerun layer (checkpointing) computes the same."""
+
+    def __init__(self, slot_b: torch.Tensor, slot_t: torch.Tensor, keep: bool, **kwargs):
+        super().__init__(**kwargs)
+        self._slots = (slot_b, slot_t)
+        self._keep = keep
+
+    def _with_prefix(self, states: torch.Tensor) -> torch.Tensor:
+        B = states.shape[0]
+        pre = states[self._slots[0], :, self._slots[1]]  # (Q, H, d)
+        return torch.cat([pre.transpose(0, 1).unsqueeze(0).expand(B, -1, -1, -1), states], dim=2)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        key_states, value_states = self._with_prefix(key_states), self._with_prefix(value_states)
+        if not self._keep:
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def free_slot_grid(batch: int, length: int, short: int) -> tuple[int, int]:
+    """The smallest grid of rows x columns, at least ``batch`` x ``length``, that has ``short`` more
+    free slots than the batch's own padding: extra columns (one slot per row each) or extra rows
+    (one row each), whichever wastes fewer slots. Returns ``(rows, columns)``."""
+    if short <= 0:
+        return batch, length
+    best = None
+    for cols in range(max(length, 1), length + -(-short // batch) + 1):
+        rows = batch + max(0, -(-(short - (cols - length) * batch) // cols))
+        if best is None or rows * cols < best[0] * best[1]:
+            best = (rows, cols)
+    return best
 
 
 def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -46,6 +46,24 @@ class InputContext:
 
 
 @dataclass
+class PrefixInputs:
+    """A prefix not run yet: the input embeddings of N prompts (each maybe followed by fixed head
+    tokens), (N, S, D), with which slots are real (N, S; shorter prompts are front-padded), their
+    positions (N, S) and each entry's length in real tokens (N,). :class:`~softprompt.model.PromptedLM`
+    runs it in the same pass as the rows that use it (training), or turns it into a
+    :class:`PromptPrefix` first where that pass cannot take it."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def num_prompts(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass
 class PromptPrefix:
     """Cached keys and values of N prompts: per layer ``(K, V)`` of shape (N, H_kv, P, head_dim).
 

@@ -236,11 +236,13 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.fsdp or fsdp_requested():  # after the prompt is built from the (whole) embeddings
         shard_model(model, ctx)  # (with one process: a warning, nothing sharded)
         sharded = ctx.active
-    if sharded:
-        # FSDP2 frees a block's gathered weights after each forward; the shared prefix runs the
-        # blocks twice before one backward (prompt, then rows), which it does not support
-        log.info("fsdp: the prompt runs in front of every row (the shared prompt prefix is off)")
-    prompted = PromptedLM(model, shared_prefix=not sharded)
+    prompted = PromptedLM(model)
+    if sharded and not prompted.takes_custom_masks:
+        # FSDP2 frees a block's gathered weights after each forward; without a custom attention
+        # mask the shared prefix runs the blocks twice before one backward (prompt, then rows)
+        log.info("fsdp with %s attention: the prompt runs in front of every row (the shared prompt "
+                 "prefix needs eager or sdpa attention)", model.config._attn_implementation)  # fmt: skip
+        prompted.shared_prefix = False
     optimizer = make_optimizer([prompt.weight], cfg)
     run = Run(cfg, out, ctx, task, model, prompted, prompt, initial, optimizer, new_state(), settings)
     n_base = sum(p.numel() for p in model.parameters())
