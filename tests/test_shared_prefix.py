@@ -221,3 +221,45 @@ def test_training_scores_with_the_template_head_in_the_prefix_equal_full_rows(ar
     assert padding >= 7, "the test's rows should leave room for the prefix"
     assert passes[True]["calls"] == passes[False]["calls"] == {"first_token": 1, "sequence": 2}[scoring]
     assert passes[False]["slots"] - passes[True]["slots"] == 4 * 2
+
+
+def test_sliding_window_models_keep_the_window():
+    """transformers counts a sliding window in cache slots, and a shared prefix puts the rows'
+    padding between the prompt and their tokens: where rows reach past the window (a tiny Mistral,
+    window 6, rows of up to 5 + 7 positions) the prompt goes in front of each row instead, so the
+    loss and gradient are the concatenated path's, where the window is counted right."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        sliding_window=6, pad_token_id=0, bos_token_id=None, eos_token_id=1)  # fmt: skip
+    model = MistralForCausalLM(cfg).eval()
+    prompt = torch.randn(5, 32, generator=torch.Generator().manual_seed(6)) * 0.5
+    ids, mask, labels = batch("left")
+    loss_a, grad_a = loss_and_grad(model, True, prompt, ids, mask, labels)
+    loss_b, grad_b = loss_and_grad(model, False, prompt, ids, mask, labels)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=0)
+    assert_same_gradient(grad_a, grad_b)
+    wide = MistralForCausalLM(MistralConfig(**{**cfg.to_dict(), "sliding_window": 64})).eval()
+    wide.load_state_dict(model.state_dict())
+    assert not torch.allclose(
+        loss_and_grad(wide, False, prompt, ids, mask, labels)[0], loss_b
+    )  # the window matters
+
+
+def test_a_cached_prefix_past_the_sliding_window_warns(caplog):
+    """Inference with a cached prefix cannot fall back per call: it says so once, never silently."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6, pad_token_id=0)  # fmt: skip
+    prompted = PromptedLM(MistralForCausalLM(cfg).eval())
+    prefix = prompted.prefix_cache(torch.randn(5, 32))
+    ids, mask, _ = batch("left")
+    with caplog.at_level("WARNING", logger="softprompt.model"), torch.no_grad():
+        prompted(ids[:, -1:], mask[:, -1:], prefix=prefix)  # 5 + 1 positions: inside the window
+        assert not caplog.records
+        prompted(ids, mask, prefix=prefix)
+        prompted(ids, mask, prefix=prefix)
+    assert len(caplog.records) == 1 and "sliding window (6)" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,15 @@ from softprompt.prefix import DecodeState, InputContext, PrefixInputs, PromptPre
 from softprompt.prompt import SoftPrompt
 
 PromptLike = SoftPrompt | torch.Tensor
+log = logging.getLogger(__name__)
+
+
+def as_bank(prompt: PromptLike) -> torch.Tensor:
+    """A prompt argument as a bank of prompts (N, P, D)."""
+    bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
+    if bank.dim() not in (2, 3):
+        raise ValueError(f"prompt must be (P, D) or a bank (N, P, D), got shape {tuple(bank.shape)}")
+    return bank.unsqueeze(0) if bank.dim() == 2 else bank
 
 
 class PromptedLM(nn.Module):
@@ -42,9 +52,11 @@ class PromptedLM(nn.Module):
     def __init__(self, model: nn.Module, shared_prefix: bool = True):
         super().__init__()
         # Run each prompt once per call and let every row attend to its keys and values (the prompt
-        # attends only to itself, so they are the same for every row): B*L + P tokens per pass
-        # instead of B*(P + L), gradients included. False: the prompt is run in front of every row.
+        # attends only to itself, so they are the same for every row): about B*L + P tokens a pass
+        # instead of B*(P + L), gradients included, in the rows' own pass where the attention takes a
+        # custom mask (see _one_pass). False: the prompt is run in front of every row.
         self.shared_prefix = shared_prefix
+        self._warned_window = False
         model.requires_grad_(False)
         model.eval()  # frozen means frozen: no dropout noise in the base model either
         self.model = model
@@ -98,16 +110,23 @@ class PromptedLM(nn.Module):
         """Whether :meth:`continue_rows` works here."""
         return self.takes_custom_masks
 
+    def shares_prefix(self, positions: int) -> bool:
+        """Whether the shared prompt prefix is on and exact for rows that reach ``positions``
+        (prefix + input). A model with a sliding window counts it in cache slots, and a shared
+        prefix puts the rows' padding between the prompt and their tokens, so rows that reach past
+        the window run with the prompt in front of each row instead (exact there)."""
+        return self.shared_prefix and self._within_window(positions)
+
+    def _within_window(self, positions: int) -> bool:
+        window = getattr(self.config.get_text_config(), "sliding_window", None)
+        return not window or positions <= window
+
     # ------------------------------------------------------------------ building the input
     def _prompt_rows(
         self, prompt: PromptLike, prompt_index: torch.Tensor | None, batch_size: int
     ) -> torch.Tensor:
         """Turn the ``prompt`` argument into one prompt per row: (B, P, D) in the model's dtype."""
-        bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
-        if bank.dim() == 2:
-            bank = bank.unsqueeze(0)  # (1, P, D)
-        if bank.dim() != 3:
-            raise ValueError(f"prompt must be (P, D) or a bank (N, P, D), got shape {tuple(bank.shape)}")
+        bank = as_bank(prompt)
         N, P, D = bank.shape
         if self.hidden_size != D:
             raise ValueError(
@@ -200,14 +219,22 @@ class PromptedLM(nn.Module):
         cache = None
         if prompt is not None and prefix is not None:
             raise ValueError("pass either prompt or prefix, not both (the prefix already holds the prompt)")
-        if prompt is not None and self.shared_prefix:
+        if prompt is not None and self.shares_prefix(as_bank(prompt).shape[1] + T):
             prefix, prompt_index = self._shared_inputs(prompt, prompt_index, prompt_lengths, B)
             prompt = None
         if isinstance(prefix, PrefixInputs):
-            if not decoding and self.takes_custom_masks:
+            if not decoding and B and self.takes_custom_masks:
                 return self._one_pass(input_ids, mask, prefix, prompt_index, keep_cache)
             prefix = self._run_prefix(prefix)  # its own pass first, then the rows against its cache
         if prefix is not None:
+            if not self._within_window(prefix.max_length + T) and not self._warned_window:
+                self._warned_window = True
+                log.warning(
+                    "inputs of %d tokens after a cached prompt prefix of %d reach past this model's "
+                    "sliding window (%d): the window is counted in cache slots, padding included, so "
+                    "rows near its edge see slightly different context than without the cache",
+                    T, prefix.max_length, self.config.get_text_config().sliding_window,
+                )  # fmt: skip
             rows = prefix.select(prompt_index, B, self.device, self.dtype)
             # a fresh cache holding the prefix's keys and values (the prefix itself stays untouched)
             cache = cache_class(ddp_cache_data=rows.layers, config=self.config)
@@ -317,8 +344,7 @@ class PromptedLM(nn.Module):
         """The prompts a batch uses, each once (differentiable), and each row's index into them.
         ``prompt_lengths`` here is per row, as in :meth:`build_inputs`."""
         self._prompt_rows(prompt, prompt_index, batch_size)  # the same checks as the concatenated path
-        bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
-        bank = bank.unsqueeze(0) if bank.dim() == 2 else bank
+        bank = as_bank(prompt)
         if prompt_index is None:
             used, index = torch.zeros(1, dtype=torch.long), None
         else:
@@ -360,8 +386,7 @@ class PromptedLM(nn.Module):
 
     def _prefix_inputs(self, prompt: PromptLike, prompt_lengths, tokens) -> PrefixInputs:
         """The embeddings, slots and positions of N prompts (each followed by ``tokens``), unrun."""
-        bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
-        bank = bank.unsqueeze(0) if bank.dim() == 2 else bank
+        bank = as_bank(prompt)
         N, P, _ = bank.shape
         lengths = (
             torch.full((N,), P, dtype=torch.long) if prompt_lengths is None else prompt_lengths.long().cpu()
@@ -441,17 +466,17 @@ class PromptedLM(nn.Module):
 
         q = torch.arange(Q, device=device)
         held = torch.full((rows, Tp), -1, dtype=torch.long, device=device).index_put((slot_b, slot_t), q)
-        holds = held >= 0  # (B, Tp) slots holding a prefix token
-        held_prompt = torch.where(holds, pre_n[held.clamp(min=0)], -1)  # (B, Tp)
+        holds = held >= 0  # (rows, Tp) slots holding a prefix token
+        held_prompt = torch.where(holds, pre_n[held.clamp(min=0)], -1)  # and the prompt it is of
         # keys of the prefix part: row tokens see their own prompt's tokens, prefix tokens their
         # prompt's earlier tokens (q order is slot order within a prompt)
-        sees = real.unsqueeze(2) & (pre_n == index.unsqueeze(1)).unsqueeze(1)  # (B, Tp, Q)
+        sees = real.unsqueeze(2) & (pre_n == index.unsqueeze(1)).unsqueeze(1)  # (rows, Tp, Q)
         sees |= (pre_n == held_prompt.unsqueeze(2)) & (q <= held.unsqueeze(2))
         # keys of the row part: a row's real tokens see its earlier real tokens; free slots themselves
         causal = torch.ones(Tp, Tp, dtype=torch.bool, device=device).tril()
         own = real.unsqueeze(2) & real.unsqueeze(1) & causal
         own |= (~real & ~holds).unsqueeze(2) & torch.eye(Tp, dtype=torch.bool, device=device)
-        allowed = torch.cat([sees, own], dim=2).unsqueeze(1)  # (B, 1, Tp, Q + Tp)
+        allowed = torch.cat([sees, own], dim=2).unsqueeze(1)  # (rows, 1, Tp, Q + Tp)
         # an additive float mask: eager attention adds it, sdpa takes it as it is
         attn = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
         attn = attn.masked_fill(~allowed, torch.finfo(self.dtype).min)

@@ -47,8 +47,8 @@ from softprompt.batching import (
     pass_bytes,
 )
 from softprompt.errors import ConfigError
-from softprompt.model import PromptedLM, PromptLike, PromptPrefix
-from softprompt.prefix import InputContext
+from softprompt.model import PromptedLM, PromptLike, PromptPrefix, as_bank
+from softprompt.prefix import InputContext, PrefixInputs
 from softprompt.prompt import SoftPrompt
 from softprompt.text import pad_rows
 from softprompt.verbalizer import LabelSpace, LabelTrie, TrieRows
@@ -65,7 +65,7 @@ def label_scores(
     pad_id: int,
     *,
     prompt: PromptLike | None = None,
-    prefix: PromptPrefix | None = None,
+    prefix: PromptPrefix | PrefixInputs | None = None,
     prompt_index: Sequence[int] | torch.Tensor | None = None,
     prompt_lengths: Sequence[int] | torch.Tensor | None = None,
     batch_size: int | None = None,
@@ -79,8 +79,9 @@ def label_scores(
     Args:
         inputs: token ids of each rendered input.
         spaces: one :class:`LabelSpace` for all inputs, or one per input (mixed tasks).
-        prompt, prefix: the prompt(s) (a ``(P, D)`` prompt, a bank ``(N, P, D)``, or a cached
-            :class:`PromptPrefix`); neither gives the plain model.
+        prompt, prefix: the prompt(s) (a ``(P, D)`` prompt, a bank ``(N, P, D)``, a cached
+            :class:`PromptPrefix`, or a training step's :class:`PrefixInputs`); neither gives the
+            plain model.
         prompt_index: per input, which prompt of the bank or prefix it uses.
         prompt_lengths: per input, its prompt's length (banks padded to the longest prompt).
         batch_size: ``None`` runs every input in one pass (training: the result is differentiable
@@ -385,7 +386,8 @@ def class_scores(
     in the batch's prefix, and each row runs only the rest: same scores and gradient, fewer tokens.
     """
     single = isinstance(prompt, SoftPrompt) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 2)
-    h = shared_head(inputs) if share_head and single and prompted.shared_prefix and not kwargs else 0
+    reach = (as_bank(prompt).shape[1] if single else 0) + max((len(r) for r in inputs), default=0)
+    h = shared_head(inputs) if share_head and single and prompted.shares_prefix(reach) and not kwargs else 0
     if h:
         prefix = prompted.training_prefix(prompt, inputs[0][:h])
         return torch.stack(label_scores(prompted, [r[h:] for r in inputs], space, pad_id, prefix=prefix))
