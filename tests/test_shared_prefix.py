@@ -169,7 +169,7 @@ def test_the_prompt_runs_once_in_the_rows_pass(monkeypatch, padding):
 
 
 def test_free_slot_grid_adds_the_cheaper_of_columns_and_rows():
-    from softprompt.model import free_slot_grid
+    from softprompt.layout import free_slot_grid
 
     assert free_slot_grid(4, 7, -3) == (4, 7)  # enough padding: nothing added
     assert free_slot_grid(4, 7, 5) == (5, 7)  # one row (7 slots) beats 2 columns (8)

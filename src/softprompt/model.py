@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from softprompt.batching import ModelShape
 from softprompt.config import MAX_VIRTUAL_TOKENS
 from softprompt.errors import UsageError
+from softprompt.layout import concatenated_layout, last_token_index, one_pass_layout
 from softprompt.prefix import DecodeState, InputContext, PrefixInputs, PromptPrefix
 from softprompt.prompt import SoftPrompt
 
@@ -171,23 +172,9 @@ class PromptedLM(nn.Module):
         P = rows.shape[1]
         lengths = torch.full((B,), P, device=device) if prompt_lengths is None else prompt_lengths.to(device)
 
-        # Pads before the first real token (left padding); 0 for right-padded rows.
-        n_left = torch.where(mask.any(dim=1), mask.argmax(dim=1), torch.full_like(mask[:, 0], T))
-        n_front = (n_left + (P - lengths)).unsqueeze(1)  # (B, 1) pad slots before the prompt
-        j = torch.arange(P + T, device=device).unsqueeze(0)  # (1, P+T) combined positions
-        in_prompt = (j >= n_front) & (j < n_front + lengths.unsqueeze(1))
-        before = j < n_front
-        # Where each combined position reads from: input t -> t (+P shift), prompt k -> T + k.
-        src = torch.where(in_prompt, T + (j - n_front), torch.where(before, j, j - P))
-        src = src.clamp(0, P + T - 1)  # (B, P+T); front pad slots past T read any row, they are masked
-
+        src, combined_mask, positions = concatenated_layout(mask, lengths, P)
         embeds = torch.cat([self.embed_tokens(input_ids), rows], dim=1)  # (B, T+P, D)
         combined = torch.gather(embeds, 1, src.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-
-        mask_ext = torch.cat([mask, torch.ones(B, P, dtype=mask.dtype, device=device)], dim=1)
-        combined_mask = torch.where(before, 0, torch.gather(mask_ext, 1, src))
-        # Prompt takes 0..P_r-1; real tokens continue from P_r in order; pads get 0 (they are masked).
-        positions = (combined_mask.cumsum(dim=1) - 1).clamp(min=0) * combined_mask
         return combined, combined_mask, positions
 
     # ------------------------------------------------------------------ running the model
@@ -429,7 +416,7 @@ class PromptedLM(nn.Module):
         """Rows and the prefixes they use in one pass, each prefix token once for the whole batch.
 
         The prefix tokens fill the batch's padding slots (and extra columns or rows where there are
-        too few, :func:`free_slot_grid`), so the decoder's products run over about B x T + Q slots
+        too few, :func:`~softprompt.layout.free_slot_grid`), so the decoder's products run over about B x T + Q slots
         (Q prefix tokens) with no row repeating its prompt.
         In every layer each row's keys and values gain those of all prefix tokens in front
         (:class:`SharedPrefixCache`), and a 4D mask lets a row token see its own prompt's tokens
@@ -449,56 +436,28 @@ class PromptedLM(nn.Module):
                 f"prompt_index must be ({B},) with values in 0..{n_prompts - 1} (one per row), "
                 f"got {index.tolist()}"
             )
-        pre_n, pre_s = prefix.mask.bool().nonzero(as_tuple=True)  # (Q,) prefix tokens, by prompt then slot
-        Q = pre_n.numel()
-        rows, cols = free_slot_grid(B, T, Q - int((mask == 0).sum()))
-        ids = F.pad(input_ids, (0, cols - T, 0, rows - B))
-        real = F.pad(mask.bool(), (0, cols - T, 0, rows - B))
-        index = F.pad(index, (0, rows - B))  # extra rows hold prefix tokens only
-        Tp = cols
-        slot_b, slot_t = (~real).nonzero(as_tuple=True)
-        slot_b, slot_t = slot_b[:Q], slot_t[:Q]  # where prefix token q sits
-
-        embeds = self.embed_tokens(ids).index_put((slot_b, slot_t), prefix.embeds[pre_n, pre_s])
-        start = prefix.lengths.to(device)[index]  # (B,) each row's first position after its prefix
-        positions = ((real.long().cumsum(dim=1) - 1).clamp(min=0) + start.unsqueeze(1)) * real
-        positions = positions.index_put((slot_b, slot_t), prefix.positions[pre_n, pre_s])
-
-        q = torch.arange(Q, device=device)
-        held = torch.full((rows, Tp), -1, dtype=torch.long, device=device).index_put((slot_b, slot_t), q)
-        holds = held >= 0  # (rows, Tp) slots holding a prefix token
-        held_prompt = torch.where(holds, pre_n[held.clamp(min=0)], -1)  # and the prompt it is of
-        # keys of the prefix part: row tokens see their own prompt's tokens, prefix tokens their
-        # prompt's earlier tokens (q order is slot order within a prompt)
-        sees = real.unsqueeze(2) & (pre_n == index.unsqueeze(1)).unsqueeze(1)  # (rows, Tp, Q)
-        sees |= (pre_n == held_prompt.unsqueeze(2)) & (q <= held.unsqueeze(2))
-        # keys of the row part: a row's real tokens see its earlier real tokens; free slots themselves
-        causal = torch.ones(Tp, Tp, dtype=torch.bool, device=device).tril()
-        own = real.unsqueeze(2) & real.unsqueeze(1) & causal
-        own |= (~real & ~holds).unsqueeze(2) & torch.eye(Tp, dtype=torch.bool, device=device)
-        allowed = torch.cat([sees, own], dim=2).unsqueeze(1)  # (rows, 1, Tp, Q + Tp)
+        at = one_pass_layout(mask, index, prefix.mask, prefix.positions, prefix.lengths)
+        embeds = self.embed_tokens(at.pad(input_ids))
+        embeds = embeds.index_put((at.slot_b, at.slot_t), prefix.embeds[at.pre_n, at.pre_s])
         # an additive float mask: eager attention adds it, sdpa takes it as it is
-        attn = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
-        attn = attn.masked_fill(~allowed, torch.finfo(self.dtype).min)
+        attn = torch.zeros(at.allowed.shape, dtype=self.dtype, device=device)
+        attn = attn.masked_fill(~at.allowed, torch.finfo(self.dtype).min)
 
-        cache = SharedPrefixCache(slot_b, slot_t, keep=keep_cache, config=self.config)
+        cache = SharedPrefixCache(at.slot_b, at.slot_t, keep=keep_cache, config=self.config)
         out = self.decoder(
             inputs_embeds=embeds,
             attention_mask=attn,
-            position_ids=positions,
+            position_ids=at.positions,
             use_cache=True,
             **{self._cache_kwarg: cache},
         )
         hidden = out.last_hidden_state[:B, :T]
         if not keep_cache:
             return hidden, None
-        if rows > B:  # the context of the caller's rows only
+        if at.rows > B:  # the context of the caller's rows only
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[:B], layer.values[:B]
-        real, positions, start, index = real[:B], positions[:B], start[:B], index[:B]
-        context_mask = torch.cat([pre_n == index.unsqueeze(1), real], dim=1).long()  # (B, Q + Tp)
-        next_pos = torch.where(real, positions, start.unsqueeze(1) - 1).max(dim=1).values + 1
-        return hidden, DecodeState(cache=cache, mask=context_mask, next_position=next_pos)
+        return hidden, DecodeState(cache=cache, mask=at.context_mask(B), next_position=at.next_position(B))
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the LM head (and soft-capping where the model has it) to selected hidden states."""
@@ -615,30 +574,6 @@ class SharedPrefixCache(OnePassCache):
         if not self._keep:
             return key_states, value_states
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-
-def free_slot_grid(batch: int, length: int, short: int) -> tuple[int, int]:
-    """The smallest grid of rows x columns, at least ``batch`` x ``length``, that has ``short`` more
-    free slots than the batch's own padding: extra columns (one slot per row each) or extra rows
-    (one row each), whichever wastes fewer slots. Returns ``(rows, columns)``."""
-    if short <= 0:
-        return batch, length
-    best = None
-    for cols in range(max(length, 1), length + -(-short // batch) + 1):
-        rows = batch + max(0, -(-(short - (cols - length) * batch) // cols))
-        if best is None or rows * cols < best[0] * best[1]:
-            best = (rows, cols)
-    return best
-
-
-def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Index of each row's last real token, for left or right padding: (B,)."""
-    B, T = input_ids.shape
-    if attention_mask is None:
-        return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
-    mask = attention_mask.long()
-    flipped = mask.flip(dims=[1]).argmax(dim=1)
-    return (T - 1 - flipped).to(torch.long)
 
 
 # ---------------------------------------------------------------------- other model internals

@@ -1,0 +1,139 @@
+"""Where tokens sit in a batch: pure index arithmetic on masks, no model. The two layouts of
+:class:`~softprompt.model.PromptedLM`: the prompt in front of each row, and the shared prompt
+prefix in the rows' own pass; with each row's last token and the slots a prefix can take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Index of each row's last real token, for left or right padding: (B,)."""
+    B, T = input_ids.shape
+    if attention_mask is None:
+        return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+    mask = attention_mask.long()
+    flipped = mask.flip(dims=[1]).argmax(dim=1)
+    return (T - 1 - flipped).to(torch.long)
+
+
+def concatenated_layout(
+    mask: torch.Tensor, lengths: torch.Tensor, P: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's prompt (``lengths`` (B,) of a bank's P slots) put right before its first real token.
+
+    Returns, over the P + T combined slots: where each reads from in ``[input (T), prompt (P)]``
+    (B, P+T), the combined mask and the positions (the prompt at 0..L-1, the row's tokens after it,
+    pads at 0).
+    """
+    B, T = mask.shape
+    # Pads before the first real token (left padding); 0 for right-padded rows.
+    n_left = torch.where(mask.any(dim=1), mask.argmax(dim=1), torch.full_like(mask[:, 0], T))
+    n_front = (n_left + (P - lengths)).unsqueeze(1)  # (B, 1) pad slots before the prompt
+    j = torch.arange(P + T, device=mask.device).unsqueeze(0)  # (1, P+T) combined positions
+    in_prompt = (j >= n_front) & (j < n_front + lengths.unsqueeze(1))
+    before = j < n_front
+    # Where each combined position reads from: input t -> t (+P shift), prompt k -> T + k.
+    src = torch.where(in_prompt, T + (j - n_front), torch.where(before, j, j - P))
+    src = src.clamp(0, P + T - 1)  # front pad slots past T read any row, they are masked
+    mask_ext = torch.cat([mask, torch.ones(B, P, dtype=mask.dtype, device=mask.device)], dim=1)
+    combined_mask = torch.where(before, 0, torch.gather(mask_ext, 1, src))
+    positions = (combined_mask.cumsum(dim=1) - 1).clamp(min=0) * combined_mask
+    return src, combined_mask, positions
+
+
+def free_slot_grid(batch: int, length: int, short: int) -> tuple[int, int]:
+    """The smallest grid of rows x columns, at least ``batch`` x ``length``, that has ``short`` more
+    free slots than the batch's own padding: extra columns (one slot per row each) or extra rows
+    (one row each), whichever wastes fewer slots. Returns ``(rows, columns)``."""
+    if short <= 0:
+        return batch, length
+    best = None
+    for cols in range(max(length, 1), length + -(-short // batch) + 1):
+        rows = batch + max(0, -(-(short - (cols - length) * batch) // cols))
+        if best is None or rows * cols < best[0] * best[1]:
+            best = (rows, cols)
+    return best
+
+
+@dataclass
+class OnePassLayout:
+    """A batch of B x T rows and Q prefix tokens laid out in one grid of ``rows`` x ``cols`` slots.
+
+    Prefix token q (prompt ``pre_n[q]``, its slot ``pre_s[q]``) sits at ``(slot_b[q], slot_t[q])``,
+    a padding slot or an added one; the rows' own tokens keep their places. ``allowed`` (rows, 1,
+    cols, Q + cols) says which keys each slot attends to, the Q prefix tokens first, then its row.
+    """
+
+    rows: int
+    cols: int
+    pre_n: torch.Tensor
+    pre_s: torch.Tensor
+    slot_b: torch.Tensor
+    slot_t: torch.Tensor
+    real: torch.Tensor  # (rows, cols) the rows' own tokens
+    index: torch.Tensor  # (rows,) each row's prompt (0 for added rows)
+    start: torch.Tensor  # (rows,) each row's first position after its prompt
+    positions: torch.Tensor  # (rows, cols)
+    allowed: torch.Tensor
+
+    def pad(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (rows, cols), zeros in the added slots."""
+        return F.pad(ids, (0, self.cols - ids.shape[1], 0, self.rows - ids.shape[0]))
+
+    def context_mask(self, batch: int) -> torch.Tensor:
+        """(B, Q + cols): what the caller's rows see, to continue them (their prompt, their tokens)."""
+        mine = self.pre_n == self.index[:batch].unsqueeze(1)
+        return torch.cat([mine, self.real[:batch]], dim=1).long()
+
+    def next_position(self, batch: int) -> torch.Tensor:
+        """(B,) the position of each of the caller's rows' next token."""
+        real, start = self.real[:batch], self.start[:batch]
+        return torch.where(real, self.positions[:batch], start.unsqueeze(1) - 1).max(dim=1).values + 1
+
+
+def one_pass_layout(
+    mask: torch.Tensor,
+    index: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    prefix_positions: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+) -> OnePassLayout:
+    """Lay out rows (``mask`` (B, T), ``index`` (B,): each row's prompt) and N prefixes (``prefix_mask``
+    (N, S) real slots, their ``prefix_positions`` (N, S), ``prefix_lengths`` (N,)) in one grid.
+
+    Rows continue after their own prompt (positions L_n, L_n + 1, ...); a row's tokens attend to
+    its own prompt's tokens and its earlier tokens; a prefix token to its prompt's earlier tokens;
+    a slot holding nothing to itself alone (no query is left with no key).
+    """
+    device = mask.device
+    B, T = mask.shape
+    pre_n, pre_s = prefix_mask.bool().nonzero(as_tuple=True)  # (Q,) by prompt, then slot
+    Q = pre_n.numel()
+    rows, cols = free_slot_grid(B, T, Q - int((mask == 0).sum()))
+    real = F.pad(mask.bool(), (0, cols - T, 0, rows - B))
+    index = F.pad(index, (0, rows - B))  # added rows hold prefix tokens only
+    slot_b, slot_t = (~real).nonzero(as_tuple=True)
+    slot_b, slot_t = slot_b[:Q], slot_t[:Q]
+
+    start = prefix_lengths.to(device)[index]
+    positions = ((real.long().cumsum(dim=1) - 1).clamp(min=0) + start.unsqueeze(1)) * real
+    positions = positions.index_put((slot_b, slot_t), prefix_positions[pre_n, pre_s])
+
+    q = torch.arange(Q, device=device)
+    held = torch.full((rows, cols), -1, dtype=torch.long, device=device).index_put((slot_b, slot_t), q)
+    holds = held >= 0  # slots holding a prefix token
+    held_prompt = torch.where(holds, pre_n[held.clamp(min=0)], -1)  # and the prompt it is of
+    # the prefix keys: row tokens see their own prompt's tokens, prefix tokens their prompt's
+    # earlier tokens (q order is slot order within a prompt)
+    sees = real.unsqueeze(2) & (pre_n == index.unsqueeze(1)).unsqueeze(1)  # (rows, cols, Q)
+    sees |= (pre_n == held_prompt.unsqueeze(2)) & (q <= held.unsqueeze(2))
+    # the row's keys: its real tokens see its earlier real tokens; empty slots themselves
+    causal = torch.ones(cols, cols, dtype=torch.bool, device=device).tril()
+    own = real.unsqueeze(2) & real.unsqueeze(1) & causal
+    own |= (~real & ~holds).unsqueeze(2) & torch.eye(cols, dtype=torch.bool, device=device)
+    allowed = torch.cat([sees, own], dim=2).unsqueeze(1)
+    return OnePassLayout(rows, cols, pre_n, pre_s, slot_b, slot_t, real, index, start, positions, allowed)
