@@ -263,3 +263,30 @@ def test_a_cached_prefix_past_the_sliding_window_warns(caplog):
         prompted(ids, mask, prefix=prefix)
         prompted(ids, mask, prefix=prefix)
     assert len(caplog.records) == 1 and "sliding window (6)" in caplog.text
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_label_continuation_after_added_rows_equals_full_rows(arch):
+    """Unpadded inputs leave the prompt no padding: it takes added rows, which the kept context must
+    leave out. Multi-token labels then continue the caller's rows: same scores and gradient."""
+    from conftest import make_tokenizer
+
+    from softprompt.scoring import label_scores
+    from softprompt.verbalizer import Verbalizer
+
+    tok = make_tokenizer()
+    space = Verbalizer.parse("0=very good,1=very bad").label_space(tok, "sequence")
+    assert space.trie.num_nodes  # the labels continue the inputs
+    rows = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20]]
+    prompt = torch.randn(5, 32, generator=torch.Generator().manual_seed(7)) * 0.5
+    model = MODEL_FACTORIES[arch]()
+    results = {}
+    for shared in (True, False):
+        weight = prompt.clone().requires_grad_(True)
+        scores = torch.stack(
+            label_scores(PromptedLM(model, shared_prefix=shared), rows, space, 0, prompt=weight)
+        )
+        scores.sum().backward()
+        results[shared] = (scores.detach(), weight.grad)
+    assert torch.allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    assert_same_gradient(results[True][1], results[False][1])
