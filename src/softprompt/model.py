@@ -17,7 +17,7 @@ from softprompt.batching import ModelShape
 from softprompt.config import MAX_VIRTUAL_TOKENS
 from softprompt.errors import UsageError
 from softprompt.layout import concatenated_layout, last_token_index, one_pass_layout
-from softprompt.prefix import DecodeState, InputContext, PrefixInputs, PromptPrefix
+from softprompt.prefix import DecodeState, InputContext, PrefixInputs, PromptPrefix, row_prompt_index
 from softprompt.prompt import SoftPrompt
 
 PromptLike = SoftPrompt | torch.Tensor
@@ -136,17 +136,7 @@ class PromptedLM(nn.Module):
             )
         if not 1 <= P <= MAX_VIRTUAL_TOKENS:
             raise ValueError(f"prompt has {P} virtual tokens; expected 1..{MAX_VIRTUAL_TOKENS}")
-        if prompt_index is None:
-            if N != 1:
-                raise ValueError(
-                    f"a bank of {N} prompts needs prompt_index (B,) saying which prompt each row uses"
-                )
-            prompt_index = torch.zeros(batch_size, dtype=torch.long, device=bank.device)
-        prompt_index = prompt_index.to(bank.device)
-        if prompt_index.shape != (batch_size,):
-            raise ValueError(f"prompt_index must have shape ({batch_size},), got {tuple(prompt_index.shape)}")
-        if prompt_index.numel() and (prompt_index.min() < 0 or prompt_index.max() >= N):
-            raise ValueError(f"prompt_index values must be in 0..{N - 1}, got {prompt_index.tolist()}")
+        prompt_index = row_prompt_index(prompt_index, N, batch_size, bank.device, "bank")
         # Cast at use: the prompt's master copy stays fp32, the model may be bf16.
         return bank[prompt_index].to(device=self.device, dtype=self.dtype)
 
@@ -426,16 +416,7 @@ class PromptedLM(nn.Module):
         """
         device = self.device
         B, T = input_ids.shape
-        n_prompts = prefix.num_prompts
-        if prompt_index is None and n_prompts != 1:
-            raise ValueError(f"a prefix of {n_prompts} prompts needs prompt_index (B,)")
-        index = torch.zeros(B, dtype=torch.long, device=device) if prompt_index is None else prompt_index
-        index = index.to(device)
-        if index.shape != (B,) or (B and (index.min() < 0 or index.max() >= n_prompts)):
-            raise ValueError(
-                f"prompt_index must be ({B},) with values in 0..{n_prompts - 1} (one per row), "
-                f"got {index.tolist()}"
-            )
+        index = row_prompt_index(prompt_index, prefix.num_prompts, B, device, "prefix")
         at = one_pass_layout(mask, index, prefix.mask, prefix.positions, prefix.lengths)
         embeds = self.embed_tokens(at.pad(input_ids))
         embeds = embeds.index_put((at.slot_b, at.slot_t), prefix.embeds[at.pre_n, at.pre_s])

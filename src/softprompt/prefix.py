@@ -10,6 +10,25 @@ import torch
 from torch.nn import functional as F
 
 
+def row_prompt_index(
+    index: torch.Tensor | None, num_prompts: int, batch_size: int, device: torch.device, what: str
+) -> torch.Tensor:
+    """Which of ``num_prompts`` prompts (of a bank or a prefix: ``what``) each of ``batch_size`` rows
+    uses, checked: (B,) on ``device``; ``None`` is allowed for a single prompt."""
+    if index is None:
+        if num_prompts != 1:
+            raise ValueError(
+                f"a {what} of {num_prompts} prompts needs prompt_index (B,) saying which prompt each row uses"
+            )
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+    index = index.to(device)
+    if index.shape != (batch_size,):
+        raise ValueError(f"prompt_index must have shape ({batch_size},), got {tuple(index.shape)}")
+    if index.numel() and (index.min() < 0 or index.max() >= num_prompts):
+        raise ValueError(f"prompt_index values must be in 0..{num_prompts - 1}, got {index.tolist()}")
+    return index
+
+
 @dataclass
 class DecodeState:
     """What :meth:`PromptedLM.decode_step` needs between steps: the cache, the full attention mask
@@ -105,17 +124,7 @@ class PromptPrefix:
                 f"this prefix was computed on {self.device}/{self.dtype} but the model runs on {device}/{dtype}; "
                 "make the prefix with the model as it is now"
             )
-        if index is None:
-            if self.num_prompts != 1:
-                raise ValueError(f"a prefix of {self.num_prompts} prompts needs prompt_index (B,)")
-            index = torch.zeros(batch_size, dtype=torch.long, device=device)
-        index = index.to(device)
-        if index.shape != (batch_size,):
-            raise ValueError(f"prompt_index must have shape ({batch_size},), got {tuple(index.shape)}")
-        if index.numel() and (index.min() < 0 or index.max() >= self.num_prompts):
-            raise ValueError(
-                f"prompt_index values must be in 0..{self.num_prompts - 1}, got {index.tolist()}"
-            )
+        index = row_prompt_index(index, self.num_prompts, batch_size, device, "prefix")
         return PromptPrefix([(k[index], v[index]) for k, v in self.layers], self.lengths[index])
 
     @staticmethod
