@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from softprompt.data import read_pairs, read_source
 from softprompt.errors import DataError, MissingFileError, SoftpromptError
@@ -246,3 +247,66 @@ def test_unknown_validation_label_is_reported_with_its_line(tmp_path):
     with pytest.raises(DataError) as info:
         encode(val_ex, None, None, verbalizer, cfg, "validation")  # tokenizer unused: refused first
     assert info.value.problems == [f"{val}:3: label 'neutral' is not in the verbalizer ['neg', 'pos']"]
+
+
+# ---------------------------------------------------------------- settings and saved prompts
+def test_a_verbalizer_label_given_twice_is_refused():
+    from softprompt.errors import UsageError
+    from softprompt.verbalizer import Verbalizer
+
+    with pytest.raises(UsageError, match=r"label 'negative' is given twice \('bad' and 'awful'\)"):
+        Verbalizer.parse("negative=bad,positive=good,negative=awful")
+
+
+def test_train_refuses_an_oversized_prompt_before_reading_anything():
+    from softprompt.errors import ConfigError
+    from softprompt.training import TrainConfig
+
+    with pytest.raises(ConfigError, match="num_virtual_tokens=100000 is over the limit of 1024"):
+        TrainConfig(num_virtual_tokens=100000, train_file="/no/such/file.csv", model="/no/such/model")
+    with pytest.raises(ConfigError, match="init='bogus'"):
+        TrainConfig(init="bogus")
+
+
+def saved_with(tmp_path, tensor):
+    """A prompt folder whose tensor is replaced by ``tensor`` (as a hand-edited or foreign file would be)."""
+    from safetensors.torch import save_file
+
+    import softprompt.peft_format as pf
+    from softprompt.meta import PromptMeta
+
+    dest = tmp_path / "p"
+    pf.write_prompt_folder(torch.randn(tuple(tensor.shape)), PromptMeta(init="random"), dest)
+    save_file({pf.TENSOR_KEY: tensor.contiguous()}, str(dest / pf.WEIGHTS_NAME))
+    return dest
+
+
+def test_a_prompt_of_integers_is_refused(tmp_path):
+    from softprompt import load_prompt
+    from softprompt.errors import PromptFormatError
+
+    with pytest.raises(PromptFormatError, match="holds int64 values; a prompt is floating-point"):
+        load_prompt(saved_with(tmp_path, torch.ones(3, 32, dtype=torch.int64)))
+
+
+def test_a_half_precision_prompt_loads_as_float32_with_a_warning(tmp_path, caplog):
+    from softprompt import load_prompt
+
+    half = torch.randn(3, 32).half()
+    with caplog.at_level("WARNING", logger="softprompt"):
+        prompt = load_prompt(saved_with(tmp_path, half))
+    assert prompt.weight.dtype == torch.float32 and torch.equal(prompt.weight.detach(), half.float())
+    assert "stored in float16" in caplog.text
+
+
+def test_a_prompt_scaled_far_past_the_token_vectors_is_refused(tmp_path):
+    from conftest import tiny_llama
+
+    from softprompt import load_prompt
+    from softprompt.errors import PromptFormatError
+
+    model = tiny_llama()
+    tokens = model.get_input_embeddings().weight[:3].detach()
+    assert load_prompt(saved_with(tmp_path, tokens * 100), model) is not None  # large, but a prompt
+    with pytest.raises(PromptFormatError, match=r"x the model's token vectors.*damaged or was scaled"):
+        load_prompt(saved_with(tmp_path, tokens * 1e30), model)

@@ -17,8 +17,8 @@ import softprompt.loading as loading
 import softprompt.peft_format as pf
 from softprompt import PromptMeta, load_prompt
 from softprompt.cli import main
-from softprompt.errors import DataError, ModelLoadError, UsageError
-from softprompt.training import train
+from softprompt.errors import DataError, ModelLoadError, TrainingInterrupted, UsageError
+from softprompt.training import TrainConfig, train
 
 
 class Killed(BaseException):
@@ -214,3 +214,261 @@ def test_hub_model_offline_fails_at_once_with_what_to_do(monkeypatch, tmp_path):
 def test_hub_reachable_honours_hf_hub_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert loading.hub_reachable() is False
+
+
+# ---------------------------------------------------------------- one writer per folder
+HOLD_LOCK = """
+import sys
+from softprompt.locking import folder_lock
+with folder_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()  # held until the test closes our stdin (or kills us)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(folder):
+    """A real second process holding the write lock of ``folder``; yields its Popen."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(timeout=30)
+
+
+def train_args(tiny_model_dir, data, out, *extra) -> list[str]:
+    return ["train", "--train_file", data["train"], "--model", tiny_model_dir, "--template", "review {text} sentiment",
+            "--num_virtual_tokens", "4", "--max_steps", "2", "--batch_size", "4", "--output_dir", str(out), *extra]  # fmt: skip
+
+
+def test_a_live_run_is_not_deleted_by_a_second_overwrite(tiny_model_dir, data, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with lock_held_by_another_process(out) as holder:
+        with pytest.raises(SystemExit) as e:
+            main(train_args(tiny_model_dir, data, out, "--overwrite", "true"))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"PID {holder.pid}" in err and "folder_lock" not in err and "Traceback" not in err
+        assert "being written by another softprompt process" in err and "--output_dir" in err
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+        holder.kill()  # dies holding the lock: the kernel releases it, its holder file stays
+        holder.wait(timeout=30)
+    with caplog.at_level("WARNING", logger="softprompt"):
+        main(train_args(tiny_model_dir, data, out, "--overwrite", "true"))
+    assert f"taking over the lock left by PID {holder.pid}" in caplog.text
+    assert (out / "metrics.json").is_file()
+
+
+def test_init_refuses_a_prompt_folder_another_process_writes(tiny_model_dir, tmp_path, capsys):
+    dest = tmp_path / "prompts" / "p"
+    with lock_held_by_another_process(dest) as holder:
+        with pytest.raises(SystemExit) as e:
+            main(
+                [
+                    "init",
+                    str(dest),
+                    "--model",
+                    tiny_model_dir,
+                    "--num_virtual_tokens",
+                    "2",
+                    "--init",
+                    "random",
+                ]
+            )
+        assert e.value.code == 2 and f"PID {holder.pid}" in capsys.readouterr().err
+        assert not dest.exists()
+    main(["init", str(dest), "--model", tiny_model_dir, "--num_virtual_tokens", "2", "--init", "random"])
+    assert load_prompt(dest).num_virtual_tokens == 2
+
+
+def test_lock_is_released_after_a_run_and_after_a_failure(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
+    with pytest.raises(UsageError, match="already holds a run"):
+        train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
+    train(config(tiny_model_dir, data, out, max_steps=2, baselines=False, resume=True))  # not locked out
+
+
+# ---------------------------------------------------------------- --overwrite checks first
+@pytest.mark.parametrize("broken", ["empty train file", "malformed train file", "missing model"])
+def test_overwrite_that_fails_before_its_first_write_keeps_the_old_run(
+    tiny_model_dir, data, tmp_path, broken
+):
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, data, out, max_steps=2, baselines=False))
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text({"empty train file": "", "malformed train file": "{not json\n"}.get(broken, ""))
+    change = (
+        {"model": str(tmp_path / "no-such-model")} if broken == "missing model" else {"train_file": str(bad)}
+    )
+    with pytest.raises(Exception) as e:  # noqa: B017  (the data or model error itself is tested elsewhere)
+        train(config(tiny_model_dir, data, out, max_steps=2, baselines=False, overwrite=True, **change))
+    assert isinstance(e.value, (DataError, ModelLoadError, UsageError, OSError)), e.value
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_a_refused_run_leaves_no_empty_folders_behind(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("")
+    out = tmp_path / "new" / "deeper" / "run"
+    with pytest.raises(DataError):
+        train(TrainConfig(train_file=str(bad), model=tiny_model_dir, template="review {text} sentiment",
+                          output_dir=str(out)))  # fmt: skip
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------- signals
+def test_interrupt_saves_a_checkpoint_and_resume_ends_where_an_uninterrupted_run_would(
+    tiny_model_dir, data, tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    import softprompt.training.runlog as runlog
+
+    train(config(tiny_model_dir, data, tmp_path / "full", baselines=False, eval_every=4))
+    real = runlog.warn_gradient
+
+    def ctrl_c_at_step_3(grad_norm, step):
+        real(grad_norm, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: finish this step, then stop
+
+    monkeypatch.setattr(runlog, "warn_gradient", ctrl_c_at_step_3)
+    out = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step 3 of 6.*--resume true"):
+        train(config(tiny_model_dir, data, out, baselines=False, eval_every=4))
+    assert json.loads((out / "checkpoint/trainer_state.json").read_text())["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    monkeypatch.undo()
+    resumed = train(config(tiny_model_dir, data, out, baselines=False, eval_every=4, resume=True))
+    assert resumed["steps"] == 6 and resumed["status"] == "completed"
+    a = load_prompt(tmp_path / "full/checkpoint/prompt").weight
+    assert torch.equal(a, load_prompt(out / "checkpoint/prompt").weight)
+
+
+def test_a_second_signal_stops_at_once():
+    import os
+    import signal
+
+    from softprompt.training.stopping import stop_on_signals
+
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop() and stop.signal == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes: well before this ends
+
+
+def test_ctrl_c_in_the_cli_prints_one_line_and_exits_130(tiny_model_dir, data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, data, out, "--eval_every", "1000", "--baselines", "false")
+    args[args.index("--max_steps") + 1] = "100000"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softprompt.cli", *args], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (
+            (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "interrupted: stopped by SIGINT at step" in err and "--resume true" in err
+    step = json.loads((out / "checkpoint/trainer_state.json").read_text())["step"]
+    assert 2 <= step < 100000
+
+
+# ---------------------------------------------------------------- a full, read-only or forbidden disk
+DISK_FULL = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS", "EACCES"])
+def test_a_refusing_disk_is_one_error_line_and_old_files_stay(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, code
+):
+    import errno
+
+    from safetensors import SafetensorError
+
+    dest = tmp_path / "p"
+    init = ["init", str(dest), "--model", tiny_model_dir, "--num_virtual_tokens", "2", "--init", "random"]
+    main(init)
+    before = load_prompt(dest).weight
+
+    def refuse(*args, **kwargs):
+        if code == "ENOSPC":  # how safetensors reports a full disk: text, not an OSError
+            raise SafetensorError(DISK_FULL)
+        raise OSError(getattr(errno, code), os_message[code], str(args[1]))
+
+    os_message = {"EROFS": "Read-only file system", "EACCES": "Permission denied"}
+    monkeypatch.setattr(pf, "save_file", refuse)
+    with pytest.raises(SystemExit) as e:
+        main([*init[:-2], "--init", "random", "--seed", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    expected = {"ENOSPC": "no space left", "EROFS": "read-only", "EACCES": "permission denied"}[code]
+    assert err.startswith("error: could not save") and expected in err and str(dest) in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert torch.equal(load_prompt(dest).weight, before)
+    assert [n for n in leftovers(tmp_path) if not n.endswith(".lock")] == []  # no temporaries
+
+
+def test_a_full_disk_during_training_is_one_error_line(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(DISK_FULL)
+
+    monkeypatch.setattr(pf, "save_file", full)
+    with pytest.raises(SystemExit) as e:
+        main(train_args(tiny_model_dir, data, tmp_path / "run"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: could not save: no space left on the device" in err and "Traceback" not in err
+
+
+def test_a_reader_caught_between_a_saves_renames_reads_the_complete_copy(tmp_path, monkeypatch, capsys):
+    """The folder a reader chose is renamed away by a save before its files are read: the read
+    starts again on the copy the save leaves, in `info` as in every reader."""
+    import os
+
+    dest = tmp_path / "p"
+    saved = torch.randn(3, 8)
+    pf.write_prompt_folder(saved, PromptMeta(init="random"), dest)
+    os.rename(dest, tmp_path / ".p.new")  # the save's state between its renames
+    real, calls = pf.complete_copy, []
+
+    def stale_first(path):  # the first look saw dest, just before the save renamed it
+        calls.append(path)
+        return dest if len(calls) == 1 else real(path)
+
+    monkeypatch.setattr(pf, "complete_copy", stale_first)
+    assert torch.equal(pf.read_prompt_folder(dest)[0], saved)
+    calls.clear()
+    main(["info", str(dest), "--as_json", "true"])
+    assert json.loads(capsys.readouterr().out)["num_virtual_tokens"] == 3

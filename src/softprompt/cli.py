@@ -12,8 +12,9 @@ import shlex
 import sys
 
 from jsonargparse import ActionConfigFile, ArgumentParser
+from safetensors import SafetensorError
 
-from softprompt.errors import SoftpromptError, UsageError
+from softprompt.errors import SoftpromptError, TrainingInterrupted, UsageError
 
 log = logging.getLogger("softprompt")
 
@@ -187,11 +188,13 @@ def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: s
 
 def cmd_init(output: str, model: str, dtype: str, prompt) -> None:
     from softprompt.loading import load_model
+    from softprompt.locking import folder_lock
     from softprompt.prompt import SoftPrompt, save_prompt
 
-    base, tokenizer = load_model(model, dtype=dtype, device="cpu")
-    sp = SoftPrompt.initialize(prompt, base, tokenizer)
-    path = save_prompt(sp, output, base)
+    with folder_lock(output, "choose another output folder"):  # one writer of the folder at a time
+        base, tokenizer = load_model(model, dtype=dtype, device="cpu")
+        sp = SoftPrompt.initialize(prompt, base, tokenizer)
+        path = save_prompt(sp, output, base)
     print(f"saved a {sp.num_virtual_tokens}-token prompt ({prompt.init.value} init) to {path}")
 
 
@@ -558,13 +561,26 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "export-embeds":
             cmd_export_embeds(a.prompt, a.texts, a.file, a.text_column, a.model, a.template, a.chat_template,
                               a.served_model, a.max_tokens, a.temperature, a.dtype, a.output)  # fmt: skip
+    except TrainingInterrupted as e:  # a checkpoint was saved at the last whole step
+        print(f"interrupted: {e}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: saves are atomic
+        print("interrupted: stopped at once; files saved before are complete (saves are atomic)",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(130) from None
     except SoftpromptError as e:
         # The user's to fix, and the message says how: a traceback would bury it. Anything else is a
         # bug in softprompt or below it, and goes up with its traceback.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except OSError as e:
-        if e.filename is None:  # not about a path the user gave: a bug, with its traceback
+    except (OSError, SafetensorError) as e:
+        from softprompt.locking import disk_error
+
+        refused = disk_error(e, "write")  # a full, read-only or forbidden disk: what, where, what to do
+        if refused is not e:
+            print(f"error: {refused}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if getattr(e, "filename", None) is None:  # not about a path the user gave: a bug, with its traceback
             raise
         print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -50,18 +50,7 @@ class PromptConfig:
         except ValueError:
             choices = ", ".join(m.value for m in InitMethod)
             problems.append(f"init={self.init!r} is not a known method; choose one of: {choices}")
-        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool):
-            problems.append(f"num_virtual_tokens must be an integer, got {self.num_virtual_tokens!r}")
-        elif self.num_virtual_tokens < 1:
-            problems.append(
-                f"num_virtual_tokens={self.num_virtual_tokens}: a soft prompt needs at least 1 virtual token "
-                "(8-32 is typical)"
-            )
-        elif self.num_virtual_tokens > MAX_VIRTUAL_TOKENS:
-            problems.append(
-                f"num_virtual_tokens={self.num_virtual_tokens} is over the limit of {MAX_VIRTUAL_TOKENS}; "
-                "prompt tuning uses 8-100 (did you mean a smaller number?)"
-            )
+        problems += size_problems(self.num_virtual_tokens)
         if self.init == InitMethod.TEXT and not (self.init_text and self.init_text.strip()):
             problems.append("init=text needs init_text, e.g. 'Classify the sentiment of this review:'")
         if self.init == InitMethod.LABELS and not self.label_words:
@@ -76,3 +65,18 @@ class PromptConfig:
             problems.append(f"vocab_top_k must be >= 1, got {self.vocab_top_k}")
         if problems:
             raise ConfigError(problems)
+
+
+def size_problems(num_virtual_tokens) -> list[str]:
+    """What is wrong with a prompt length (none: ``[]``); shared by ``init`` and ``train``."""
+    n = num_virtual_tokens
+    if not isinstance(n, int) or isinstance(n, bool):
+        return [f"num_virtual_tokens must be an integer, got {n!r}"]
+    if n < 1:
+        return [f"num_virtual_tokens={n}: a soft prompt needs at least 1 virtual token (8-32 is typical)"]
+    if n > MAX_VIRTUAL_TOKENS:
+        return [
+            f"num_virtual_tokens={n} is over the limit of {MAX_VIRTUAL_TOKENS}; prompt tuning uses 8-100 "
+            "(did you mean a smaller number?)"
+        ]
+    return []

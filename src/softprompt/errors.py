@@ -82,3 +82,22 @@ class UnknownPromptError(SoftpromptError, KeyError):
 
 class InvalidPromptNameError(SoftpromptError, ValueError):
     """A prompt name that is not a plain folder name inside the store."""
+
+
+class FolderLockedError(FolderInUseError):
+    """Another live process is writing this folder (a training run, an ``init``)."""
+
+
+class DiskWriteError(SoftpromptError, OSError):
+    """Saving failed for a reason outside softprompt: a full disk, a read-only file system, no permission."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno N] ..."
+        return str(self.args[0])
+
+
+class TrainingInterrupted(SoftpromptError):
+    """Training stopped on a signal (Ctrl-C, SIGTERM) after saving a checkpoint at the last whole step."""

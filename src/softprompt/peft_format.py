@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from softprompt.config import MAX_VIRTUAL_TOKENS, InitMethod
 from softprompt.errors import FolderInUseError, MissingFileError, ModelMismatchError, PromptFormatError
+from softprompt.locking import disk_error
 from softprompt.meta import PromptMeta
 
 log = logging.getLogger(__name__)
@@ -287,17 +289,22 @@ def write_folder_atomically(dest: str | os.PathLike, fill) -> Path:
     """Replace folder ``dest`` by what ``fill(folder)`` writes into an empty folder, so that a crash
     at any point leaves the old contents or the new, each readable through :func:`complete_copy`."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    settle_folder(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
-    new = _sibling(dest, "new")
+    tmp = None
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        settle_folder(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+        new = _sibling(dest, "new")
         fill(tmp)
         _fault_point("written", dest)
         _sync_tree(tmp)
         os.rename(tmp, new)
-    except BaseException:
-        _discard(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            _discard(tmp)
+        refused = disk_error(e, "save", dest)  # a full or read-only disk: one line, not a traceback
+        if refused is not e:
+            raise refused from e
         raise
     _fault_point("complete", dest)
     _promote(new, dest)
@@ -324,9 +331,31 @@ def read_prompt_folder(
     """Read a prompt folder saved by softprompt or by PEFT: its ``(P, D)`` float32 weight and metadata.
 
     With ``model`` given, the hidden size is checked and, where the prompt carries a fingerprint,
-    the base model too (``check_model=False`` skips the fingerprint check).
+    the base model too (``check_model=False`` skips the fingerprint check). A save by another
+    process may rename the folder while it is read: the read then starts again on the copy the save
+    leaves (a few times), so a reader never fails on a prompt that is there.
     """
-    folder = complete_copy(path)
+    for attempt in range(5):
+        folder = complete_copy(path)
+        try:
+            return _read_folder(folder, model, check_model)
+        except (MissingFileError, PromptFormatError):
+            if attempt == 4 or not _moved_during_read(folder, Path(path)):
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _moved_during_read(folder: Path, dest: Path) -> bool:
+    """A concurrent save renamed ``folder`` away, or left another complete copy of ``dest`` beside it."""
+    return not folder.is_dir() or any(
+        c.is_dir() and c != folder for c in (dest, _sibling(dest, "new"), _sibling(dest, "old"))
+    )
+
+
+def _read_folder(
+    folder: Path, model: torch.nn.Module | None, check_model: bool
+) -> tuple[torch.Tensor, PromptMeta]:
     if not folder.is_dir():
         hint = " (it is a file: pass the folder that holds it)" if folder.exists() else ""
         raise MissingFileError(
@@ -360,6 +389,16 @@ def read_prompt_folder(
             f"{folder / WEIGHTS_NAME} has no '{TENSOR_KEY}' tensor (found: {', '.join(tensors) or 'none'})"
         )
     weight = tensors[TENSOR_KEY]
+    if not weight.is_floating_point():
+        raise PromptFormatError(
+            f"{folder / WEIGHTS_NAME}: '{TENSOR_KEY}' holds {str(weight.dtype).removeprefix('torch.')} "
+            "values; a prompt is floating-point vectors (float32). The file was not written by a prompt-tuning "
+            "tool: re-save the prompt or restore it from a checkpoint."
+        )
+    if weight.dtype != torch.float32:
+        log.warning("%s: '%s' is stored in %s; read as float32 (PEFT and softprompt save float32, so the "
+                    "precision lost in the file stays lost)", folder / WEIGHTS_NAME, TENSOR_KEY,
+                    str(weight.dtype).removeprefix("torch."))  # fmt: skip
     P, D = config.get("num_virtual_tokens"), config.get("token_dim")
     n_sub = config.get("num_transformer_submodules") or 1
     if (
@@ -388,9 +427,36 @@ def read_prompt_folder(
                 f"prompt at {folder} has {weight.shape[1]}-dimensional vectors but the model's hidden size is "
                 f"{hidden}; it was made for another model ({meta.base_model or 'unknown'})."
             )
+        check_scale(weight.float(), model, f"prompt at {folder}")
         if check_model:
             check_fingerprint(meta.embedding_fingerprint, model, f"prompt at {folder}")
     return weight.float(), meta
+
+
+# A trained prompt's vectors stay within a few times the model's token vectors (high learning rates
+# included); past this factor they are damage (a file scaled by mistake), and scores would saturate.
+MAX_NORM_RATIO = 1000.0
+
+
+def token_vector_norm(model: torch.nn.Module, sample: int = 4096) -> float:
+    """Median norm of the vectors the decoder receives for the first ``sample`` token ids (after any
+    scale the embedding module applies, e.g. Gemma's sqrt(hidden))."""
+    embed = model.get_input_embeddings()
+    ids = torch.arange(min(sample, embed.weight.shape[0]), device=embed.weight.device)
+    with torch.no_grad():
+        return float(embed(ids).float().norm(dim=-1).median())
+
+
+def check_scale(weight: torch.Tensor, model: torch.nn.Module, what: str) -> None:
+    """Refuse a prompt whose vectors are orders of magnitude longer than the model's token vectors."""
+    tokens = token_vector_norm(model)
+    norm = float(weight.norm(dim=1).max())
+    if tokens > 0 and norm > MAX_NORM_RATIO * tokens:
+        raise PromptFormatError(
+            f"{what} has a vector of norm {norm:.3g}, {norm / tokens:.3g}x the model's token vectors "
+            f"({tokens:.3g}); trained prompts stay within {MAX_NORM_RATIO:g}x. The file is damaged or was "
+            "scaled by mistake: re-save the prompt or restore it from a checkpoint."
+        )
 
 
 def _load_meta(folder: Path, config: dict) -> PromptMeta:

@@ -185,8 +185,13 @@ class Verbalizer:
                 raise UsageError(
                     f"verbalizer entry {part!r} has no '='; write label=word pairs, e.g. '0=negative,1=positive'"
                 )
-            label, word = part.split("=", 1)
-            mapping[label.strip()] = word.strip()
+            label, word = (x.strip() for x in part.split("=", 1))
+            if label in mapping:  # a dict would keep the last silently
+                raise UsageError(
+                    f"verbalizer label {label!r} is given twice ({mapping[label]!r} and {word!r}); give each "
+                    "label one word, e.g. '0=negative,1=positive'"
+                )
+            mapping[label] = word
         return cls(mapping)
 
     def as_dict(self) -> dict[str, str]:

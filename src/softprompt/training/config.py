@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from softprompt.config import InitMethod, size_problems
 from softprompt.data import DEMO_TEMPLATE
 from softprompt.errors import ConfigError, UsageError
 from softprompt.text import Template
@@ -149,6 +150,13 @@ class TrainConfig:
             problems.append(f"validation_fraction must be between 0 and 1, got {self.validation_fraction}")
         if self.warmup_steps < 0 or self.patience < 0 or self.max_grad_norm < 0:
             problems.append("warmup_steps, patience and max_grad_norm must be >= 0")
+        problems += size_problems(self.num_virtual_tokens)  # before the data and the model are read
+        if self.init not in {m.value for m in InitMethod}:
+            problems.append(f"init={self.init!r}; choose one of {', '.join(m.value for m in InitMethod)}")
+        if self.init == "text" and not (self.init_text and self.init_text.strip()):
+            problems.append("init=text needs init_text, e.g. 'Classify the sentiment of this review:'")
+        if self.init == "file" and not self.init_file:
+            problems.append("init=file needs init_file, the folder of a saved prompt")
         if self.resume and self.overwrite:
             problems.append(
                 "resume and overwrite are both true; choose one (resume continues, overwrite starts afresh)"

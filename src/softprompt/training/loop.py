@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from tqdm.auto import tqdm
 import softprompt.training.runlog as runlog
 from softprompt.batching import length_grouped_batches
 from softprompt.config import PromptConfig
-from softprompt.errors import SoftpromptError, UsageError
+from softprompt.errors import SoftpromptError, TrainingInterrupted, UsageError
 from softprompt.loading import load_model
+from softprompt.locking import folder_lock
 from softprompt.model import PromptedLM, enable_activation_checkpointing
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.training.checkpoint import (
@@ -45,8 +47,9 @@ from softprompt.training.checkpoint import (
     saved_config,
 )
 from softprompt.training.config import TrainConfig
-from softprompt.training.distributed import DistContext, fsdp_requested, shard_model
+from softprompt.training.distributed import DistContext, fsdp_requested, is_main_process, shard_model
 from softprompt.training.distributed import setup as join_processes
+from softprompt.training.stopping import stop_on_signals
 from softprompt.training.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,7 @@ def fit(
     ctx: DistContext | None = None,
     on_step: Callable[[dict], None] | None = None,
     validate: Callable[[int], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     rollback: bool = True,
     desc: str = "training",
 ) -> dict:
@@ -123,8 +127,10 @@ def fit(
     Each step: lr from the schedule, ``cfg.grad_accum`` micro-batches of the seeded stream (each
     process takes its share), gradients summed over processes, clipped, one optimizer step.
     ``on_step(record)`` sees each step's figures; ``validate(step)`` runs every ``eval_every`` steps
-    and at the end, and returns True to stop early. A NaN/inf loss or gradient stops the run with
-    ``status="diverged"``; with ``rollback`` the parameters go back to before the step that broke them.
+    and at the end, and returns True to stop early. ``should_stop()`` is asked before each step (on
+    every process: one asking stops them all) and ends the loop with ``status="interrupted"``. A
+    NaN/inf loss or gradient stops the run with ``status="diverged"``; with ``rollback`` the
+    parameters go back to before the step that broke them.
     """
     ctx = ctx or DistContext()
     orders: dict[int, list[list[int]]] = {}
@@ -132,7 +138,11 @@ def fit(
     last_good = [p.detach().clone() for p in params] if rollback else None
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=desc, unit="step", leave=False,
                disable=not ctx.is_main)  # fmt: skip
+    state["status"] = "running"  # a resumed run goes on, whatever stopped it before
     while state["step"] < cfg.max_steps:
+        if should_stop is not None and _any_process(ctx, should_stop()):
+            state["status"] = "interrupted"
+            break
         step = state["step"]
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -188,6 +198,13 @@ def fit(
     return state
 
 
+def _any_process(ctx: DistContext, flag: bool) -> bool:
+    """True when ``flag`` is set on any process (each process gets the signal on its own)."""
+    if not ctx.active:
+        return flag
+    return bool(ctx.sum_(torch.tensor([float(flag)])).item() > 0)
+
+
 # ----------------------------------------------------------------------------- the run
 @dataclass
 class Run:
@@ -204,6 +221,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     state: dict
     settings: dict = field(default_factory=dict)  # what checkpoints record of the run (see run_config)
+    stopped_by: str | None = None  # the signal that stopped training early, if one did
 
     @property
     def global_batch(self) -> int:
@@ -218,12 +236,6 @@ def setup(cfg: TrainConfig) -> Run:
     ckpt = check_run_folder(cfg, out, settings)  # before anything loads: a refusal costs no waiting
     torch.manual_seed(cfg.seed)
     ctx = join_processes(cfg.device)  # one process, or this rank of a torchrun / accelerate launch group
-    if ctx.is_main and cfg.overwrite:
-        gone = clear_run(out)
-        if gone:
-            log.warning("overwrite: deleted %s from %s", ", ".join(gone), out)
-    ctx.barrier()
-    out.mkdir(parents=True, exist_ok=True)
     task = make_task(cfg)  # classification or generation: its data, loss and evaluation
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=ctx.device)
     task.prepare(tokenizer)
@@ -244,6 +256,13 @@ def setup(cfg: TrainConfig) -> Run:
                  "prefix needs eager or sdpa attention)", model.config._attn_implementation)  # fmt: skip
         prompted.shared_prefix = False
     optimizer = make_optimizer([prompt.weight], cfg)
+    if ctx.is_main:  # the first write: settings, data, model and prompt are all good by now
+        if cfg.overwrite:
+            gone = clear_run(out)
+            if gone:
+                log.warning("overwrite: deleted %s from %s", ", ".join(gone), out)
+        out.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
     run = Run(cfg, out, ctx, task, model, prompted, prompt, initial, optimizer, new_state(), settings)
     n_base = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %d (%d x %d prompt) of %d in the model (%.4f%%); %s",
@@ -364,8 +383,10 @@ def train_prompt(run: Run) -> None:
             return True
         return False
 
-    fit([prompt.weight], run.optimizer, lambda idx: task.batch_loss(run.prompted, prompt, idx), task.lengths,
-        cfg, run.state, ctx=ctx, on_step=on_step, validate=validate)  # fmt: skip
+    with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: stop after this step, checkpoint there
+        fit([prompt.weight], run.optimizer, lambda idx: task.batch_loss(run.prompted, prompt, idx),
+            task.lengths, cfg, run.state, ctx=ctx, on_step=on_step, validate=validate, should_stop=stop)  # fmt: skip
+    run.stopped_by = stop.signal
     if ctx.is_main:
         if run.state["best_step"] == 0:  # diverged before the first evaluation: keep what we have
             save_prompt(prompt, out / "prompt", run.model)
@@ -414,7 +435,21 @@ def finish(run: Run, results: dict) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train, validate, test and save. Returns the final metrics (also written to metrics.json)."""
-    run = setup(cfg)
-    train_prompt(run)
-    return finish(run, evaluate(run))
+    """Train, validate, test and save. Returns the final metrics (also written to metrics.json).
+
+    The run folder is locked for the whole run (one writer: :func:`softprompt.locking.folder_lock`).
+    Stopped by a signal, the run saves a checkpoint at its last whole step and raises
+    :class:`TrainingInterrupted`; ``resume=True`` continues it exactly.
+    """
+    lock = folder_lock(cfg.output_dir, "choose another --output_dir") if is_main_process() else nullcontext()
+    with lock:
+        run = setup(cfg)
+        train_prompt(run)
+        if run.state["status"] == "interrupted":
+            state, out = run.state, run.out
+            raise TrainingInterrupted(
+                f"stopped by {run.stopped_by or 'a signal'} at step {state['step']} of "
+                f"{cfg.max_steps}: the checkpoint is saved in {out / 'checkpoint'} and the best prompt so "
+                f"far in {out / 'prompt'}. Continue with the same command and --resume true."
+            )
+        return finish(run, evaluate(run))
