@@ -127,3 +127,33 @@ def test_cli_inspect_errors(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["inspect", p, "--top_k", "0"])
     assert e.value.code == 2 and "top_k must be >= 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- decoder space (Gemma)
+def test_gemma_prompt_is_compared_with_the_vectors_its_decoder_receives(tokenizer, monkeypatch):
+    """On Gemma the embedding matrix's rows are sqrt(hidden) shorter than the token vectors: norms,
+    percentiles and the centring use the vectors (a text-init prompt sits among the vocabulary, not
+    above all of it), and nearest tokens found a few rows at a time equal the whole-matrix answer."""
+    from test_architectures import ARCHITECTURES
+
+    from softprompt.embedding import token_vectors
+
+    model = ARCHITECTURES["gemma3"]()
+    monkeypatch.setattr("softprompt.embedding.VOCAB_CHUNK", 7)  # many chunks: the top-k merge is exercised
+    words = "great terrible movie staff"
+    prompt = text_prompt(model, tokenizer, words)
+    result = inspect_prompt(prompt, model, tokenizer, top_k=3)
+    vectors = token_vectors(model, range(len(tokenizer)))
+    assert result["vocab_norm_max"] == pytest.approx(float(vectors.norm(dim=1).max()), rel=1e-6)
+    raw_max = float(model.get_input_embeddings().weight[: len(tokenizer)].norm(dim=1).max())
+    assert result["vocab_norm_max"] == pytest.approx(raw_max * 32**0.5, rel=1e-5)
+    assert all(t["norm_percentile"] < 1.0 for t in result["tokens"])  # raw rows would put all at 1.0
+    assert [t["nearest"][0]["token"] for t in result["tokens"]] == words.split()
+    cos = (
+        torch.nn.functional.normalize(prompt.weight.detach(), dim=1)
+        @ torch.nn.functional.normalize(vectors, dim=1).T
+    )
+    want = cos.topk(3, dim=1).indices.tolist()
+    assert [[n["id"] for n in t["nearest"]] for t in result["tokens"]] == want
+    centred = prompt_similarity([prompt, prompt], model)["cosine_centred"]
+    assert centred[0][1] == pytest.approx(1.0, abs=1e-5)

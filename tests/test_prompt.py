@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import VOCAB_SIZE, tiny_llama
+from test_architectures import ARCHITECTURES
 
-from softprompt import ConfigError, PromptConfig, SoftPrompt, save_prompt
+from softprompt import ConfigError, PromptConfig, PromptedLM, SoftPrompt, save_prompt
+from softprompt.embedding import token_vectors, vocabulary_chunks, vocabulary_mean_std
 from softprompt.prompt_init import common_token_ids, init_from_text
 
 
 def embeddings(model) -> torch.Tensor:
-    return model.get_input_embeddings().weight.detach()
+    """Every token's vector as the decoder receives it (V, D)."""
+    return token_vectors(model, range(model.get_input_embeddings().weight.shape[0]))
 
 
 @pytest.mark.parametrize(
@@ -119,7 +122,7 @@ def test_file_init_with_other_hidden_size_is_refused(llama, tmp_path):
 
 def test_text_that_tokenises_to_nothing_is_refused(llama, tokenizer):
     with pytest.raises(ValueError, match="tokenises to no tokens"):
-        init_from_text(embeddings(llama), tokenizer, "", 4)
+        init_from_text(llama, tokenizer, "", 4)
     with pytest.raises(ValueError, match="only to the unknown token"):
         SoftPrompt.initialize(PromptConfig(init="text", init_text=",,, ;;"), llama, tokenizer)
     with pytest.raises(ConfigError, match="needs init_text"):
@@ -158,3 +161,43 @@ def test_nan_prompt_is_refused():
 def test_tokenizer_required_for_token_based_inits(llama):
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         SoftPrompt.initialize(PromptConfig(init="vocab"), llama)
+
+
+# ---------------------------------------------------------------------------- decoder space (Gemma)
+@pytest.mark.parametrize("init", ["text", "vocab", "labels", "random"])
+def test_gemma_inits_start_at_the_scale_the_decoder_receives(tokenizer, init):
+    """Gemma's raw embedding rows are sqrt(hidden) shorter than its token vectors; every init must
+    start at the vectors' scale (it started 25x too small on Gemma-3-270M, issue 23)."""
+    model = ARCHITECTURES["gemma3"]()
+    raw = model.get_input_embeddings().weight.detach()
+    kw = {"text": {"init_text": "good bad movie"}, "labels": {"label_words": ["bad", "good"]}}.get(init, {})
+    p = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=6, init=init, seed=3, **kw), model, tokenizer)
+    ratio = float(p.weight.detach().norm(dim=1).mean() / raw[3:].norm(dim=1).mean())
+    assert ratio == pytest.approx(32**0.5, rel=0.25)
+    if init == "text":
+        ids = tokenizer("good bad movie", add_special_tokens=False)["input_ids"]
+        torch.testing.assert_close(p.weight.detach(), raw[ids + ids] * 32**0.5, rtol=1e-6, atol=0)
+
+
+def test_gemma_text_init_acts_like_its_tokens(tokenizer):
+    """A text-init prompt gives the plain model's logits on the text + the input."""
+    model = ARCHITECTURES["gemma3"]()
+    ids = tokenizer("good bad movie", add_special_tokens=False)["input_ids"]
+    p = SoftPrompt.initialize(PromptConfig(num_virtual_tokens=3, init="text", init_text="good bad movie"),
+                              model, tokenizer)  # fmt: skip
+    x = [7, 8, 11]
+    with torch.no_grad():
+        ours = PromptedLM(model)(torch.tensor([x]), prompt=p, positions="all")[0]
+        ref = model(input_ids=torch.tensor([ids + x])).logits[0, 3:]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_vocabulary_statistics_in_chunks_equal_the_whole_matrix():
+    model = ARCHITECTURES["gemma3"]()
+    whole = embeddings(model)
+    chunks = list(vocabulary_chunks(model, chunk=10))
+    assert [start for start, _ in chunks] == list(range(0, VOCAB_SIZE, 10))
+    torch.testing.assert_close(torch.cat([c for _, c in chunks]), whole)
+    mean, std = vocabulary_mean_std(model)
+    torch.testing.assert_close(mean, whole.mean(dim=0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(std, whole.std(dim=0), atol=1e-6, rtol=1e-5)

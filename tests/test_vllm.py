@@ -53,6 +53,48 @@ def test_the_sent_tensor_gives_prompted_lm_first_token_logits(arch, text):
     torch.testing.assert_close(first_token_logits_of(request, model), ours, atol=1e-5, rtol=0)
 
 
+def first_layer_input(prompted: PromptedLM, ids: list[int], prompt) -> torch.Tensor:
+    """What ``prompted`` hands its first transformer block for one unpadded row: (L, D)."""
+    from softprompt.model import decoder_layers
+
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handle = decoder_layers(prompted.model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            prompted(torch.tensor([ids]), prompt=prompt)
+    finally:
+        handle.remove()
+    return seen[0][0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_the_sent_tensor_is_what_our_model_feeds_its_first_layer(arch):
+    """Llama and Gemma 3: the request's tensor IS the first block's input (Gemma's token vectors
+    include its sqrt(hidden) scale, and the prompt lives in that space). GPT-2 adds its position
+    embeddings to the tensor first, as it does to inputs_embeds. Prompt in front of the row (the
+    concatenated layout), so the block sees [prompt; tokens] in order."""
+    from test_architectures import ARCHITECTURES
+
+    model, tok = ARCHITECTURES[arch](), make_tokenizer()
+    prompt = SoftPrompt(torch.randn(5, 32, generator=torch.Generator().manual_seed(3)) * 2.0)
+    request = prompt_embeds_request(prompt, "the film was good", tok, model, template="{text}")
+    sent = decode_embeds(request["prompt_embeds"])
+    ids = tok("the film was good", add_special_tokens=False)["input_ids"]
+    fed = first_layer_input(PromptedLM(model, shared_prefix=False), ids, prompt)
+    if arch == "gpt2":
+        fed = fed - model.transformer.wpe(torch.arange(len(sent))).detach()
+        torch.testing.assert_close(sent, fed, atol=1e-6, rtol=0)
+    else:
+        assert torch.equal(sent, fed)
+    if arch == "gemma3":  # the scaled vectors, not the embedding matrix's rows
+        raw = model.get_input_embeddings().weight.detach()[ids]
+        torch.testing.assert_close(sent[5:], raw * 32**0.5, rtol=1e-6, atol=0)
+
+
 def test_template_override_chat_messages_and_batches():
     model, tok = tiny_llama(), make_tokenizer()
     prompt = trained()

@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from softprompt.config import InitMethod, PromptConfig
+from softprompt.embedding import vocabulary_chunks, vocabulary_mean_std, vocabulary_size
 from softprompt.errors import SoftpromptError, UsageError
 from softprompt.loading import load_model
 from softprompt.prompt import SoftPrompt, load_prompt
@@ -74,21 +75,44 @@ def token_text(tokenizer, token_id: int) -> str:
     return text if text.strip() else tokenizer.convert_ids_to_tokens(token_id)
 
 
+def nearest_tokens(
+    weight: torch.Tensor, model, limit: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosine top-k of each prompt vector among the decoder-input vectors of ids ``0..limit-1``, and
+    those vectors' norms: ``(values (P, k), ids (P, k), norms (limit,))``, a vocabulary chunk at a time."""
+    unit = F.normalize(weight, dim=1)  # (P, D)
+    best_values = best_ids = None
+    norms = []
+    for start, vectors in vocabulary_chunks(model, limit):  # (n, D) each
+        norms.append(vectors.norm(dim=1))
+        cos = unit @ F.normalize(vectors, dim=1).T  # (P, n)
+        values, ids = cos.topk(min(top_k, cos.shape[1]), dim=1)
+        if best_values is not None:
+            values, ids = torch.cat([best_values, values], 1), torch.cat([best_ids, ids + start], 1)
+            values, pick = values.topk(min(top_k, values.shape[1]), dim=1)
+            ids = torch.gather(ids, 1, pick)
+        best_values, best_ids = values, ids
+    return best_values, best_ids, torch.cat(norms)
+
+
 def inspect_prompt(prompt: SoftPrompt, model, tokenizer, top_k: int = 5, path: str = "") -> dict:
-    """Per-virtual-token figures for one prompt (see the module docstring). Pure: nothing is printed."""
-    emb = model.get_input_embeddings().weight.detach().float().cpu()  # (V, D)
+    """Per-virtual-token figures for one prompt (see the module docstring). Pure: nothing is printed.
+
+    Tokens are compared as the decoder receives them (:mod:`softprompt.embedding`): on Gemma the
+    embedding matrix's rows are sqrt(hidden_size) times shorter than that, and norms against them
+    would put every token of a working prompt above the whole vocabulary.
+    """
     weight = prompt.weight.detach().float().cpu()  # (P, D)
-    if weight.shape[1] != emb.shape[1]:
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if weight.shape[1] != hidden:
         raise UsageError(
             f"prompt {path or ''} has {weight.shape[1]}-dimensional vectors but the model's embeddings have "
-            f"{emb.shape[1]}; inspect it with the base model it was trained on (--model)"
+            f"{hidden}; inspect it with the base model it was trained on (--model)"
         )
     # Rows past the tokenizer (padding rows some models add) decode to nothing: leave them out.
-    V = min(emb.shape[0], len(tokenizer))
-    vocab_norms = emb[:V].norm(dim=1)  # (V,)
+    V = min(vocabulary_size(model), len(tokenizer))
+    top_values, top_ids, vocab_norms = nearest_tokens(weight, model, V, top_k)
     sorted_norms = vocab_norms.sort().values
-    cos = F.normalize(weight, dim=1) @ F.normalize(emb[:V], dim=1).T  # (P, V)
-    top = cos.topk(min(top_k, V), dim=1)
     init, init_note = reconstruct_init(prompt, model, tokenizer)
     tokens = []
     for i in range(weight.shape[0]):
@@ -100,7 +124,7 @@ def inspect_prompt(prompt: SoftPrompt, model, tokenizer, top_k: int = 5, path: s
             "norm_percentile": float(torch.searchsorted(sorted_norms, torch.tensor(norm)) / V),
             "nearest": [
                 {"token": token_text(tokenizer, int(t)), "id": int(t), "cosine": float(c)}
-                for c, t in zip(top.values[i], top.indices[i], strict=True)
+                for c, t in zip(top_values[i], top_ids[i], strict=True)
             ],
         }
         if init is not None:
@@ -129,12 +153,13 @@ def inspect_prompt(prompt: SoftPrompt, model, tokenizer, top_k: int = 5, path: s
 
 def prompt_similarity(prompts: list[SoftPrompt], model) -> dict:
     """Cosine similarity of prompts as task embeddings: each prompt mean-pooled over its tokens
-    (prompts of different lengths compare), raw and centred on the vocabulary's mean embedding.
+    (prompts of different lengths compare), raw and centred on the vocabulary's mean vector (as the
+    decoder receives tokens).
 
     Token embeddings share a common direction, so raw cosines of any two prompts tend to be high;
     the centred cosine removes it and separates tasks better. Returns (N, N) lists.
     """
-    emb_mean = model.get_input_embeddings().weight.detach().float().cpu().mean(dim=0)  # (D,)
+    emb_mean, _ = vocabulary_mean_std(model)  # (D,)
     pooled = torch.stack([p.weight.detach().float().cpu().mean(dim=0) for p in prompts])  # (N, D)
     raw = F.normalize(pooled, dim=1)
     centred = F.normalize(pooled - emb_mean, dim=1)

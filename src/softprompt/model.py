@@ -58,17 +58,24 @@ class PromptedLM(nn.Module):
         # custom mask (see _one_pass). False: the prompt is run in front of every row.
         self.shared_prefix = shared_prefix
         self._warned_window = False
+        refuse_unsupported(model)
         model.requires_grad_(False)
         model.eval()  # frozen means frozen: no dropout noise in the base model either
         self.model = model
         self.decoder = model.get_decoder()
         self.embed_tokens = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
-        # Gemma-2 style soft-capping is applied by the model's own head code; we call the head directly.
-        self.logit_softcap = getattr(model.config, "final_logit_softcapping", None)
+        # What some families' own head code does after the LM head (we call the head directly):
+        # Gemma 2/3 soft-cap the logits, Cohere multiplies them by logit_scale, Granite divides them
+        # by logits_scaling. A model doing anything else is refused by _check_reproduces_model.
+        text_config = model.config.get_text_config()
+        self.logit_softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.logit_scale, self.logit_divisor = logit_factors(text_config)
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x; accept either.
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        if not self.sharded and self.device.type != "meta":
+            self._check_reproduces_model()
 
     @property
     def config(self):
@@ -103,8 +110,10 @@ class PromptedLM(nn.Module):
     @property
     def takes_custom_masks(self) -> bool:
         """Whether the attention takes a custom 4D mask (eager, sdpa): :meth:`continue_rows` and the
-        one-pass shared prefix need one."""
-        return getattr(self.config, "_attn_implementation", None) in ("eager", "sdpa")
+        one-pass shared prefix need one. ALiBi models (BLOOM, Falcon with ``alibi``) build their
+        position bias from a 2D mask, so they take the prompt's own pass instead."""
+        eager_or_sdpa = getattr(self.config, "_attn_implementation", None) in ("eager", "sdpa")
+        return eager_or_sdpa and not alibi_from_mask(self.config)
 
     @property
     def supports_label_trie(self) -> bool:
@@ -121,6 +130,36 @@ class PromptedLM(nn.Module):
     def _within_window(self, positions: int) -> bool:
         window = getattr(self.config.get_text_config(), "sliding_window", None)
         return not window or positions <= window
+
+    @torch.no_grad()
+    def _check_reproduces_model(self) -> None:
+        """Refuse a model that these pieces (input embeddings -> decoder -> LM head) do not reproduce.
+
+        Runs three tokens both ways once: a family whose own forward does something more after the
+        decoder (another transformation of the logits) would otherwise run every prompt
+        approximately, and silently.
+        """
+        V = self.embed_tokens.weight.shape[0]
+        ids = torch.tensor([[1 % V, 2 % V, 3 % V]], device=self.device)
+        mask = torch.ones_like(ids)
+        positions = torch.arange(3, device=self.device).unsqueeze(0)
+        embeds = self.embed_tokens(ids)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        ours = self.logits_from_hidden(out.last_hidden_state).float()
+        theirs = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits.float()
+        scale = float(theirs.abs().max())
+        rtol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        err = float((ours - theirs).abs().max()) if ours.shape == theirs.shape else float("inf")
+        if not err <= rtol * scale + 1e-5:
+            raise UsageError(
+                f"{type(self.model).__name__} (model_type {self.config.model_type!r}) cannot be run exactly "
+                "here: softprompt runs a model as its input embeddings, then its decoder (get_decoder()), "
+                f"then its LM head, and on three tokens that gives logits {err:.3g} away from the model's "
+                f"own forward pass (largest logit {scale:.3g}). The model computes something more on the "
+                "way (e.g. a transformation of the logits softprompt does not know), and prompts would "
+                "run approximately. Use an architecture from the README's Models table, or open an "
+                "issue naming this model class."
+            )
 
     # ------------------------------------------------------------------ building the input
     def _prompt_rows(
@@ -441,8 +480,13 @@ class PromptedLM(nn.Module):
         return hidden, DecodeState(cache=cache, mask=at.context_mask(B), next_position=at.next_position(B))
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Apply the LM head (and soft-capping where the model has it) to selected hidden states."""
+        """Apply the LM head (and the scaling or soft-capping the model's own head code adds) to
+        selected hidden states."""
         logits = self.lm_head(hidden)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.logit_divisor is not None:
+            logits = logits / self.logit_divisor
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
@@ -513,6 +557,71 @@ class PromptedLM(nn.Module):
             raise ValueError("labels has no target positions (all -100); nothing to train on")
         logits = self.logits_from_hidden(hidden[:, :-1][where])  # (M, V), M = number of targets
         return F.cross_entropy(logits.float(), targets[where])
+
+
+# Families softprompt cannot run exactly, and why (refused when a PromptedLM is made).
+UNSUPPORTED = {
+    "mpt": (
+        "its ALiBi bias follows cache slots, not token positions, so the padding between a cached prompt "
+        "and a padded input (and the shared prompt prefix) would change its results"
+    ),
+}
+
+
+def refuse_unsupported(model: nn.Module) -> None:
+    """Refuse, with what is missing, a model that PromptedLM cannot run exactly."""
+    config = model.config
+    name = f"{type(model).__name__} (model_type {config.model_type!r})"
+    if getattr(config, "is_encoder_decoder", False):
+        raise UsageError(
+            f"{name} is an encoder-decoder model; soft prompts here go in front of a decoder-only causal "
+            "LM's input. Load a decoder-only model with AutoModelForCausalLM."
+        )
+    if config.model_type in UNSUPPORTED:
+        raise UsageError(
+            f"{name} is not supported: {UNSUPPORTED[config.model_type]}. Use an architecture from the "
+            "README's Models table."
+        )
+    missing = [
+        what
+        for what, found in (
+            ("get_input_embeddings()", _call_or_none(model, "get_input_embeddings")),
+            ("get_decoder()", _call_or_none(model, "get_decoder")),
+            ("get_output_embeddings() (an LM head)", _call_or_none(model, "get_output_embeddings")),
+        )
+        if found is None
+    ]
+    if missing:
+        raise UsageError(
+            f"{name} has no {', '.join(missing)}; softprompt runs a causal LM as input embeddings, decoder "
+            "and LM head. Load the model with AutoModelForCausalLM (a ...ForCausalLM class)."
+        )
+
+
+def _call_or_none(model: nn.Module, method: str):
+    try:
+        return getattr(model, method)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def alibi_from_mask(config) -> bool:
+    """Whether the model builds an ALiBi position bias from its 2D attention mask (BLOOM, Falcon
+    with ``alibi``): it counts each row's real tokens, so padding is exact, but no 4D mask is taken."""
+    return config.model_type == "bloom" or (
+        config.model_type == "falcon" and bool(getattr(config, "alibi", False))
+    )
+
+
+def logit_factors(config) -> tuple[float | None, float | None]:
+    """``(multiply, divide)``: what Cohere's (``logit_scale``) and Granite's (``logits_scaling``) own
+    head code does to the logits after the LM head; ``(None, None)`` for other families."""
+    kind = config.model_type
+    if kind.startswith("cohere") and getattr(config, "logit_scale", None) is not None:
+        return float(config.logit_scale), None
+    if kind.startswith("granite") and getattr(config, "logits_scaling", None) is not None:
+        return None, float(config.logits_scaling)
+    return None, None
 
 
 class OnePassCache(DynamicCache):

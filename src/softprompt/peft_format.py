@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from softprompt.config import MAX_VIRTUAL_TOKENS, InitMethod
+from softprompt.embedding import token_vectors
 from softprompt.errors import FolderInUseError, MissingFileError, ModelMismatchError, PromptFormatError
 from softprompt.locking import disk_error
 from softprompt.meta import PromptMeta
@@ -45,6 +46,8 @@ OUR_FILES = {CONFIG_NAME, WEIGHTS_NAME, META_NAME}
 # Relative difference of embedding row norms below which two models count as the same weights
 # in another precision or quantisation (GGUF Q4_1 vs fp32 differ by ~1e-2); other models differ by far more.
 FINGERPRINT_TOLERANCE = 0.05
+# What a fingerprint's vectors are: token vectors as the decoder receives them (softprompt.embedding).
+FINGERPRINT_SPACE = "decoder_input"
 
 
 def check_finite(weight: torch.Tensor, what: str) -> None:
@@ -60,22 +63,33 @@ def check_finite(weight: torch.Tensor, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------- fingerprints
-def embedding_fingerprint(model: torch.nn.Module, num_rows: int = 256) -> dict:
-    """A small, stable description of a model's input embedding matrix.
+def embedding_fingerprint(
+    model: torch.nn.Module, num_rows: int = 256, space: str = FINGERPRINT_SPACE
+) -> dict:
+    """A small, stable description of a model's input embeddings.
 
-    ``sha256`` identifies the exact weights; ``row_norms`` (of evenly spaced rows) lets the same model
-    in another dtype or quantisation be recognised as such instead of being refused.
+    ``sha256`` identifies the exact vectors of evenly spaced token ids; ``row_norms`` lets the same
+    model in another dtype or quantisation be recognised as such instead of being refused. The
+    vectors are what the decoder receives (``space`` ``"decoder_input"``, see
+    :mod:`softprompt.embedding`), so a model whose embedding module scales them differently counts
+    as another model. Fingerprints saved before this field existed hold the embedding matrix's raw
+    rows (``space="raw_rows"`` recomputes those): the same numbers for every model whose embedding
+    module only looks rows up, sqrt(hidden_size) times shorter on Gemma.
     """
-    weight = model.get_input_embeddings().weight.detach()
+    weight = model.get_input_embeddings().weight
     V, D = weight.shape
     ids = torch.linspace(0, V - 1, min(num_rows, V)).long()
-    rows = weight[ids.to(weight.device)].float().cpu()
-    return {
+    if space == "raw_rows":
+        rows = weight.detach()[ids.to(weight.device)].float().cpu()
+    else:
+        rows = token_vectors(model, ids).cpu()
+    found = {
         "vocab_size": V,
         "hidden_size": D,
         "sha256": hashlib.sha256(rows.numpy().tobytes()).hexdigest(),
         "row_norms": [round(x, 6) for x in rows.norm(dim=1).tolist()],
     }
+    return found if space == "raw_rows" else {**found, "space": space}
 
 
 def check_fingerprint(saved: dict | None, model: torch.nn.Module, where: str) -> None:
@@ -83,7 +97,20 @@ def check_fingerprint(saved: dict | None, model: torch.nn.Module, where: str) ->
     if not saved:
         log.info("%s has no base-model fingerprint (e.g. saved by PEFT); cannot verify the base model", where)
         return
-    current = embedding_fingerprint(model, num_rows=len(saved.get("row_norms", [])) or 256)
+    norms, space = saved.get("row_norms", []), saved.get("space", "raw_rows")
+    if (
+        not isinstance(norms, list)
+        or not norms
+        or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in norms)
+        or space not in ("raw_rows", FINGERPRINT_SPACE)
+    ):
+        raise PromptFormatError(
+            f"{where} has a malformed embedding_fingerprint in {META_NAME} (row_norms must be a non-empty "
+            f"list of numbers, space {FINGERPRINT_SPACE!r} or absent); expected what softprompt writes. Save the "
+            "prompt again, or delete the embedding_fingerprint entry to load it without the base-model check."
+        )
+    # an old fingerprint (no "space") holds raw embedding rows: compare it with this model's raw rows
+    current = embedding_fingerprint(model, num_rows=len(norms), space=space)
     if (saved.get("vocab_size"), saved.get("hidden_size")) != (current["vocab_size"], current["hidden_size"]):
         raise ModelMismatchError(
             f"{where} was made for a model with vocabulary {saved.get('vocab_size')} and hidden size "

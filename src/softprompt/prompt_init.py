@@ -2,6 +2,9 @@
 
 Every function returns a float32 ``(P, D)`` tensor and is seeded: the same config, model and
 tokenizer give the same vectors bit for bit (``softprompt inspect`` relies on it to rebuild an init).
+Token vectors are what the decoder receives (:mod:`softprompt.embedding`), not the embedding
+matrix's rows: on Gemma those are sqrt(hidden_size) times shorter, and a prompt started from them
+would begin ~25x too small to act like the tokens it was made from.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from softprompt.config import InitMethod, PromptConfig
+from softprompt.embedding import token_vectors, vocabulary_mean_std, vocabulary_size
 from softprompt.errors import UsageError
 from softprompt.peft_format import read_prompt_folder
 
@@ -24,23 +28,20 @@ def initial_weight(config: PromptConfig, model: nn.Module, tokenizer=None) -> to
 
     ``tokenizer`` is needed for the text, vocab and labels inits.
     """
-    embedding = model.get_input_embeddings().weight.detach()
     P = config.num_virtual_tokens
     generator = torch.Generator().manual_seed(config.seed)
     method = InitMethod(config.init)
     if method in (InitMethod.TEXT, InitMethod.VOCAB, InitMethod.LABELS) and tokenizer is None:
         raise UsageError(f"init={method.value} needs the model's tokenizer; pass tokenizer=...")
     if method == InitMethod.TEXT:
-        return init_from_text(embedding, tokenizer, config.init_text or "", P)
+        return init_from_text(model, tokenizer, config.init_text or "", P)
     if method == InitMethod.VOCAB:
-        return init_from_vocab(embedding, tokenizer, P, generator, config.vocab_top_k)
+        return init_from_vocab(model, tokenizer, P, generator, config.vocab_top_k)
     if method == InitMethod.LABELS:
-        return init_from_labels(
-            embedding, tokenizer, config.label_words or [], P, generator, config.vocab_top_k
-        )
+        return init_from_labels(model, tokenizer, config.label_words or [], P, generator, config.vocab_top_k)
     if method == InitMethod.RANDOM:
-        return init_random(embedding, P, generator)
-    return init_from_file(config.init_file or "", embedding.shape[1], P)
+        return init_random(model, P, generator)
+    return init_from_file(config.init_file or "", model.get_input_embeddings().weight.shape[1], P)
 
 
 def text_token_ids(tokenizer, text: str) -> list[int]:
@@ -54,7 +55,7 @@ def tile_to_length(ids: list[int], length: int) -> list[int]:
     return (ids * reps)[:length]
 
 
-def init_from_text(embedding: torch.Tensor, tokenizer, text: str, P: int) -> torch.Tensor:
+def init_from_text(model: nn.Module, tokenizer, text: str, P: int) -> torch.Tensor:
     ids = text_token_ids(tokenizer, text)
     if not ids:
         raise UsageError(
@@ -69,7 +70,7 @@ def init_from_text(embedding: torch.Tensor, tokenizer, text: str, P: int) -> tor
         )
     if len(ids) > P:
         log.info("init text has %d tokens; keeping the first %d (num_virtual_tokens)", len(ids), P)
-    return embedding[tile_to_length(ids, P)].float().clone()
+    return token_vectors(model, tile_to_length(ids, P)).clone()
 
 
 def common_token_ids(tokenizer, vocab_size: int, top_k: int) -> torch.Tensor:
@@ -88,30 +89,30 @@ def common_token_ids(tokenizer, vocab_size: int, top_k: int) -> torch.Tensor:
 
 
 def init_from_vocab(
-    embedding: torch.Tensor, tokenizer, P: int, generator: torch.Generator, top_k: int
+    model: nn.Module, tokenizer, P: int, generator: torch.Generator, top_k: int
 ) -> torch.Tensor:
-    pool = common_token_ids(tokenizer, embedding.shape[0], top_k)
+    pool = common_token_ids(tokenizer, vocabulary_size(model), top_k)
     # Without replacement while the pool allows it: repeated rows would start as identical tokens.
     if len(pool) >= P:
         picks = pool[torch.randperm(len(pool), generator=generator)[:P]]
     else:
         picks = pool[torch.randint(len(pool), (P,), generator=generator)]
-    return embedding[picks].float().clone()
+    return token_vectors(model, picks).clone()
 
 
-def label_word_vector(embedding: torch.Tensor, tokenizer, word: str) -> torch.Tensor:
+def label_word_vector(model: nn.Module, tokenizer, word: str) -> torch.Tensor:
     """One vector per label word: the mean of its tokens' embeddings, tokenised as it follows a
     template (with a leading space), which is how the model sees it when predicting the label."""
     ids = text_token_ids(tokenizer, " " + word.strip())
     if not ids:
         raise UsageError(f"label word {word!r} tokenises to no tokens; use a real word")
-    return embedding[ids].float().mean(dim=0)
+    return token_vectors(model, ids).mean(dim=0)
 
 
 def init_from_labels(
-    embedding: torch.Tensor, tokenizer, label_words: list[str], P: int, generator: torch.Generator, top_k: int
+    model: nn.Module, tokenizer, label_words: list[str], P: int, generator: torch.Generator, top_k: int
 ) -> torch.Tensor:
-    weight = init_from_vocab(embedding, tokenizer, P, generator, top_k)
+    weight = init_from_vocab(model, tokenizer, P, generator, top_k)
     if len(label_words) > P:
         log.warning(
             "%d label words but only %d virtual tokens: initialising from the first %d label words",
@@ -120,17 +121,18 @@ def init_from_labels(
             P,
         )
     for i, word in enumerate(label_words[:P]):
-        weight[i] = label_word_vector(embedding, tokenizer, word)
+        weight[i] = label_word_vector(model, tokenizer, word)
     return weight
 
 
-def init_random(embedding: torch.Tensor, P: int, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian vectors with each dimension's mean and std taken from the embedding matrix, so the
-    prompt starts at the scale of real tokens (PEFT's N(0, 1) is ~20x too large for SmolLM2)."""
-    emb = embedding.float()
-    mean, std = emb.mean(dim=0), emb.std(dim=0)
-    noise = torch.randn(P, emb.shape[1], generator=generator)
-    return mean + noise * std
+def init_random(model: nn.Module, P: int, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian vectors with each dimension's mean and std taken from the vocabulary's decoder-input
+    vectors, so the prompt starts at the scale of real tokens (PEFT's N(0, 1) is ~20x too large for
+    SmolLM2, and Gemma's raw rows ~25x too small)."""
+    mean, std = vocabulary_mean_std(model)
+    noise = torch.randn(P, mean.shape[0], generator=generator)
+    device = model.get_input_embeddings().weight.device
+    return (mean + noise * std).to(device)
 
 
 def init_from_file(path: str, hidden_size: int, P: int) -> torch.Tensor:

@@ -9,6 +9,24 @@ tokens (no BOS, as everywhere in softprompt), so vLLM's first token is the one `
 (tested on the first-token logits). With ``messages`` the conversation is put in the base model's
 chat template instead, still after the prompt.
 
+What the tensor holds, per architecture: exactly what ``PromptedLM`` hands the decoder as
+``inputs_embeds`` (in the model's dtype, then cast to ``dtype``): the prompt, then
+``model.get_input_embeddings()(ids)``. vLLM's model ports take ``prompt_embeds`` where Hugging
+Face takes ``inputs_embeds``; the one exception known here is Gemma 1/2 in older vLLM (below).
+
+- Llama, Mistral, Qwen2/Qwen3, Phi-3, Falcon (rotary), GPT-NeoX, and Gemma 3: the decoder's first
+  layer receives this tensor as it is (tested with a hook on that layer, Llama and Gemma 3).
+  Gemma's vectors include its embedding scale (token rows x sqrt(hidden_size), ~25x at hidden
+  640), and so do its prompts, which live in that space: vLLM's Gemma 3 takes ``prompt_embeds``
+  already scaled, as Hugging Face's ``inputs_embeds``.
+- Gemma 1 and Gemma 2: the same scaled tensor. vLLM releases before PR #36787 (merged March 2026)
+  multiplied ``prompt_embeds`` of these two by sqrt(hidden_size) a second time, which gives
+  garbage; serve them with a vLLM that has that change.
+- GPT-2 and OPT (learned absolute positions): the tensor carries no positions; the model adds its
+  position embeddings to it (OPT after its input projection, where it has one), as it does to
+  ``inputs_embeds``, so the first layer receives tensor + positions (tested for GPT-2).
+- BLOOM: the model applies its embedding layer norm to the tensor before the first layer.
+
 The flag lets a client hand the server arbitrary tensors: keep such a vLLM server behind your own
 service and never expose it to untrusted clients (README, "Serving at scale with vLLM").
 """
