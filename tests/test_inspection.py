@@ -145,7 +145,7 @@ def test_gemma_prompt_is_compared_with_the_vectors_its_decoder_receives(tokenize
     result = inspect_prompt(prompt, model, tokenizer, top_k=3)
     vectors = token_vectors(model, range(len(tokenizer)))
     assert result["vocab_norm_max"] == pytest.approx(float(vectors.norm(dim=1).max()), rel=1e-6)
-    raw_max = float(model.get_input_embeddings().weight[: len(tokenizer)].norm(dim=1).max())
+    raw_max = float(model.get_input_embeddings().weight.detach()[: len(tokenizer)].norm(dim=1).max())
     assert result["vocab_norm_max"] == pytest.approx(raw_max * 32**0.5, rel=1e-5)
     assert all(t["norm_percentile"] < 1.0 for t in result["tokens"])  # raw rows would put all at 1.0
     assert [t["nearest"][0]["token"] for t in result["tokens"]] == words.split()

@@ -58,13 +58,3 @@ def vocabulary_mean_std(model: nn.Module, limit: int | None = None) -> tuple[tor
     mean = total / n
     var = (squares - n * mean * mean).clamp(min=0) / max(n - 1, 1)
     return mean.float(), var.sqrt().float()
-
-
-def embedding_scale(model: nn.Module, ids: Sequence[int] = (0, 1, 2, 3)) -> float:
-    """How much longer the decoder's token vectors are than the embedding matrix's rows, measured on
-    a few ids: 1.0 for most models, sqrt(hidden_size) for Gemma. For logs and docs; the vectors
-    themselves always come from :func:`token_vectors`."""
-    ids = [i for i in ids if i < vocabulary_size(model)]
-    weight = model.get_input_embeddings().weight.detach()
-    raw = weight[torch.tensor(ids, device=weight.device)].float().norm()
-    return float(token_vectors(model, ids).norm() / raw.clamp_min(1e-12))
