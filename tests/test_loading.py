@@ -188,3 +188,17 @@ def test_real_gemma_prompts_live_in_the_space_its_decoder_receives(gemma3):
         f"gemma3-270m: max |logit difference| {err:.2e} over {len(x)} positions (logits up to {float(ref.abs().max()):.1f})"
     )
     assert err < 1e-3 and torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_an_architecture_softprompt_cannot_run_exactly_is_refused_at_load(tmp_path):
+    from conftest import VOCAB_SIZE, make_tokenizer
+    from transformers import MptConfig, MptForCausalLM
+
+    from softprompt.errors import UsageError
+
+    MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB_SIZE)).save_pretrained(
+        tmp_path
+    )
+    make_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match=r"MptForCausalLM \(model_type 'mpt'\) is not supported: its ALiBi"):
+        load_model(str(tmp_path), device="cpu")
