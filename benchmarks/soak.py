@@ -359,7 +359,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     proc, url = start_server(args, work)
     try:
-        http = httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
+        # POST .../load and DELETE have no body but, like every POST and DELETE, need a JSON content type
+        headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+        http = httpx.Client(base_url=url, timeout=120, headers=headers)
         churn = Churn(http, work, [n for n, _ in names])
         refs = references(http, churn, names)
         gap = separation(refs, names)

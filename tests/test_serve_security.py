@@ -29,6 +29,7 @@ from softprompt.serving.server import ServeLimits, create_app  # noqa: E402
 
 LOCAL = "http://127.0.0.1"  # TestClient's requests then arrive on a loopback address
 KEY = "s3cret-key"
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
@@ -36,10 +37,11 @@ def store(llama, tmp_path):
     return make_store(tmp_path / "store", llama)
 
 
-def client_for(store, *, api_key=None, base_url=LOCAL, **limits) -> TestClient:
+def client_for(store, *, api_key=None, base_url=LOCAL, allowed_hosts=(), **limits) -> TestClient:
     key = {} if api_key is None else {"api_key": api_key}
-    app = create_app(store, ServeLimits(**limits), **key)
-    return TestClient(app, base_url=base_url, raise_server_exceptions=False)
+    app = create_app(store, ServeLimits(**limits), allowed_hosts=allowed_hosts, **key)
+    # A JSON content type on every request: POST and DELETE need it (bodiless ones too).
+    return TestClient(app, base_url=base_url, raise_server_exceptions=False, headers=JSON)
 
 
 def assert_openai_error(r, status: int, tmp_path=None) -> dict:
@@ -93,7 +95,8 @@ def http_scope(path: str, method: str = "POST", headers=(), local=("127.0.0.1", 
     return {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), *headers], "client": ("127.0.0.1", 5000),
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 5000),
         "server": local,
     }  # fmt: skip
 
@@ -148,7 +151,8 @@ def test_with_a_key_every_route_but_health_needs_it(store):
      ("http://10.0.0.5", False), ("http://testserver", False), ("http://example.com", False)],
 )  # fmt: skip
 def test_without_a_key_management_needs_a_loopback_address(store, base_url, allowed):
-    with client_for(store, base_url=base_url) as client:
+    # allowed_hosts: the Host check passes, so what is tested here is the loopback rule
+    with client_for(store, base_url=base_url, allowed_hosts=["*"]) as client:
         assert client.post("/v1/classify", json={"model": "topic", "input": "the"}).status_code == 200
         assert client.get("/v1/prompts").status_code == 200
         load, delete = client.post("/v1/prompts/topic/load"), client.delete("/v1/prompts/quality")
@@ -380,3 +384,176 @@ def test_model_names_are_only_looked_up(store, name):
         assert_openai_error(r, 404)
         r = client.post("/v1/completions", json={"model": name, "prompt": "the"})
         assert_openai_error(r, 404)
+
+
+# ---------------------------------------------------------------------------- Host, Origin, Content-Type
+ROUTES = [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/prompts"), ("POST", "/v1/classify"),
+          ("POST", "/v1/completions"), ("POST", "/v1/prompts/topic/load"), ("DELETE", "/v1/prompts/quality")]  # fmt: skip
+BODIES = {
+    "/v1/classify": {"model": "topic", "input": "the"},
+    "/v1/completions": {"model": "topic", "prompt": "the"},
+}
+
+
+def call(client, method: str, path: str, **headers):
+    return client.request(method, path, json=BODIES.get(path), headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [("127.0.0.1", True), ("127.0.0.1:8000", True), ("localhost:1234", True), ("LocalHost", True),
+     ("[::1]:8000", True), ("localhost.", True), ("evil.example", False), ("evil.example:8000", False),
+     ("127.0.0.1.evil.example", False), ("localhost.evil.example:80", False), ("[::1", False), ("::1", False),
+     ("10.0.0.5", False)],
+)  # fmt: skip
+def test_a_host_that_is_not_this_server_is_refused(store, host, allowed):
+    """A page whose DNS name was re-pointed to 127.0.0.1 (DNS rebinding) sends its own name as Host."""
+    with client_for(store) as client:
+        for method, path in ROUTES:
+            r = call(client, method, path, host=host)
+            if allowed:
+                assert r.status_code == 200, (method, path, r.text)
+            else:
+                error = assert_openai_error(r, 421)
+                assert error["code"] == "host_not_allowed" and "--allowed_hosts" in error["message"]
+    assert ("quality" in store) is not allowed
+
+
+def test_allowed_hosts_the_address_reached_and_a_missing_host(store):
+    with client_for(store, allowed_hosts=["api.example.com", "10.0.0.9"]) as client:
+        assert call(client, "GET", "/v1/models", host="api.example.com:443").status_code == 200
+        assert call(client, "GET", "/v1/models", host="API.example.com.").status_code == 200
+        assert call(client, "GET", "/v1/models", host="10.0.0.9").status_code == 200
+        assert call(client, "GET", "/v1/models", host="www.example.com").status_code == 421
+    with client_for(store, allowed_hosts=["*"]) as client:
+        assert call(client, "POST", "/v1/classify", host="anything.example").status_code == 200
+    # a server on 0.0.0.0 reached as http://10.0.0.5: that address is its own name
+    with client_for(store, base_url="http://10.0.0.5") as client:
+        assert client.get("/v1/models").status_code == 200
+        assert client.get("/v1/models", headers={"host": "10.0.0.6"}).status_code == 421
+    with pytest.raises(UsageError, match="not a host name"):
+        server.HostPolicy(["bad host:port"])
+    app = create_app(store)  # no Host header at all (HTTP/1.0): refused too
+    scope = http_scope("/v1/models", "GET")
+    scope["headers"] = [h for h in scope["headers"] if h[0] != b"host"]
+    status, _ = asyncio.run(call_asgi(app, scope, iter([{"type": "http.request", "body": b""}])))
+    assert status == 421
+
+
+def test_state_changing_requests_from_another_site_are_refused(store):
+    evil = {"origin": "http://evil.example"}
+    with client_for(store) as client:
+        # the reported case: a page of another site loading a prompt with a "simple" text/plain POST
+        r = client.post("/v1/prompts/topic/load", headers={**evil, "content-type": "text/plain"})
+        error = assert_openai_error(r, 403)
+        assert error["code"] == "origin_not_allowed" and "evil.example" in error["message"]
+        for method, path in ROUTES:
+            r = call(client, method, path, **evil)
+            assert r.status_code == (403 if method != "GET" else 200), (method, path, r.text)
+            assert "access-control-allow-origin" not in r.headers  # no CORS: other sites cannot read answers
+        assert "quality" in store
+        for origin in ("null", "http://127.0.0.1.evil.example", "file://", "http://[::1"):
+            assert call(client, "DELETE", "/v1/prompts/quality", origin=origin).status_code == 403, origin
+        # this server's own names are not foreign, whatever the port or scheme
+        for origin in ("http://127.0.0.1:8000", "http://localhost:3000", "https://[::1]"):
+            assert call(client, "POST", "/v1/classify", origin=origin).status_code == 200, origin
+    with client_for(store, allowed_hosts=["app.example.com"]) as client:
+        assert call(client, "POST", "/v1/classify", origin="https://app.example.com").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [(None, 415), ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("multipart/form-data", 415),
+     ("application/json", 200), ("application/json; charset=utf-8", 200), ("Application/JSON", 200)],
+)  # fmt: skip
+def test_state_changing_requests_need_a_json_content_type(store, content_type, status):
+    app = create_app(store)
+    with TestClient(app, base_url=LOCAL, raise_server_exceptions=False) as client:
+        headers = {} if content_type is None else {"content-type": content_type}
+        for method, path in [("POST", "/v1/classify"), ("POST", "/v1/prompts/topic/load"),
+                             ("DELETE", "/v1/prompts/quality")]:  # fmt: skip
+            body = json.dumps(BODIES.get(path, {})).encode()
+            r = client.request(method, path, content=body if method == "POST" else None, headers=headers)
+            assert r.status_code == status, (method, path, r.text)
+            if status == 415:
+                error = assert_openai_error(r, 415)
+                assert "Content-Type: application/json" in error["message"]
+        assert client.get("/v1/models").status_code == 200  # reads need no content type
+
+
+def test_real_server_refuses_a_foreign_host_and_serves_the_openai_client(store, real_server):
+    import httpx
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(f"{real_server}/v1/models", headers={**auth, "Host": "evil.example"})
+    assert r.status_code == 421 and r.json()["error"]["code"] == "host_not_allowed"
+    localhost = real_server.replace("127.0.0.1", "localhost")
+    assert httpx.get(f"{localhost}/v1/models", headers=auth).status_code == 200
+
+
+# ---------------------------------------------------------------------------- inputs and names
+@pytest.mark.parametrize("texts", ["", "   ", "\n\t", ["the film", " "], ["", "the"]])
+def test_classify_refuses_empty_and_whitespace_only_input(store, texts):
+    with client_for(store) as client:
+        r = client.post("/v1/classify", json={"model": "topic", "input": texts})
+    error = assert_openai_error(r, 400)
+    assert "empty or only whitespace" in error["message"] and error["code"] == "empty_input"
+
+
+@pytest.mark.parametrize("name", ["sentiment%0a", "sentiment%0A", "sentiment%0d%0a", "%0asentiment"])
+def test_a_prompt_name_with_a_line_break_is_invalid(store, name):
+    with client_for(store) as client:
+        for r in (client.post(f"/v1/prompts/{name}/load"), client.delete(f"/v1/prompts/{name}")):
+            error = assert_openai_error(r, 400)
+            assert "invalid prompt name" in error["message"]
+    assert "sentiment" in store
+    with pytest.raises(server.InvalidPromptNameError):
+        store.path_of("sentiment\n")
+
+
+def test_a_symlinked_prompt_folder_that_fails_is_listed_as_failed(llama, tmp_path):
+    root = tmp_path / "store"
+    make_store(root, llama)
+    save_prompt(task_prompt("topic", seed=4), tmp_path / "elsewhere", llama)
+    os.symlink(tmp_path / "elsewhere", root / "linked")  # a prompt outside the store: refused
+    os.symlink(tmp_path / "missing", root / "dangling")  # points nowhere
+    os.symlink(root / "topic", root / "alias")  # inside the store: served like its target
+    store = PromptStore(root, llama, make_tokenizer())
+    assert store.names() == ["alias", "quality", "sentiment", "topic"]
+    with client_for(store) as client:
+        failed = client.get("/health").json()["failed"]
+        listed = client.get("/v1/prompts").json()["failed"]
+    assert [f["name"] for f in failed] == [f["name"] for f in listed] == ["dangling", "linked"]
+    assert "outside the store" in failed[1]["error"] and str(tmp_path) not in json.dumps(failed)
+
+
+def test_serve_refuses_a_blank_key_or_a_bad_host_name_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    import softprompt.loading
+    from softprompt.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the command was refused")
+
+    monkeypatch.setattr(softprompt.loading, "load_model", no_loading)
+    monkeypatch.delenv("SOFTPROMPT_API_KEY", raising=False)
+    cases = [
+        (["--host", "0.0.0.0", "--api_key", "   "], {}, "only whitespace"),
+        (["--host", "0.0.0.0"], {"SOFTPROMPT_API_KEY": " \t"}, "only whitespace"),
+        (["--host", "0.0.0.0"], {}, "--api_key"),
+        (["--allowed_hosts", "ok.example,bad host:x"], {}, "not a host name"),
+        (["--shutdown_timeout_s", "0"], {}, "shutdown_timeout_s must be > 0"),
+    ]
+    for options, env, words in cases:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SystemExit) as e:
+            main(["serve", str(tmp_path), *options])
+        assert e.value.code == 2 and words in capsys.readouterr().err, options
+        for k in env:
+            monkeypatch.delenv(k)
+    calls = []
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: calls.append(kw))
+    main(["serve", str(tmp_path), "--allowed_hosts", "a.example, b.example", "--shutdown_timeout_s", "2.5",
+          "--body_timeout_s", "7"])  # fmt: skip
+    assert calls[0]["allowed_hosts"] == ["a.example", "b.example"]
+    assert (calls[0]["limits"].shutdown_timeout_s, calls[0]["limits"].body_timeout_s) == (2.5, 7.0)

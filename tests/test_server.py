@@ -20,6 +20,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from softprompt.serving.server import ServeLimits, create_app  # noqa: E402
 
+JSON = {"content-type": "application/json"}
+
 
 @pytest.fixture
 def store(llama, tmp_path):
@@ -31,7 +33,8 @@ def store(llama, tmp_path):
 
 def client_for(store, **limits) -> TestClient:
     # On a loopback address: without an API key, prompt management is answered only there.
-    return TestClient(create_app(store, ServeLimits(**limits)), base_url="http://127.0.0.1")
+    # POST and DELETE need a JSON content type, bodiless ones too: send it with every request.
+    return TestClient(create_app(store, ServeLimits(**limits)), base_url="http://127.0.0.1", headers=JSON)
 
 
 def test_health_and_models_list_prompts(store):
@@ -281,7 +284,7 @@ def test_prompt_management(store, tmp_path):
         r = client.post("/v1/prompts/alien/load")
         assert r.status_code == 409 and "different base model" in r.json()["error"]["message"]
     app = create_app(store, allow_management=False)
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with TestClient(app, base_url="http://127.0.0.1", headers=JSON) as client:
         assert client.delete("/v1/prompts/topic").status_code == 403
         assert client.get("/v1/models").status_code == 200
 

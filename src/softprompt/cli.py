@@ -226,21 +226,39 @@ def cmd_info(path: str, as_json: bool) -> None:
 
 def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batch_size: int,
               batch_window_ms: float, batch_gap_ms: float, max_queue: int, max_tokens: int,
-              allow_management: bool, api_key: str | None = None, max_running_batches: int = 2) -> None:  # fmt: skip
+              allow_management: bool, api_key: str | None = None, max_running_batches: int = 2,
+              allowed_hosts: str | list[str] | None = None, shutdown_timeout_s: float = 5.0,
+              body_timeout_s: float = 20.0) -> None:  # fmt: skip
     import os
 
-    api_key = api_key or os.environ.get("SOFTPROMPT_API_KEY") or None
+    if isinstance(allowed_hosts, str):  # --allowed_hosts a.example,b.example
+        allowed_hosts = [h.strip() for h in allowed_hosts.split(",") if h.strip()]
+
+    given = api_key or os.environ.get("SOFTPROMPT_API_KEY")
+    if given and not given.strip():
+        raise UsageError("the API key is only whitespace; give a hard-to-guess string in --api_key or "
+                         "SOFTPROMPT_API_KEY, or unset both for no key")  # fmt: skip
+    api_key = given or None
     try:
-        from softprompt.serving.server import ServeLimits, serve
+        from softprompt.serving.guard import HostPolicy, ServeLimits, check_binding
     except ImportError as e:
         raise UsageError(
             f"softprompt serve needs fastapi and uvicorn ({e}); pip install 'softprompt[serve]'"
         ) from None
+    # Everything that can refuse the command does so before the model is loaded.
+    check_binding(host, allow_management=allow_management, api_key=api_key)
+    HostPolicy([host, *(allowed_hosts or [])])
     limits = ServeLimits(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
                          batch_gap_ms=batch_gap_ms if batch_gap_ms > 0 else None, max_tokens=max_tokens,
-                         max_running_batches=max_running_batches)  # fmt: skip
-    serve(store, model, dtype, host=host, port=port, limits=limits, allow_management=allow_management,
-          api_key=api_key)  # fmt: skip
+                         max_running_batches=max_running_batches, shutdown_timeout_s=shutdown_timeout_s,
+                         body_timeout_s=body_timeout_s)  # fmt: skip
+    from softprompt.serving.server import serve
+
+    try:
+        serve(store, model, dtype, host=host, port=port, limits=limits, allow_management=allow_management,
+              api_key=api_key, allowed_hosts=allowed_hosts or [])  # fmt: skip
+    except KeyboardInterrupt:  # SIGINT, after the bounded shutdown the server's log reports
+        raise SystemExit(130) from None
 
 
 def cmd_export_embeds(prompt: str, texts: list[str], file: str | None, text_column: str | None,
@@ -456,6 +474,16 @@ def build_parser() -> ArgumentParser:
         help="Require 'Authorization: Bearer KEY' on every route but /health (default: the "
         "SOFTPROMPT_API_KEY environment variable, else none: then management needs a loopback --host).",
     )
+    p.add_argument("--allowed_hosts", type=str | None, default=None,
+                   help="Comma-separated host names clients may reach the server by, besides loopback names, "
+                   "--host and the address reached (e.g. 'api.example.com,10.0.0.5'; '*': any). Other Host "
+                   "headers get 421 (against DNS rebinding).")  # fmt: skip
+    p.add_argument("--shutdown_timeout_s", type=float, default=5.0,
+                   help="On SIGTERM/SIGINT, seconds requests in flight may take to finish before they are "
+                   "cancelled (the process ends within this + 2 s; a second signal ends it at once).")  # fmt: skip
+    p.add_argument("--body_timeout_s", type=float, default=20.0,
+                   help="Seconds to receive a request's body after its headers (408 and the connection "
+                   "closed beyond).")  # fmt: skip
     sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
 
     p = _parser(
@@ -557,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "serve":
             cmd_serve(a.store, a.model, a.dtype, a.host, a.port, a.max_batch_size, a.batch_window_ms,
                       a.batch_gap_ms, a.max_queue, a.max_tokens, a.allow_management, a.api_key,
-                      a.max_running_batches)  # fmt: skip
+                      a.max_running_batches, a.allowed_hosts, a.shutdown_timeout_s, a.body_timeout_s)  # fmt: skip
         elif name == "export-embeds":
             cmd_export_embeds(a.prompt, a.texts, a.file, a.text_column, a.model, a.template, a.chat_template,
                               a.served_model, a.max_tokens, a.temperature, a.dtype, a.output)  # fmt: skip

@@ -2,6 +2,7 @@
 batches whose rows use different prompts, and the cached prompt prefix.
 
     left-padded input ids -> prefill (prompt from a cached prefix, or run with the input) -> logits
+        -> logit bias and repetition penalties (OpenAI's logit_bias, presence/frequency_penalty)
         -> pick a token per row (argmax, or temperature + top-p sampling) -> decode_step -> ...
         -> stop at EOS, at a stop string, or after max_new_tokens
 """
@@ -71,6 +72,66 @@ def pick_tokens(
     return choice.to(logits.device)
 
 
+class LogitAdjust:
+    """OpenAI's ``logit_bias``, ``presence_penalty`` and ``frequency_penalty``, one of each per row.
+
+    Before a token is picked (greedy or sampled), row b's logits get ``bias[b][token]`` added,
+    ``presence[b]`` subtracted once from every token the row has generated so far, and
+    ``frequency[b]`` subtracted once per time it generated that token (the input does not count).
+    """
+
+    def __init__(self, bias: list[dict[int, float]], presence: list[float], frequency: list[float]):
+        self.rows = bias
+        self.presence = torch.tensor(presence).unsqueeze(1)  # (B, 1)
+        self.frequency = torch.tensor(frequency).unsqueeze(1)
+        self.bias: torch.Tensor | None = None  # (B, V), built at the first step (V from the logits)
+        self.counts: torch.Tensor | None = None  # (B, V): how often each row generated each token
+
+    @classmethod
+    def build(
+        cls, B: int, logit_bias=None, presence_penalty=0.0, frequency_penalty=0.0
+    ) -> LogitAdjust | None:
+        """For ``B`` rows (each argument one value for every row, or a list of one per row); None
+        when it changes nothing."""
+        per_row = [
+            v if isinstance(v, list) else [v] * B for v in (logit_bias, presence_penalty, frequency_penalty)
+        ]
+        if any(len(v) != B for v in per_row):
+            raise UsageError(f"logit_bias and the penalties need one value per row ({B} rows) or one for all")
+        bias, presence, frequency = [dict(b or {}) for b in per_row[0]], per_row[1], per_row[2]
+        if any(not -2 <= p <= 2 for p in presence + frequency):
+            raise UsageError(
+                f"presence_penalty and frequency_penalty must be in [-2, 2], got {presence}, {frequency}"
+            )
+        if any(not -100 <= v <= 100 for row in bias for v in row.values()):
+            raise UsageError("each logit_bias value must be in [-100, 100] (OpenAI's range)")
+        if not any(bias) and not any(presence) and not any(frequency):
+            return None
+        return cls(bias, [float(p) for p in presence], [float(f) for f in frequency])
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """The adjusted (B, V) logits, in float32."""
+        B, V = logits.shape
+        if self.bias is None:
+            self.bias = torch.zeros(B, V, device=logits.device)
+            for b, row in enumerate(self.rows):
+                if any(not 0 <= t < V for t in row):
+                    raise UsageError(
+                        f"logit_bias names token ids outside the vocabulary (0..{V - 1}): {sorted(row)}"
+                    )
+                if row:
+                    self.bias[b, list(row)] = torch.tensor(list(row.values()), device=logits.device)
+            self.counts = torch.zeros(B, V, device=logits.device)
+            self.presence, self.frequency = self.presence.to(logits.device), self.frequency.to(logits.device)
+        return logits.float() + self.bias - self.presence * (self.counts > 0) - self.frequency * self.counts
+
+    def record(self, added: list[int | None]) -> None:
+        """Count the tokens the rows generated at this step (``None``: the row added none)."""
+        rows = [b for b, t in enumerate(added) if t is not None]
+        if rows and self.counts is not None:
+            self.counts[rows, [added[b] for b in rows]] += 1
+
+
 def _cut_at_stop(text: str, stops: list[str]) -> int | None:
     """Index where the earliest stop string starts in ``text``, or None."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -130,14 +191,20 @@ def generate_steps(
     tokenizer=None,
     generator: torch.Generator | None = None,
     logprobs: int | None = None,
+    logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None,
+    presence_penalty: float | list[float] = 0.0,
+    frequency_penalty: float | list[float] = 0.0,
 ) -> Iterator[DecodeStep]:
     """:func:`generate` one step at a time: yields a :class:`DecodeStep` per token position, so a
     caller can stream tokens as they come or run other work between steps.
 
     The arguments are :func:`generate`'s; ``logprobs`` (an int, 0 or more) also reports each generated
-    token's log-probability and that many most likely alternatives (one log-softmax per step).
-    Checks run at the first ``next()``, where the prefill also runs; closing the iterator early
-    stops the decoding.
+    token's log-probability and that many most likely alternatives (one log-softmax per step), from
+    the model's distribution before any adjustment. ``logit_bias`` (token id -> bias in [-100, 100]),
+    ``presence_penalty`` and ``frequency_penalty`` (in [-2, 2]) adjust the logits before each pick
+    with OpenAI's semantics (:class:`LogitAdjust`); each is one value for every row or a list with
+    one per row. Checks run at the first ``next()``, where the prefill also runs; closing the
+    iterator early stops the decoding.
     """
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -157,6 +224,7 @@ def generate_steps(
     pad_id = pad_id if pad_id is not None else (min(eos) if eos else 0)
     ids, mask = left_pad(input_ids, attention_mask, pad_id)
     B = ids.shape[0]
+    adjust = LogitAdjust.build(B, logit_bias, presence_penalty, frequency_penalty)
 
     out: list[list[int]] = [[] for _ in range(B)]
 
@@ -168,7 +236,8 @@ def generate_steps(
     logits, state = prompted.prefill(ids, mask, prompt, prompt_index, prompt_lengths, prefix)
     active = torch.ones(B, dtype=torch.bool)
     for step in range(max_new_tokens):
-        tokens = pick_tokens(logits, do_sample, temperature, top_p, generator)
+        adjusted = logits if adjust is None else adjust(logits)
+        tokens = pick_tokens(adjusted, do_sample, temperature, top_p, generator)
         picked = tokens.tolist()  # one device-to-host copy per step
         scored = _token_logprobs(logits, tokens, logprobs) if logprobs is not None else None
         added: list[int | None] = [None] * B
@@ -188,6 +257,8 @@ def generate_steps(
                     active[b] = False
                     out[b] = _tokens_within(out[b], text[:cut], tokenizer)
                     ended[b] = end(b, "stop", text[:cut])
+        if adjust is not None:
+            adjust.record(added)
         last = not active.any() or step == max_new_tokens - 1
         if last:
             for b in torch.nonzero(active).flatten().tolist():
@@ -244,18 +315,23 @@ def generate(
     stop_strings: list[str] | None = None,
     tokenizer=None,
     generator: torch.Generator | None = None,
+    logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None,
+    presence_penalty: float | list[float] = 0.0,
+    frequency_penalty: float | list[float] = 0.0,
 ) -> GenerateOutput:
     """Continue each row of ``input_ids`` (B, T) under its prompt; see :class:`GenerateOutput`.
 
     The prompt comes from ``prompt`` (run with every input) or ``prefix`` (its keys and values
     computed once, see :meth:`PromptedLM.prefix_cache`); neither gives the plain model. Rows may be
-    left- or right-padded; they are decoded left-padded. :func:`generate_steps` gives the same
-    tokens one step at a time.
+    left- or right-padded; they are decoded left-padded. ``logit_bias``, ``presence_penalty`` and
+    ``frequency_penalty`` work as in OpenAI's API (see :func:`generate_steps`). :func:`generate_steps`
+    gives the same tokens one step at a time.
     """
     steps = generate_steps(
         prompted, input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix,
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
         eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer, generator=generator,
+        logit_bias=logit_bias, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
     )  # fmt: skip
     return collect(steps, tokenizer)
 

@@ -122,17 +122,25 @@ class Batcher:
         self._outbox: list[tuple[Job, object]] = []  # stream items of this round, sent together
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._stopping = threading.Event()
 
     def start(self) -> None:
+        self._stopping.clear()
         with self._start_lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, name="softprompt-batcher", daemon=True)
                 self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fail what is queued or running with 503 and end the worker after its current step; wait at
+        most ``timeout`` seconds for that (the thread is a daemon: it cannot hold the process)."""
+        self._stopping.set()
         if self._thread is not None and self._thread.is_alive():
-            self.queue.put(None)
-            self._thread.join(timeout=30)
+            with contextlib.suppress(queue.Full):  # a full queue: the busy worker sees _stopping
+                self.queue.put_nowait(None)
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                log.warning("the batcher did not finish its current step within %.1f s; leaving it", timeout)
 
     def submit(self, key: tuple, entries: list[PromptEntry], texts: list, *, stream: bool = False,
                **params) -> Job:  # fmt: skip
@@ -185,12 +193,19 @@ class Batcher:
             for run in list(self._running):  # one step of each generation batch, in turn
                 self._step(run)
             self._flush()
-            if stop:
+            if stop or self._stopping.is_set():
                 gone = APIError(503, "the server is shutting down", "server_error")
                 for run in self._running:
                     self._fail(run.rows, gone)
                 for group in self._waiting.values():
                     self._fail([(job, 0) for job in group], gone)
+                while True:  # and what is still queued
+                    try:
+                        job = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        self._fail([(job, 0)], gone)
                 self._running.clear()
                 self._waiting.clear()
                 self._flush()
@@ -279,12 +294,15 @@ class Batcher:
             self._launch(rows[s : s + size])
 
     def _launch(self, rows: list[tuple[Job, int]]) -> None:
-        p = rows[0][0].params
+        p = rows[0][0].params  # the same for every job of a batch (its key); the penalties are per row
         try:
             prompt_rows, steps = generate_mixed_steps(
                 self.store, [job.entries[i] for job, i in rows], [job.texts[i] for job, i in rows],
                 max_new_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
                 stop=p["stop"], logprobs=p.get("logprobs"),
+                logit_bias=[job.params.get("logit_bias") for job, _ in rows],
+                presence_penalty=[job.params.get("presence_penalty", 0.0) for job, _ in rows],
+                frequency_penalty=[job.params.get("frequency_penalty", 0.0) for job, _ in rows],
             )  # fmt: skip
         except Exception as e:
             self._failed(rows, e, started=False)

@@ -250,6 +250,9 @@ def generate_mixed_steps(
     generator: torch.Generator | None = None,
     use_prefix: bool | None = None,
     logprobs: int | None = None,
+    logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None,
+    presence_penalty: float | list[float] = 0.0,
+    frequency_penalty: float | list[float] = 0.0,
 ) -> tuple[list[list[int]], Iterator[DecodeStep]]:
     """:func:`generate_mixed` one step at a time: the input token ids of each row, and the steps
     (:func:`softprompt.decoding.generate_steps`; the model runs as the steps are taken)."""
@@ -260,7 +263,8 @@ def generate_mixed_steps(
         store.prompted, ids, mask, **kwargs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
         eos_token_id=store.tokenizer.eos_token_id, stop_strings=stop or None, tokenizer=store.tokenizer,
-        generator=generator, logprobs=logprobs,
+        generator=generator, logprobs=logprobs, logit_bias=logit_bias, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )  # fmt: skip
     return rows, steps
 
@@ -278,17 +282,23 @@ def generate_mixed(
     generator: torch.Generator | None = None,
     use_prefix: bool | None = None,
     logprobs: int | None = None,
+    logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None,
+    presence_penalty: float | list[float] = 0.0,
+    frequency_penalty: float | list[float] = 0.0,
 ) -> list[Completion]:
     """Continue text i under prompt ``entries[i]``, all rows in one generation batch.
 
     ``temperature=0`` is greedy decoding. With ``apply_template`` each text is put in its prompt's
     template first (the form the prompt was trained on); a row given as token ids is used as is.
-    ``logprobs`` (0 or more alternatives) also returns each generated token's log-probability.
+    ``logprobs`` (0 or more alternatives) also returns each generated token's log-probability;
+    ``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` (one for all rows or one per row)
+    work as in OpenAI's API (:class:`softprompt.decoding.LogitAdjust`).
     """
     rows, steps = generate_mixed_steps(
         store, entries, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         stop=stop, apply_template=apply_template, generator=generator, use_prefix=use_prefix,
-        logprobs=logprobs,
+        logprobs=logprobs, logit_bias=logit_bias, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )  # fmt: skip
     ends: dict[int, RowEnd] = {}
     scored: list[list[TokenLogprob]] = [[] for _ in rows]

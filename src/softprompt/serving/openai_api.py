@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,23 +20,99 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assist
 
 
 # ---------------------------------------------------------------------------- request bodies
+# Every field of OpenAI's two request bodies is either honoured (declared on the request models
+# below, with OpenAI's meaning) or refused (the tables below: a 400 that names it, unless its value
+# asks for nothing, e.g. best_of=1). A field in neither is refused too, as unknown. tests/
+# test_serve_security.py walks the installed openai package's request types against both lists.
+class Refused(NamedTuple):
+    why: str
+    """What the client should do instead (the 400's message after the field's name)."""
+    neutral: tuple = (None,)
+    """Values that ask for nothing this server lacks: accepted and ignored."""
+
+
+SEED = Refused("requests share batches, so a seed cannot make one repeatable; use temperature=0")
+REFUSED_COMPLETION_FIELDS: dict[str, Refused] = {
+    "best_of": Refused(
+        "candidates are not generated and ranked here; send n for several completions", (None, 1)
+    ),
+    "echo": Refused("prompt log-probabilities are not computed; leave it unset", (None, False)),
+    "suffix": Refused("this server only continues text (no insertion); leave it unset"),
+    "seed": SEED,
+}
+REFUSED_CHAT_FIELDS: dict[str, Refused] = {
+    "n": Refused("one choice per chat request; repeat the request for more", (None, 1)),
+    "seed": SEED,
+    "tools": Refused("tool calling is not supported; send messages only", (None, [])),
+    "tool_choice": Refused("tool calling is not supported; leave it unset", (None, "none")),
+    "parallel_tool_calls": Refused("tool calling is not supported; leave it unset"),
+    "functions": Refused("function calling is not supported; send messages only", (None, [])),
+    "function_call": Refused("function calling is not supported; leave it unset", (None, "none")),
+    "response_format": Refused(
+        "only text answers are produced (no JSON mode or schema)", (None, {"type": "text"})
+    ),
+    "audio": Refused("only text is produced; leave it unset"),
+    "modalities": Refused("only text is produced", (None, ["text"])),
+    "prediction": Refused("predicted outputs are not supported; leave it unset"),
+    "reasoning_effort": Refused("prompts here are not reasoning models; leave it unset"),
+    "verbosity": Refused("answers are as long as max_tokens and stop allow; leave it unset"),
+    "web_search_options": Refused("there is no web search here; leave it unset"),
+    "store": Refused("this server stores no completions", (None, False)),
+    "metadata": Refused("this server stores no completions to tag", (None, {})),
+    "moderation": Refused("there is no moderation here; leave it unset"),
+    "service_tier": Refused("there is one service tier here", (None, "auto", "default")),
+    "prompt_cache_retention": Refused("each prompt's cache lives while the prompt is loaded; leave it unset"),
+    "prompt_cache_options": Refused("each prompt's cache lives while the prompt is loaded; leave it unset"),
+}
+REFUSED_MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal")
+"""Fields of a chat message that are refused unless null: the chat template sees only role and content."""
+
+
+def _is_neutral(value, neutral: tuple) -> bool:
+    """``value`` is one of ``neutral`` (of the same type: ``True`` is not ``1``)."""
+    return any(value is n or (type(value) is type(n) and value == n) for n in neutral)
+
+
+def check_fields(req: SamplingRequest, refused: dict[str, Refused], route: str) -> None:
+    """A 400 naming the first field of ``req`` that asks for something this server does not do."""
+    for name, value in (req.model_extra or {}).items():
+        rule = refused.get(name)
+        if rule is None:
+            known = ", ".join(sorted(type(req).model_fields))
+            raise APIError(400, f"unknown field {name!r} for {route}; the fields it takes: {known}",
+                           code="unsupported_field")  # fmt: skip
+        if not _is_neutral(value, rule.neutral):
+            raise APIError(400, f"{name}={value!r} is not supported: {rule.why}", code="unsupported_field")
+    options = req.stream_options
+    if options is not None and (options.model_extra or options.include_obfuscation):
+        name = next(iter(options.model_extra or {}), "include_obfuscation")
+        raise APIError(400, f"stream_options.{name} is not supported: the only stream option here is "
+                       "include_usage", code="unsupported_field")  # fmt: skip
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # refused by check_fields
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+    """Only false: chunks here carry no obfuscation padding."""
 
 
 class SamplingRequest(BaseModel):
-    """The fields completions and chat completions share; fields we do not use are accepted and ignored."""
+    """The fields completions and chat completions share (see the tables above for the others)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # refused and unknown fields: check_fields answers 400
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string, as JSON keys are) -> a bias in [-100, 100] added to its logit."""
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    """An end-user id (at OpenAI: for abuse monitoring); it changes nothing here either."""
 
 
 class CompletionRequest(SamplingRequest):
@@ -44,7 +120,7 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=1)
-    echo: bool = False
+    n: int = Field(1, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
 
@@ -55,7 +131,7 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # REFUSED_MESSAGE_FIELDS are checked by chat_messages
     role: str
     content: str | list[ContentPart] | None = None
 
@@ -68,8 +144,26 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list | None = None
-    response_format: dict | None = None
+    safety_identifier: str | None = None
+    """Like ``user``: an id for abuse monitoring at OpenAI; it changes nothing here."""
+    prompt_cache_key: str | None = None
+    """A caching hint at OpenAI; here every prompt's keys and values are cached anyway."""
+
+
+def logit_bias_ids(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """The request's ``logit_bias`` with integer token ids, checked (400 for what OpenAI refuses)."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit() or int(key) >= vocab_size:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1}); "
+                           "use ids from the base model's tokenizer", code="invalid_logit_bias")  # fmt: skip
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias of token {key} is {value}; each bias must be in [-100, 100]",
+                           code="invalid_logit_bias")  # fmt: skip
+        out[int(key)] = float(value)
+    return out
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -85,22 +179,18 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 def chat_messages(req: ChatCompletionRequest) -> list[dict]:
     """The request's messages as the chat template reads them: ``{"role", "content"}`` with text
     content (text parts are joined; ``developer`` is given as ``system``)."""
-    if req.n != 1:
-        raise APIError(
-            400, f"n={req.n} is not supported for chat completions; send n=1 (or repeat the request)"
-        )
-    if req.seed is not None:  # rows of many requests share one sampling batch
-        raise APIError(
-            400, "seed is not supported: requests share batches; use temperature=0 for repeatable output"
-        )
-    if req.tools:
-        raise APIError(400, "tools are not supported; send messages only")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise APIError(400, "response_format other than text is not supported")
+    check_fields(req, REFUSED_CHAT_FIELDS, "/v1/chat/completions")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true")
     out = []
     for i, m in enumerate(req.messages):
+        extra = next((k for k, v in (m.model_extra or {}).items() if v is not None), None)
+        if extra is not None:
+            what = (
+                "is not supported" if extra in REFUSED_MESSAGE_FIELDS else "is not a field of a chat message"
+            )
+            raise APIError(400, f"messages[{i}].{extra} {what}: the chat template is given each message's role "
+                           "and text content only; leave it out", code="unsupported_field")  # fmt: skip
         role = CHAT_ROLES.get(m.role)
         if role is None:
             raise APIError(

@@ -58,8 +58,9 @@ log = logging.getLogger(__name__)
 READ_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 # A prompt name is a folder name inside the store: no separators, no dot-names, nothing that could
-# leave the root (checked again on the resolved path).
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# leave the root (checked again on the resolved path). Matched whole (fullmatch): "$" alone would
+# also accept a trailing newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -210,10 +211,12 @@ class PromptStore:
         """Names of the prompt folders in ``root`` (loaded or not)."""
         names = []
         for p in self.root.iterdir():
-            if not NAME_PATTERN.match(p.name):
+            if not NAME_PATTERN.fullmatch(p.name):
                 continue
             try:
-                if p.is_dir() and (p / CONFIG_NAME).is_file():
+                # A symbolic link is listed even when broken or pointing out of the store, so that
+                # loading it fails and says why (in failures()) instead of it vanishing silently.
+                if p.is_symlink() or (p.is_dir() and (p / CONFIG_NAME).is_file()):
                     names.append(p.name)
             except OSError:  # unreadable: listed, so that loading it says why
                 names.append(p.name)
@@ -225,7 +228,7 @@ class PromptStore:
         A folder leaves the list when it loads (or is replaced) successfully, or is deleted.
         """
         failed = dict(self._failed)
-        return [{"name": n, "error": failed[n]} for n in sorted(failed) if (self.root / n).is_dir()]
+        return [{"name": n, "error": failed[n]} for n in sorted(failed) if os.path.lexists(self.root / n)]
 
     def redact(self, text: str) -> str:
         """``text`` with paths inside the store written relative to it (``topic/softprompt.json``)
@@ -235,7 +238,7 @@ class PromptStore:
 
     def path_of(self, name: str) -> Path:
         """The folder of prompt ``name`` inside ``root``; refuses names that would point elsewhere."""
-        if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
             raise InvalidPromptNameError(
                 f"invalid prompt name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting "
                 "with a letter or digit (no path separators)"
@@ -249,13 +252,21 @@ class PromptStore:
 
     # ------------------------------------------------------------------ writing
     def load(self, name: str) -> PromptEntry:
-        """Load (or reload) ``root/name`` from disk; it replaces a loaded prompt of that name."""
-        path = self.path_of(name)
-        if not path.is_dir():
-            raise MissingFileError(
-                f"no prompt folder {name!r} in the store {self.root} (available: "
-                f"{', '.join(self.available()[:20]) or 'none'}); save one there first"
-            )
+        """Load (or reload) ``root/name`` from disk; it replaces a loaded prompt of that name.
+
+        A failure is remembered for :meth:`failures` while something named ``name`` is in the store.
+        """
+        try:
+            path = self.path_of(name)
+            if not path.is_dir():
+                raise MissingFileError(
+                    f"no prompt folder {name!r} in the store {self.root} (available: "
+                    f"{', '.join(self.available()[:20]) or 'none'}); save one there first"
+                )
+        except (InvalidPromptNameError, MissingFileError) as e:
+            if isinstance(name, str) and NAME_PATTERN.fullmatch(name) and os.path.lexists(self.root / name):
+                self._failed[name] = str(e)  # e.g. a symbolic link that is broken or leaves the store
+            raise
         try:
             prompt = load_prompt(path, self.prompted.model, check_model=self.check_model)
             return self._put(name, prompt, path)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 
 import jinja2
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -35,6 +34,7 @@ from softprompt.serving.batcher import Batcher, Job, StreamText
 from softprompt.serving.guard import (  # noqa: F401  (check_binding, is_loopback: part of this module's API)
     KEY_HINT,
     APIError,
+    HostPolicy,
     RequestGuard,
     ServeLimits,
     check_binding,
@@ -42,16 +42,21 @@ from softprompt.serving.guard import (  # noqa: F401  (check_binding, is_loopbac
     error_response,
     is_loopback,
 )
+from softprompt.serving.lifecycle import bounded_server, one_torch_thread  # noqa: F401  (API)
 from softprompt.serving.mixed import chat_ids, classification_result, ensemble_result, render
 from softprompt.serving.openai_api import (
     DONE,
+    REFUSED_COMPLETION_FIELDS,
     ChatCompletionRequest,
     ChunkWriter,
     CompletionRequest,
+    SamplingRequest,
     chat_messages,
     chat_response,
+    check_fields,
     completion_response,
     error_event,
+    logit_bias_ids,
     stop_list,
 )
 from softprompt.serving.registry import PromptEntry, PromptStore
@@ -77,6 +82,7 @@ def create_app(
     *,
     allow_management: bool = True,
     api_key: str | None = None,
+    allowed_hosts: list[str] | tuple[str, ...] = (),
 ) -> FastAPI:
     """The FastAPI app serving ``store``'s prompts on ``model``.
 
@@ -85,7 +91,9 @@ def create_app(
     ``POST /v1/prompts/{name}/load``, ``DELETE /v1/prompts/{name}``.
     With ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <api_key>``;
     without one, loading and unloading prompts is answered only on a loopback address (and
-    :func:`serve` refuses to listen elsewhere, see :func:`check_binding`).
+    :func:`serve` refuses to listen elsewhere, see :func:`check_binding`). Requests must name the
+    server in ``Host`` (loopback names, the address they reached, or ``allowed_hosts``); POST and
+    DELETE need a JSON content type and no foreign ``Origin`` (see :class:`RequestGuard`).
     All model compute runs in one batcher thread; on CPU, build the model and store inside
     :func:`one_torch_thread` (as :func:`serve` does) so that thread runs at full speed.
     """
@@ -102,11 +110,12 @@ def create_app(
     async def lifespan(app: FastAPI):
         batcher.start()
         yield
-        await asyncio.to_thread(batcher.stop)
+        await asyncio.to_thread(batcher.stop, limits.shutdown_timeout_s)
 
     app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan)
     app.state.store, app.state.batcher, app.state.limits = store, batcher, limits
-    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, api_key=api_key)
+    app.add_middleware(RequestGuard, limits=limits, api_key=api_key, hosts=HostPolicy(allowed_hosts))
+    vocab_size = store.prompted.config.vocab_size
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -174,13 +183,12 @@ def create_app(
                 "ask for fewer tokens",
             )  # fmt: skip
 
-    def check_sampling(seed: int | None, stream: bool, logprobs) -> None:
-        if seed is not None:  # rows of many requests share one sampling batch
-            raise APIError(
-                400, "seed is not supported: requests share batches; use temperature=0 for repeatable output"
-            )
-        if stream and logprobs:
+    def check_sampling(req: SamplingRequest, logprobs) -> dict:
+        """The per-row sampling parameters of ``req`` (logit bias and penalties), checked."""
+        if req.stream and logprobs:
             raise APIError(400, "logprobs are not supported with stream=true; send one or the other")
+        return {"logit_bias": logit_bias_ids(req.logit_bias, vocab_size), "presence_penalty": req.presence_penalty,
+                "frequency_penalty": req.frequency_penalty}  # fmt: skip
 
     def stream_response(job: Job, writer: ChunkWriter, prompt_tokens: int, include_usage: bool,
                         headers: dict | None = None) -> StreamingResponse:  # fmt: skip
@@ -214,9 +222,8 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        if req.echo:
-            raise APIError(400, "echo is not supported; leave it unset")
-        check_sampling(req.seed, req.stream, req.logprobs is not None)
+        check_fields(req, REFUSED_COMPLETION_FIELDS, "/v1/completions")
+        per_row = check_sampling(req, req.logprobs is not None)
         texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not texts:
             raise APIError(400, "prompt is an empty list; give at least one prompt")
@@ -232,7 +239,7 @@ def create_app(
         check_positions(e, max(lengths), req.max_tokens)
         rows = [t for t in texts for _ in range(req.n)]  # OpenAI order: prompt-major, then n choices each
         params = {"max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                  "stop": stops, "logprobs": req.logprobs}  # fmt: skip
+                  "stop": stops, "logprobs": req.logprobs, **per_row}  # fmt: skip
         key = ("generate", req.max_tokens, req.temperature, req.top_p, tuple(stops), req.logprobs)
         if req.stream:
             job = batcher.submit(key, [e] * len(rows), rows, stream=True, **params)
@@ -262,7 +269,7 @@ def create_app(
     async def chat_completions(req: ChatCompletionRequest):
         messages = chat_messages(req)  # 400 for what we do not support (n > 1, tools, ...)
         want_logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        check_sampling(req.seed, req.stream, req.logprobs)
+        per_row = check_sampling(req, req.logprobs)
         stops = stop_list(req.stop)
         e = entry(store.snapshot(), req.model)
         if e.usage.chat:  # as in training: the last user turn in the prompt's template
@@ -288,7 +295,7 @@ def create_app(
         warning = template_warning(e)
         headers = {"X-Softprompt-Warning": warning} if warning else {}
         params = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                  "stop": stops, "logprobs": want_logprobs}  # fmt: skip
+                  "stop": stops, "logprobs": want_logprobs, **per_row}  # fmt: skip
         key = ("generate", max_tokens, req.temperature, req.top_p, tuple(stops), want_logprobs)
         if req.stream:
             job = batcher.submit(key, [e], [ids], stream=True, **params)
@@ -303,6 +310,10 @@ def create_app(
         names = [req.model] if isinstance(req.model, str) else list(req.model)
         if not texts or not names:
             raise APIError(400, "input and model must not be empty")
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        if blank:  # as `softprompt predict` refuses them: there is nothing to classify
+            raise APIError(400, f"input {blank[0]} is empty or only whitespace; give each input some text",
+                           code="empty_input")  # fmt: skip
         if len(texts) * len(names) > limits.max_items:
             raise APIError(
                 413, f"{len(texts)} texts x {len(names)} prompts is over the limit of {limits.max_items}"
@@ -381,36 +392,22 @@ def create_app(
     return app
 
 
-@contextmanager
-def one_torch_thread():
-    """Run set-up work (loading the model and the store) on one torch thread.
-
-    On CPU, a thread that has run multi-threaded torch work keeps its own OpenMP thread team; the
-    batcher's thread, which does all model compute while serving, then runs about 20-25% slower
-    (measured with ``benchmarks/serve_load.py``). Loading on one thread avoids that team. The thread
-    count is restored on exit, so the batcher runs with torch's usual number of threads.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device: str = "auto",
           host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
-          allow_management: bool = True, api_key: str | None = None) -> None:  # fmt: skip
+          allow_management: bool = True, api_key: str | None = None,
+          allowed_hosts: list[str] | tuple[str, ...] = ()) -> None:  # fmt: skip
     """Load ``model``, every prompt in ``store_dir``, and serve them with uvicorn until stopped.
 
     Refuses (before loading anything) to serve prompt management on a non-loopback ``host``
-    without ``api_key``.
+    without ``api_key``. Requests must name the server in ``Host``: a loopback name, ``host``, one
+    of ``allowed_hosts``, or the address they reached. SIGTERM/SIGINT stop it within
+    ``limits.shutdown_timeout_s`` (+2 s); a second signal at once (see :mod:`.lifecycle`).
     """
-    import uvicorn
-
     from softprompt.loading import load_model
 
+    limits = limits or ServeLimits()
     check_binding(host, allow_management=allow_management, api_key=api_key)
+    hosts = HostPolicy([host, *allowed_hosts])  # a malformed name is refused before the model loads
     with one_torch_thread():
         base, tokenizer = load_model(model, dtype=dtype, device=device)
         store = PromptStore(store_dir, base, tokenizer)
@@ -420,5 +417,7 @@ def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device
                     len(failed), ", ".join(f["name"] for f in failed))  # fmt: skip
     log.info("serving %d prompt(s) from %s on http://%s:%d/v1%s", len(store), store.root, host, port,
              " (API key required)" if api_key else "")  # fmt: skip
-    app = create_app(store, limits, allow_management=allow_management, api_key=api_key)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(store, limits, allow_management=allow_management, api_key=api_key,
+                     allowed_hosts=[host, *allowed_hosts])  # fmt: skip
+    log.info("answering to Host %s and the address a request reaches", hosts.describe())
+    bounded_server(app, host, port, limits.shutdown_timeout_s).run()
