@@ -5,8 +5,10 @@ completions (streamed or not), classification, and prompt management. Build the 
 Requests for different prompts are gathered into shared batches by a
 :class:`~softprompt.serving.batcher.Batcher`, which runs all model compute in one worker thread and
 keeps answering other requests while a generation streams. Every request first passes a
-:class:`~softprompt.serving.guard.RequestGuard` (API key, body limit, a last-resort handler), so
-every answer, even to a bug, is JSON in OpenAI's error shape without a traceback or a path.
+:class:`~softprompt.serving.guard.RequestGuard` (Host and Origin checks, API key, body limits, a watch
+for the client leaving, a last-resort handler), so every answer, even to a bug, is JSON in OpenAI's
+error shape without a traceback or a path. :func:`serve` runs it with a bounded shutdown
+(:mod:`~softprompt.serving.lifecycle`).
 """
 
 from __future__ import annotations
