@@ -18,6 +18,8 @@ from openai.types.chat import completion_create_params as chat_types  # noqa: E4
 
 from softprompt.serving.mixed import generate_mixed  # noqa: E402
 from softprompt.serving.openai_api import (  # noqa: E402
+    HONOURED_CHAT_FIELDS,
+    HONOURED_COMPLETION_FIELDS,
     REFUSED_CHAT_FIELDS,
     REFUSED_COMPLETION_FIELDS,
     REFUSED_MESSAGE_FIELDS,
@@ -60,15 +62,20 @@ def openai_fields(module) -> set[str]:
 
 
 ENDPOINTS = {
-    "completions": (completion_types, CompletionRequest, REFUSED_COMPLETION_FIELDS),
-    "chat": (chat_types, ChatCompletionRequest, REFUSED_CHAT_FIELDS),
+    "completions": (
+        completion_types,
+        CompletionRequest,
+        HONOURED_COMPLETION_FIELDS,
+        REFUSED_COMPLETION_FIELDS,
+    ),
+    "chat": (chat_types, ChatCompletionRequest, HONOURED_CHAT_FIELDS, REFUSED_CHAT_FIELDS),
 }
 
 
 @pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
 def test_every_openai_request_field_is_honoured_or_refused(endpoint):
-    types, request, refused = ENDPOINTS[endpoint]
-    honoured = set(request.model_fields)
+    types, request, honoured, refused = ENDPOINTS[endpoint]
+    assert honoured == set(request.model_fields), "the honoured list is what the request model declares"
     assert not honoured & set(refused), "a field cannot be both honoured and refused"
     missing = sorted(openai_fields(types) - honoured - set(refused))
     assert not missing, (
@@ -78,6 +85,32 @@ def test_every_openai_request_field_is_honoured_or_refused(endpoint):
     )
     # and nothing is honoured that OpenAI's request does not have (max_tokens is chat's older name)
     assert honoured <= openai_fields(types) | {"max_tokens"}
+
+
+# A valid value of each honoured field (beyond the minimal body's own).
+SAMPLES = {"model": "free", "prompt": ["the food", "news of"], "messages": USER, "max_tokens": 3,
+           "max_completion_tokens": 3, "n": 2, "temperature": 0.7, "top_p": 0.9, "stop": ["zzz"], "stream": True,
+           "stream_options": {"include_usage": True}, "logprobs": None, "top_logprobs": None,
+           "logit_bias": {"5": -1.5}, "presence_penalty": 0.5, "frequency_penalty": -0.5, "user": "u-1",
+           "safety_identifier": "s-1", "prompt_cache_key": "k"}  # fmt: skip
+
+
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
+def test_every_honoured_field_is_accepted(client, endpoint):
+    _, _, honoured, _ = ENDPOINTS[endpoint]
+    missing = sorted(honoured - set(SAMPLES))
+    assert not missing, f"give a sample value of {missing} in SAMPLES"
+    for field in sorted(honoured):
+        fields = {field: SAMPLES[field]}
+        if field == "stream_options":
+            fields["stream"] = True
+        if field == "logprobs":  # completions: alternatives per token; chat: a switch
+            fields["logprobs"] = 2 if endpoint == "completions" else True
+        if field == "top_logprobs":
+            fields.update(logprobs=True, top_logprobs=2)
+        path, payload = body(endpoint, **fields)
+        r = client.post(path, json=payload)
+        assert r.status_code == 200, (field, r.text)
 
 
 def body(endpoint: str, **fields) -> tuple[str, dict]:
@@ -96,7 +129,7 @@ EXAMPLES = {"best_of": [0, 2, 5], "suffix": ["the end", ""], "seed": [0, 7], "n"
 
 @pytest.mark.parametrize(("endpoint", "field"), REFUSED_CASES)
 def test_refused_fields_are_a_400_that_names_them(client, endpoint, field):
-    table = REFUSED_COMPLETION_FIELDS if endpoint == "completions" else REFUSED_CHAT_FIELDS
+    table = ENDPOINTS[endpoint][3]
     for value in EXAMPLES.get(field, ["x", 3]):
         path, payload = body(endpoint, **{field: value})
         r = client.post(path, json=payload)

@@ -150,6 +150,18 @@ class ChatCompletionRequest(SamplingRequest):
     """A caching hint at OpenAI; here every prompt's keys and values are cached anyway."""
 
 
+# The honoured fields: exactly those the request models declare (a test keeps the two in step).
+HONOURED_COMPLETION_FIELDS = frozenset(
+    {"model", "prompt", "max_tokens", "n", "temperature", "top_p", "stop", "stream", "stream_options",
+     "logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "user"}
+)  # fmt: skip
+HONOURED_CHAT_FIELDS = frozenset(
+    {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
+     "stream_options", "logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty",
+     "user", "safety_identifier", "prompt_cache_key"}
+)  # fmt: skip
+
+
 def logit_bias_ids(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
     """The request's ``logit_bias`` with integer token ids, checked (400 for what OpenAI refuses)."""
     if not bias:
