@@ -420,7 +420,8 @@ def test_a_host_that_is_not_this_server_is_refused(store, host, allowed):
 
 
 def test_allowed_hosts_the_address_reached_and_a_missing_host(store):
-    with client_for(store, allowed_hosts=["api.example.com", "10.0.0.9"]) as client:
+    with client_for(store, allowed_hosts=["api.example.com", "10.0.0.9", "fd00::5"]) as client:
+        assert call(client, "GET", "/v1/models", host="[fd00::5]:8000").status_code == 200
         assert call(client, "GET", "/v1/models", host="api.example.com:443").status_code == 200
         assert call(client, "GET", "/v1/models", host="API.example.com.").status_code == 200
         assert call(client, "GET", "/v1/models", host="10.0.0.9").status_code == 200

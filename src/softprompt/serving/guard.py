@@ -144,6 +144,9 @@ class HostPolicy:
                 self.any = True
                 continue
             name = host_name(value) if value.strip() not in WILDCARDS else ""
+            if name is None and ":" in value:  # an IPv6 address given without brackets
+                with contextlib.suppress(ValueError):
+                    name = ipaddress.ip_address(value.strip()).compressed
             if name is None:
                 raise UsageError(f"allowed host {value!r} is not a host name or address; give e.g. "
                                  "'api.example.com' or '10.0.0.5' (or '*' for any)")  # fmt: skip
