@@ -182,7 +182,7 @@ def test_the_server_gives_a_chat_trained_prompt_its_training_input(trained, tmp_
     store = PromptStore(root, model, tok)
     texts = ["the film was good", "really boring plot"]
     want = Classifier(model, tok, prompt).scores(texts)
-    with TestClient(create_app(store)) as client:
+    with TestClient(create_app(store), base_url="http://127.0.0.1") as client:
         got = client.post("/v1/classify", json={"model": "sent", "input": texts}).json()["data"]
         chat = client.post("/v1/chat/completions", json={
             "model": "sent", "messages": [{"role": "user", "content": "the film"}], "max_tokens": 4,
