@@ -1,4 +1,4 @@
-"""Benchmark: data-to-text generation on E2E (cleaned) with SmolLM2-135M, a trained prompt vs zero-shot.
+"""Benchmark: data-to-text generation on E2E (cleaned) with SmolLM2-135M (or ``--model``), a trained prompt vs zero-shot.
 
 ../shared/data/e2e/devel.csv is split by distinct input (``mr``) with a fixed seed: ``--test-share`` of
 the inputs are held out, with all their references; no input is on both sides. A prompt is trained
@@ -8,6 +8,7 @@ against all of their references (BLEU from sacrebleu, ROUGE-L from rouge-score, 
 zero-shot (the plain model, same template) and the trained prompt.
 
 Run:  .venv/bin/python benchmarks/e2e.py [--steps 300] [--smoke]   (writes results/e2e.json)
+      .venv/bin/python benchmarks/e2e.py --model gemma3-270m      (writes results/e2e_gemma3-270m.json)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import csv
 import json
 import random
+import re
 import shlex
 import sys
 import tempfile
@@ -32,6 +34,15 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "e2e.json"
 E2E = HERE.parent.parent / "shared" / "data" / "e2e" / "devel.csv"
 TEMPLATE = "Describe the restaurant in one sentence.\nData: {text}\nSentence:"
+DEFAULT_MODEL = "smollm2"
+
+
+def results_path(model: str) -> Path:
+    """results/e2e.json for the default model, results/e2e_<model's last path part>.json otherwise."""
+    if model == DEFAULT_MODEL:
+        return RESULTS
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name.removesuffix(".gguf"))
+    return RESULTS.with_name(f"e2e_{name}.json")
 
 
 def split_by_input(
@@ -64,6 +75,9 @@ def split_by_input(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--model", default=DEFAULT_MODEL, help="base model: smollm2, gemma3-270m, a folder, .gguf or hub id"
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1)
@@ -93,6 +107,7 @@ def main() -> None:
         template=TEMPLATE, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         num_virtual_tokens=args.num_virtual_tokens, eval_every=max(1, args.steps // 3), max_eval_inputs=60,
         max_new_tokens=args.max_new_tokens, eval_batch_size=16, seed=args.seed, output_dir=str(work / "run"),
+        model=args.model,
     )  # fmt: skip
     t0 = time.perf_counter()
     results = train(cfg)
@@ -103,7 +118,7 @@ def main() -> None:
         if '"loss"' in line
     ]
     train_seconds = sum(r["step_seconds"] for r in steps)
-    res = {**info}
+    res = {"model": args.model, **info}
     for name in ("zero_shot", "initial_prompt", "trained"):
         rep = results.get(f"test_{name}")
         if rep:
@@ -125,7 +140,7 @@ def main() -> None:
         f"training: {train_seconds / 60:.1f} min for {args.steps} steps of {args.batch_size}; whole run {total / 60:.1f} min"
     )
     if not args.smoke:
-        write_results(RESULTS, res)
+        write_results(results_path(args.model), res)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Classification accuracy of prompt tuning on real data with SmolLM2-135M, on the CPU.
+"""Classification accuracy of prompt tuning on real data with SmolLM2-135M (or ``--model``), on the CPU.
 
 Trains with ``softprompt.train`` on ``../shared/data/<task>`` and reports test accuracy for
 zero-shot (same template, no prompt), the untrained prompt and the trained prompt, plus training
@@ -7,8 +7,10 @@ wall time. Validation uses a fixed-seed subsample (``--val_rows``) so evaluation
     python benchmarks/sst2.py                      # SST-2: 872 test rows (the GLUE dev set)
     python benchmarks/sst2.py --task agnews --max_steps 300
     python benchmarks/sst2.py --task trec
+    python benchmarks/sst2.py --model gemma3-270m  # another base model (any --model of softprompt train)
 
-Figures go to benchmarks/results/<task>.json and, by hand, to benchmarks/RESULTS.md.
+Figures go to benchmarks/results/<task>.json (<task>_<model>.json for a model other than smollm2)
+and, by hand, to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shlex
 import sys
 import tempfile
@@ -27,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+DEFAULT_MODEL = "smollm2"
 
 TASKS = {
     "sst2": dict(
@@ -60,9 +64,22 @@ def subsample(src: Path, n: int, seed: int, dest: Path, strip: bool) -> str:
     return str(dest)
 
 
+def model_slug(model: str) -> str:
+    """``""`` for the default model (its result files keep their names), else ``_<name>`` made of
+    the model's last path part, e.g. ``_gemma3-270m``."""
+    if model == DEFAULT_MODEL:
+        return ""
+    name = Path(model.rstrip("/")).name.removesuffix(".gguf")
+    return "_" + re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=sorted(TASKS), default="sst2")
+    ap.add_argument(
+        "--model", default=DEFAULT_MODEL, help="base model: smollm2, gemma3-270m, a folder, .gguf or hub id"
+    )
+    ap.add_argument("--template", default=None, help="input template (default: the task's)")
     ap.add_argument("--max_steps", type=int, default=600)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.03)  # best on SST-2 (RESULTS.md)
@@ -82,7 +99,9 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    task = TASKS[args.task]
+    task = dict(TASKS[args.task])
+    if args.template:
+        task["template"] = args.template.replace("\\n", "\n")
     if not (DATA / task["train"]).is_file():
         print(f"skipped: {DATA / task['train']} not found (the shared datasets live in ../shared/data)")
         return
@@ -106,7 +125,7 @@ def main() -> None:
             template=task["template"], verbalizer=task["verbalizer"], num_virtual_tokens=args.num_virtual_tokens,
             init=args.init, optimizer=optimizer, lr=lr, max_steps=args.max_steps, batch_size=args.batch_size,
             eval_every=args.eval_every, loss=args.loss, seed=args.seed, output_dir=out, device="cpu",
-            baselines=baselines,
+            baselines=baselines, model=args.model,
         )  # fmt: skip
         start = time.perf_counter()
         results = train(cfg)
@@ -116,6 +135,7 @@ def main() -> None:
         ]
         figures = {
             "task": args.task,
+            "model": args.model,
             **({"zero_shot_accuracy": results["test_zero_shot"]["accuracy"],
                 "initial_prompt_accuracy": results["test_initial_prompt"]["accuracy"]} if baselines else {}),
             "trained_accuracy": results["test_trained"]["accuracy"],
@@ -140,6 +160,7 @@ def main() -> None:
         return figures
 
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+    slug = model_slug(args.model)
     if args.sweep:
         runs = []
         for item in args.sweep.split(","):
@@ -149,13 +170,15 @@ def main() -> None:
         summary |= {
             f"{r['optimizer']}_lr{r['lr']}_validation_accuracy": r["validation_accuracy"] for r in runs
         }
-        out_json = {"runs": runs, **summary, "command": command, "date": date}
-        (ROOT / "benchmarks" / "results" / f"{args.task}_sweep.json").write_text(
+        out_json = {"runs": runs, **summary, "model": args.model, "command": command, "date": date}
+        (ROOT / "benchmarks" / "results" / f"{args.task}_sweep{slug}.json").write_text(
             json.dumps(out_json, indent=2) + "\n"
         )
         return
     figures = run(args.optimizer, args.lr, args.output_dir or str(work / "run"), baselines=True)
-    (ROOT / "benchmarks" / "results" / f"{args.task}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (ROOT / "benchmarks" / "results" / f"{args.task}{slug}.json").write_text(
+        json.dumps(figures, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":
