@@ -7,13 +7,13 @@ import torch
 
 from softprompt.data import Example
 from softprompt.errors import DataError, UsageError
-from softprompt.meta import trained_on_chat_template
 from softprompt.metrics import classification_report
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt
 from softprompt.scoring import predict_scores
-from softprompt.text import Template, encode_text
-from softprompt.verbalizer import Verbalizer
+from softprompt.text import Template
+from softprompt.usage import PromptUsage
+from softprompt.verbalizer import LabelSpace, Verbalizer
 
 
 class Classifier:
@@ -22,7 +22,7 @@ class Classifier:
     Args:
         model, tokenizer: the base model the prompt was trained on.
         prompt: the trained prompt; ``None`` gives the zero-shot baseline (needs template and verbalizer).
-        template, verbalizer: override what the prompt's metadata says.
+        template, verbalizer: override what the prompt's metadata says (see :class:`PromptUsage`).
     """
 
     def __init__(
@@ -35,25 +35,32 @@ class Classifier:
         max_length: int = 256,
         batch_size: int = 32,
     ):
-        meta = prompt.meta if prompt is not None else None
-        template = template or (meta.template if meta else None)
-        spec = verbalizer or (meta.verbalizer or meta.label_words if meta else None)
-        if not template or not spec:
+        self.usage = PromptUsage.from_prompt(prompt, tokenizer, template=template, verbalizer=verbalizer)
+        if self.usage.template is None or self.usage.labels is None:
             raise UsageError(
                 "this prompt has no template/label words in its softprompt.json (e.g. it was trained with PEFT); "
                 "pass --template 'Review: {text}\\nSentiment:' and --verbalizer '0=negative,1=positive'"
             )
-        self.template = Template(template, trained_on_chat_template(meta))  # as in training
-        self.verbalizer = Verbalizer.parse(spec)
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.prompted = model if isinstance(model, PromptedLM) else PromptedLM(model)
-        self.space = self.verbalizer.label_space(tokenizer, (meta.scoring if meta else None) or "auto")
         self.max_length, self.batch_size = max_length, batch_size
+
+    @property
+    def template(self) -> Template:
+        return self.usage.template
+
+    @property
+    def verbalizer(self) -> Verbalizer:
+        return self.usage.verbalizer
+
+    @property
+    def space(self) -> LabelSpace:
+        return self.usage.labels
 
     def scores(self, texts: list[str], desc: str | None = None) -> torch.Tensor:
         """Class probabilities (N, C), softmax over the label words' scores."""
-        rows = [encode_text(self.tokenizer, self.template, t, self.max_length)[0] for t in texts]
+        rows = [self.usage.encode(t, self.max_length).ids for t in texts]
         logp = predict_scores(
             self.prompted, self.prompt, rows, self.space, self.tokenizer.pad_token_id, self.batch_size, desc
         )
@@ -62,15 +69,7 @@ class Classifier:
     def classify(self, texts: list[str], desc: str | None = None) -> list[dict]:
         """One ``{"text", "label", "scores": {label: probability}}`` per text."""
         probs = self.scores(texts, desc)
-        labels = self.verbalizer.labels
-        return [
-            {
-                "text": t,
-                "label": labels[int(p.argmax())],
-                "scores": {lab: round(float(x), 6) for lab, x in zip(labels, p, strict=True)},
-            }
-            for t, p in zip(texts, probs, strict=True)
-        ]
+        return [self.usage.result(t, p) for t, p in zip(texts, probs, strict=True)]
 
     def evaluate(self, examples: list[Example], desc: str | None = None) -> dict:
         unknown = [

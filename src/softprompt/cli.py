@@ -266,7 +266,7 @@ def cmd_export_embeds(prompt: str, texts: list[str], file: str | None, text_colu
                       max_tokens: int, temperature: float, dtype: str, output: str | None) -> None:  # fmt: skip
     import torch
 
-    from softprompt.text import Template
+    from softprompt.usage import PromptUsage
     from softprompt.vllm import prompt_embeds_request
 
     texts = _read_inputs(texts, file, text_column, "inputs")
@@ -274,12 +274,12 @@ def cmd_export_embeds(prompt: str, texts: list[str], file: str | None, text_colu
     tensor_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if tensor_dtype is None:
         raise UsageError(f"--dtype {dtype!r}: choose float32 or bfloat16")
-
-    if chat_template:  # each input as the user's message in the base model's chat template
-        template = Template(template or loaded.meta.template or "{text}", chat=True)
+    # --chat_template true: each input as the user's message in the base model's chat template
+    usage = PromptUsage.from_prompt(loaded, tokenizer, template=template, chat=chat_template or None,
+                                    read_labels=False)  # fmt: skip
 
     def request(text: str) -> dict:
-        return prompt_embeds_request(loaded, text, tokenizer, base, template, served_model=served_model,
+        return prompt_embeds_request(loaded, text, tokenizer, base, usage.template, served_model=served_model,
                                      dtype=tensor_dtype, max_tokens=max_tokens, temperature=temperature)  # fmt: skip
 
     _write_jsonl((request(t) for t in texts), output)

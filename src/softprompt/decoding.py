@@ -17,11 +17,11 @@ import torch
 
 from softprompt.batching import default_overhead, length_batches
 from softprompt.errors import UsageError
-from softprompt.meta import trained_on_chat_template
 from softprompt.model import PromptedLM, PromptLike
 from softprompt.prefix import PromptPrefix
 from softprompt.prompt import SoftPrompt
-from softprompt.text import Template, encode_text, pad_rows
+from softprompt.text import Template, pad_rows
+from softprompt.usage import PromptUsage
 
 log = logging.getLogger(__name__)
 
@@ -366,19 +366,16 @@ class Generator:
         batch_size: int = 16,
         use_prefix_cache: bool = True,
     ):
-        meta = getattr(prompt, "meta", None)
-        if isinstance(template, Template):
-            self.template = template
-        else:  # a prompt trained in the chat template is used in it (its softprompt.json says so)
-            text = template or getattr(meta, "template", None) or "{text}"
-            self.template = Template(text, trained_on_chat_template(meta))
+        # a prompt trained in the chat template is used in it (its softprompt.json says so)
+        self.usage = PromptUsage.from_prompt(prompt, tokenizer, template=template, read_labels=False)
+        self.template = self.usage.input_template
         self.tokenizer, self.prompt = tokenizer, prompt
         self.prompted = model if isinstance(model, PromptedLM) else PromptedLM(model)
         self.max_length, self.batch_size = max_length, batch_size
         self.prefix = self.prompted.prefix_cache(prompt) if prompt is not None and use_prefix_cache else None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return [encode_text(self.tokenizer, self.template, t, self.max_length, "left")[0] for t in texts]
+        return [self.usage.encode(t, self.max_length, "left").ids for t in texts]
 
     def generate(self, texts: list[str], progress: str | None = None, **kwargs) -> GenerateOutput:
         """Generate for every text, in length-sorted batches; ``kwargs`` go to :func:`generate`."""

@@ -65,13 +65,20 @@ class Template:
         return tuple(os.path.commonprefix([list(ids) for ids in tokenized]))  # works on lists too
 
 
+class NoChatTemplateError(UsageError):
+    """The tokenizer has no chat template, so an input cannot be put in one."""
+
+
 def chat_text(tokenizer, messages: list[dict]) -> str:
     """``messages`` in the tokenizer's chat template with the assistant's turn opened, as a string
-    (tokenise it with ``add_special_tokens=False``, as ``apply_chat_template`` does)."""
+    (tokenise it with ``add_special_tokens=False``, as ``apply_chat_template`` does). The one check
+    that the tokenizer has a chat template: training, scoring, generation, the server and the vLLM
+    request builder all come here."""
     if not getattr(tokenizer, "chat_template", None):
-        raise UsageError(
+        raise NoChatTemplateError(
             "the tokenizer has no chat template, so inputs cannot be put in one; use a chat model "
-            "(e.g. SmolLM2-Instruct, the default), or leave chat_template off and use the plain template"
+            "(e.g. SmolLM2-Instruct, the default), or leave chat_template off and use the plain template "
+            "(on the server: /v1/completions with the prompt's own template)"
         )
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -87,6 +94,11 @@ def template_last_user(messages: list[dict], template: Template) -> list[dict]:
     return out
 
 
+def tokenize(tokenizer, text: str) -> list[int]:
+    """The token ids of ``text`` as softprompt reads every input: no special tokens (no BOS)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def encode_text(
     tokenizer, template: Template, text: str, max_length: int, side: str = "right"
 ) -> tuple[list[int], bool]:
@@ -94,10 +106,17 @@ def encode_text(
 
     Returns the ids and whether the text was truncated. ``side`` is which end of the text is cut.
     """
-    ids = tokenizer(template.format(tokenizer, text), add_special_tokens=False)["input_ids"]
+    ids = tokenize(tokenizer, template.format(tokenizer, text))
     if len(ids) <= max_length:
-        return list(ids), False
-    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids, False
+    return fit_text(tokenizer, template, text, ids, max_length, side), True
+
+
+def fit_text(
+    tokenizer, template: Template, text: str, ids: list[int], max_length: int, side: str = "right"
+) -> list[int]:
+    """``ids`` (the rendered ``text``, longer than ``max_length``) with the text cut to fit."""
+    text_ids = tokenize(tokenizer, text)
     for _ in range(4):  # re-tokenising at the cut can merge differently: shave a little more if needed
         over = len(ids) - max_length
         if over >= len(text_ids):
@@ -106,12 +125,10 @@ def encode_text(
                 "raise max_length or shorten the template"
             )
         text_ids = text_ids[over:] if side == "left" else text_ids[:-over]
-        ids = tokenizer(template.format(tokenizer, tokenizer.decode(text_ids)), add_special_tokens=False)[
-            "input_ids"
-        ]
+        ids = tokenize(tokenizer, template.format(tokenizer, tokenizer.decode(text_ids)))
         if len(ids) <= max_length:
-            return list(ids), True
-    return list(ids[:max_length]), True
+            return ids
+    return ids[:max_length]
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,10 +39,10 @@ import io
 import torch
 
 from softprompt.errors import UsageError
-from softprompt.meta import trained_on_chat_template
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt
-from softprompt.text import Template, chat_text, template_last_user
+from softprompt.text import Template
+from softprompt.usage import PromptUsage
 
 
 def input_ids(tokenizer, text: str | None = None, template: str | Template | None = None,
@@ -52,12 +52,11 @@ def input_ids(tokenizer, text: str | None = None, template: str | Template | Non
     if (text is None) == (messages is None):
         raise UsageError("give either a text or chat messages to build the input from")
     if messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UsageError("the tokenizer has no chat template; give a text (with its template) instead")
-        ids = list(tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
-    else:
-        template = template if isinstance(template, Template) else Template(template or "{text}")
-        ids = list(tokenizer(template.format(tokenizer, text), add_special_tokens=False)["input_ids"])
+        return _nonempty(PromptUsage.from_meta(None, tokenizer).encode_chat(messages).ids)
+    return _nonempty(PromptUsage.from_meta(None, tokenizer, template=template).encode(text).ids)
+
+
+def _nonempty(ids: list[int]) -> list[int]:
     if not ids:
         raise UsageError("the input tokenises to nothing; give some text")
     return ids
@@ -131,21 +130,15 @@ def prompt_embeds_request(
     Send it with any HTTP client, or with the openai client through :func:`openai_arguments`.
     """
     meta = getattr(prompt, "meta", None)
-    chat = trained_on_chat_template(meta)
-    if not isinstance(template, Template):
-        # the prompt's own template, in the chat template when it was trained in it (as served)
-        template = Template(template or getattr(meta, "template", None) or "{text}", chat)
-    if messages is not None and template.chat:  # input_ids reads only the messages then
-        messages = template_last_user(messages, template)
+    # the prompt's own template, in the chat template when it was trained in it (as served)
+    usage = PromptUsage.from_meta(meta, tokenizer, template=template, read_labels=False)
+    if (text is None) == (messages is None):
+        raise UsageError("give either text or chat messages to build the input from, not both")
     texts = [text] if isinstance(text, str) or text is None else list(text)
-    if messages is not None and text is not None:
-        raise UsageError("give either text or messages, not both")
     if not texts:
         raise UsageError("text is an empty list; give at least one input")
-    encoded = [
-        encode_embeds(prompt_embeds(prompt, input_ids(tokenizer, t, template, messages), model, dtype))
-        for t in (texts if messages is None else [None])
-    ]
+    rows = [usage.encode_chat(messages).ids] if messages is not None else [usage.encode(t).ids for t in texts]
+    encoded = [encode_embeds(prompt_embeds(prompt, _nonempty(ids), model, dtype)) for ids in rows]
     if served_model is None:
         config = model.config if not isinstance(model, PromptedLM) else model.model.config
         served_model = (

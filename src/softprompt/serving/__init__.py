@@ -7,7 +7,8 @@ the OpenAI request/response shapes (:mod:`~softprompt.serving.openai_api`) and t
 of the server process (:mod:`~softprompt.serving.lifecycle`)."""
 
 from softprompt.serving.mixed import classify_mixed, ensemble_classify, generate_mixed, score_mixed
-from softprompt.serving.registry import PromptEntry, PromptStore, PromptUsage, StoreSnapshot
+from softprompt.serving.registry import PromptEntry, PromptStore, StoreSnapshot
+from softprompt.usage import PromptUsage
 
 __all__ = [
     "PromptEntry",

@@ -50,6 +50,8 @@ class Job:
     future: asyncio.Future
     params: dict = field(default_factory=dict)
     stream: asyncio.Queue | None = None
+    ids: list[list[int]] | None = None
+    """The texts' token ids in their prompts' templates, when the caller already encoded them."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set when the client went away: the worker stops generating for it."""
     results: list = field(default_factory=list, repr=False)  # the worker's, while generating
@@ -143,13 +145,13 @@ class Batcher:
                 log.warning("the batcher did not finish its current step within %.1f s; leaving it", timeout)
 
     def submit(self, key: tuple, entries: list[PromptEntry], texts: list, *, stream: bool = False,
-               **params) -> Job:  # fmt: skip
-        """Queue a request (503 when the queue is full); with ``stream``, read ``job.stream``."""
+               ids: list[list[int]] | None = None, **params) -> Job:  # fmt: skip
+        """Queue a request (503 when the queue is full); with ``stream``, read ``job.stream``.
+        ``ids``: the texts already encoded, so the worker does not tokenise them again."""
         self.start()
         loop = asyncio.get_running_loop()
-        job = Job(
-            key, entries, texts, loop, loop.create_future(), params, asyncio.Queue() if stream else None
-        )
+        queue_ = asyncio.Queue() if stream else None
+        job = Job(key, entries, texts, loop, loop.create_future(), params, queue_, ids)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -268,7 +270,8 @@ class Batcher:
         """Class log-scores for every row of ``jobs``, one list per job."""
         entries = [e for j in jobs for e in j.entries]
         texts = [t for j in jobs for t in j.texts]
-        flat = score_mixed(self.store, entries, texts, batch_size=self.limits.max_batch_size)
+        ids = [_ids(job, i) for job in jobs for i in range(len(job.texts))]
+        flat = score_mixed(self.store, entries, texts, encoded=ids, batch_size=self.limits.max_batch_size)
         out, start = [], 0
         for job in jobs:
             out.append(flat[start : start + len(job.texts)])
@@ -299,7 +302,7 @@ class Batcher:
             prompt_rows, steps = generate_mixed_steps(
                 self.store, [job.entries[i] for job, i in rows], [job.texts[i] for job, i in rows],
                 max_new_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
-                stop=p["stop"], logprobs=p.get("logprobs"),
+                stop=p["stop"], logprobs=p.get("logprobs"), encoded=[_ids(job, i) for job, i in rows],
                 logit_bias=[job.params.get("logit_bias") for job, _ in rows],
                 presence_penalty=[job.params.get("presence_penalty", 0.0) for job, _ in rows],
                 frequency_penalty=[job.params.get("frequency_penalty", 0.0) for job, _ in rows],
@@ -391,6 +394,11 @@ class Batcher:
         for items in by_loop.values():
             with contextlib.suppress(RuntimeError):  # the event loop has closed: the server is gone
                 items[0][0].loop.call_soon_threadsafe(_put_all, items)
+
+
+def _ids(job: Job, i: int) -> list[int] | None:
+    """Row ``i`` of ``job`` as token ids when the caller encoded it, else None."""
+    return None if job.ids is None else job.ids[i]
 
 
 def _put_all(items: list[tuple[Job, object]]) -> None:

@@ -20,9 +20,12 @@ from softprompt.errors import UsageError
 from softprompt.prefix import PromptPrefix
 from softprompt.scoring import label_scores
 from softprompt.serving.registry import PromptEntry, PromptStore, StoreSnapshot
-from softprompt.text import Template, chat_text, encode_text, pad_rows
+from softprompt.text import pad_rows, tokenize
 
 log = logging.getLogger(__name__)
+
+MAX_LENGTH = 256
+"""Inputs to classify are cut to this many tokens (the text, never the template)."""
 
 
 # ---------------------------------------------------------------------------- prompts per row
@@ -62,44 +65,38 @@ def prompt_inputs(
     return {"prompt": bank, "prompt_index": prompt_index, "prompt_lengths": lengths}
 
 
-def render(entry: PromptEntry, text: str, tokenizer) -> str:
-    """``text`` in the prompt's template, and in the chat template for a prompt trained in it
-    (unchanged when the prompt has no template)."""
-    return text if entry.usage.template is None else entry.usage.template.format(tokenizer, text)
-
-
 # ---------------------------------------------------------------------------- classification
 def score_mixed(
     store: PromptStore,
     entries: list[PromptEntry],
     texts: list[str],
     *,
-    max_length: int = 256,
+    encoded: list[list[int] | None] | None = None,
+    max_length: int = MAX_LENGTH,
     batch_size: int = 32,
     use_prefix: bool | None = None,
     overhead: float | None = None,
 ) -> list[torch.Tensor]:
     """Log-score of each class for text i under prompt ``entries[i]``: a (C_i,) tensor per text.
 
-    Rows of all tasks share forward passes (:func:`softprompt.scoring.label_scores`, at most
-    ``batch_size`` rows each). With the cached prefixes, an input that starts with its template's
-    head tokens runs without them (the prefix holds them): same scores, fewer tokens.
+    ``encoded[i]``, when given, are text i's token ids already in its prompt's template (e.g. the
+    server's, which counted them); other texts are encoded here, cut to ``max_length``. Rows of all
+    tasks share forward passes (:func:`softprompt.scoring.label_scores`, at most ``batch_size`` rows
+    each). With the cached prefixes, an input that starts with its template's head tokens runs
+    without them (the prefix holds them): same scores, fewer tokens.
     """
     if len(entries) != len(texts):
         raise UsageError(f"got {len(entries)} prompts for {len(texts)} texts; give one prompt per text")
     cut_heads = use_prefix is None or use_prefix
     inputs: list[list[int]] = []
     headless: list[bool] = []  # per item: its input runs without the template head
-    for e, text in zip(entries, texts, strict=True):
-        if e.usage.labels is None:
-            raise UsageError(
-                f"prompt {e.name!r} has no label words in its softprompt.json, so it cannot classify; "
-                "train it for classification or use it for generation"
-            )
-        ids = encode_text(store.tokenizer, e.usage.template or Template(), text, max_length)[0]
-        h = len(e.usage.head_ids)
-        headless.append(cut_heads and 0 < h < len(ids) and tuple(ids[:h]) == e.usage.head_ids)
-        inputs.append(ids[h:] if headless[-1] else ids)
+    for i, (e, text) in enumerate(zip(entries, texts, strict=True)):
+        e.usage.check_classifies(e.name)
+        ids = encoded[i] if encoded is not None and encoded[i] is not None else None
+        ids = ids if ids is not None else e.usage.encode(text, max_length).ids
+        rest = e.usage.without_head(ids) if cut_heads else None
+        headless.append(rest is not None)
+        inputs.append(ids if rest is None else rest)
     kwargs = prompt_inputs(store, entries, use_prefix, headless)
     with torch.no_grad():
         scores = label_scores(store.prompted, inputs, [e.usage.labels for e in entries],
@@ -108,14 +105,8 @@ def score_mixed(
 
 
 def classification_result(entry: PromptEntry, text: str, logp: torch.Tensor) -> dict:
-    probs = logp.softmax(dim=0)
-    labels = entry.usage.verbalizer.labels
-    return {
-        "model": entry.name,
-        "text": text,
-        "label": labels[int(probs.argmax())],
-        "scores": {lab: round(float(p), 6) for lab, p in zip(labels, probs, strict=True)},
-    }
+    """``{"model", "text", "label", "scores"}`` of a text's class log-scores under ``entry``."""
+    return {"model": entry.name, **entry.usage.result(text, logp.softmax(dim=0))}
 
 
 def classify_mixed(
@@ -124,7 +115,7 @@ def classify_mixed(
     texts: list[str],
     *,
     snapshot: StoreSnapshot | None = None,
-    max_length: int = 256,
+    max_length: int = MAX_LENGTH,
     batch_size: int = 32,
 ) -> list[dict]:
     """Classify text i with prompt ``names[i]``: one ``{"model", "text", "label", "scores"}`` per text.
@@ -143,7 +134,7 @@ def ensemble_classify(
     texts: list[str],
     *,
     method: str = "mean",
-    max_length: int = 256,
+    max_length: int = MAX_LENGTH,
     batch_size: int = 32,
 ) -> list[dict]:
     """Score every text under each of the k prompts ``names`` (one task) in shared batches.
@@ -158,6 +149,16 @@ def ensemble_classify(
         raise UsageError(f"an ensemble needs at least two prompts, got {names}")
     snap = store.snapshot()
     members = [snap[n] for n in names]
+    check_ensemble(members)
+    k = len(members)
+    entries = [m for _ in texts for m in members]  # text-major: rows i*k .. i*k+k-1 belong to text i
+    logps = score_mixed(store, entries, [t for t in texts for _ in members], max_length=max_length,
+                        batch_size=batch_size)  # fmt: skip
+    return [ensemble_result(members, t, logps[i * k : (i + 1) * k], method) for i, t in enumerate(texts)]
+
+
+def check_ensemble(members: list[PromptEntry]) -> None:
+    """Refuse ensemble members that do not classify into one set of labels."""
     labels = members[0].labels
     for m in members:
         if m.labels is None or sorted(m.labels) != sorted(labels or []):
@@ -165,11 +166,6 @@ def ensemble_classify(
                 f"ensemble members must classify into the same labels: {members[0].name!r} has "
                 f"{labels} but {m.name!r} has {m.labels}"
             )
-    k = len(members)
-    entries = [m for _ in texts for m in members]  # text-major: rows i*k .. i*k+k-1 belong to text i
-    logps = score_mixed(store, entries, [t for t in texts for _ in members], max_length=max_length,
-                        batch_size=batch_size)  # fmt: skip
-    return [ensemble_result(members, t, logps[i * k : (i + 1) * k], method) for i, t in enumerate(texts)]
 
 
 def ensemble_result(members: list[PromptEntry], text: str, logps: list[torch.Tensor], method: str) -> dict:
@@ -210,31 +206,26 @@ class Completion:
 
 
 def generation_rows(
-    store: PromptStore, entries: list[PromptEntry], inputs: list[str | list[int]], apply_template: bool = True
+    store: PromptStore,
+    entries: list[PromptEntry],
+    inputs: list[str | list[int]],
+    apply_template: bool = True,
+    encoded: list[list[int] | None] | None = None,
 ) -> list[list[int]]:
-    """Token ids of each input: a text in its prompt's template (with ``apply_template``), or a list
-    of token ids used as they are (e.g. a conversation in the chat template, see :func:`chat_ids`)."""
-    tokenizer = store.tokenizer
+    """Token ids of each input: ``encoded[i]`` when given (already in the template, e.g. counted by
+    the server), a text in its prompt's template (with ``apply_template``), or a list of token ids
+    used as they are (e.g. a conversation from :meth:`PromptUsage.encode_chat`)."""
     rows = [
-        list(x) if not isinstance(x, str)
-        else list(tokenizer(render(e, x, tokenizer) if apply_template else x, add_special_tokens=False)["input_ids"])
-        for e, x in zip(entries, inputs, strict=True)
+        list(ids) if ids is not None
+        else list(x) if not isinstance(x, str)
+        else e.usage.encode(x).ids if apply_template
+        else tokenize(store.tokenizer, x)
+        for e, x, ids in zip(entries, inputs, encoded or [None] * len(inputs), strict=True)
     ]  # fmt: skip
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
         raise UsageError(f"texts {empty} tokenise to nothing; give each row some text to continue")
     return rows
-
-
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The token ids of a conversation in the base model's chat template, ending with the prompt for
-    the assistant's turn (``add_generation_prompt=True``). The soft prompt goes before all of them."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise UsageError(
-            "the base model's tokenizer has no chat template, so messages cannot be formatted; use "
-            "/v1/completions with the prompt's own template, or a chat model"
-        )
-    return list(tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
 def generate_mixed_steps(
@@ -247,6 +238,7 @@ def generate_mixed_steps(
     top_p: float = 1.0,
     stop: list[str] | None = None,
     apply_template: bool = True,
+    encoded: list[list[int] | None] | None = None,
     generator: torch.Generator | None = None,
     use_prefix: bool | None = None,
     logprobs: int | None = None,
@@ -255,8 +247,9 @@ def generate_mixed_steps(
     frequency_penalty: float | list[float] = 0.0,
 ) -> tuple[list[list[int]], Iterator[DecodeStep]]:
     """:func:`generate_mixed` one step at a time: the input token ids of each row, and the steps
-    (:func:`softprompt.decoding.generate_steps`; the model runs as the steps are taken)."""
-    rows = generation_rows(store, entries, inputs, apply_template)
+    (:func:`softprompt.decoding.generate_steps`; the model runs as the steps are taken).
+    ``encoded``: see :func:`generation_rows`."""
+    rows = generation_rows(store, entries, inputs, apply_template, encoded)
     ids, mask = pad_rows(rows, store.tokenizer.pad_token_id, side="left")
     kwargs = prompt_inputs(store, entries, use_prefix)
     steps = generate_steps(

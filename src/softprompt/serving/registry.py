@@ -44,12 +44,10 @@ from softprompt.errors import (
     UnknownPromptError,
     UsageError,
 )
-from softprompt.meta import trained_on_chat_template
 from softprompt.model import PromptedLM
 from softprompt.peft_format import CONFIG_NAME
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
-from softprompt.text import Template
-from softprompt.verbalizer import LabelSpace, Verbalizer
+from softprompt.usage import PromptUsage
 
 log = logging.getLogger(__name__)
 
@@ -64,43 +62,11 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
-class PromptUsage:
-    """How a prompt turns text into token ids and label scores (from its softprompt.json).
-
-    ``verbalizer``/``labels`` are None for prompts without label words (generation only).
-    ``head_ids``: the tokens the template's inputs start with (:meth:`Template.head_ids`), cached with
-    the prompt; each input is checked to start with them before they are cut.
-    ``chat``: the prompt was trained on inputs in the base model's chat template (see
-    :func:`~softprompt.meta.trained_on_chat_template`); its ``template`` then puts every input in the
-    chat template as training did, and chat requests get its template on the last user message.
-    """
-
-    template: Template | None
-    verbalizer: Verbalizer | None
-    labels: LabelSpace | None
-    head_ids: tuple[int, ...] = ()
-
-    @property
-    def chat(self) -> bool:
-        return self.template is not None and self.template.chat
-
-    @classmethod
-    def from_prompt(cls, prompt: SoftPrompt, tokenizer) -> PromptUsage:
-        meta = prompt.meta
-        chat = trained_on_chat_template(meta)
-        template = Template(meta.template or "{text}", chat) if meta.template or chat else None
-        spec = meta.verbalizer or meta.label_words
-        if not spec or tokenizer is None:
-            return cls(template, None, None)
-        verbalizer = Verbalizer.parse(spec)
-        labels = verbalizer.label_space(tokenizer, meta.scoring or "auto")
-        head = template.head_ids(tokenizer) if template is not None else ()
-        return cls(template, verbalizer, labels, head)
-
-
-@dataclass(frozen=True)
 class PromptEntry:
-    """One loaded prompt. Immutable: a replace makes a new entry with a higher ``version``."""
+    """One loaded prompt. Immutable: a replace makes a new entry with a higher ``version``.
+
+    ``usage``: how the prompt is used (:class:`~softprompt.usage.PromptUsage`), read once when it loads.
+    """
 
     name: str
     version: int
@@ -114,18 +80,14 @@ class PromptEntry:
 
     @property
     def labels(self) -> list[str] | None:
-        return None if self.usage.verbalizer is None else list(self.usage.verbalizer.labels)
+        return self.usage.label_names
 
     def describe(self) -> dict:
         return {
             "name": self.name,
             "version": self.version,
             "num_virtual_tokens": self.num_virtual_tokens,
-            "template": None if self.usage.template is None else self.usage.template.text,
-            "labels": self.labels,
-            "label_words": None if self.usage.verbalizer is None else list(self.usage.verbalizer.words),
-            "scoring": None if self.usage.labels is None else self.usage.labels.mode,
-            "chat_template": self.usage.chat,
+            **self.usage.describe(),
             "path": None if self.path is None else str(self.path),
         }
 

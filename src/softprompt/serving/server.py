@@ -17,7 +17,6 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -45,7 +44,7 @@ from softprompt.serving.guard import (  # noqa: F401  (check_binding, is_loopbac
     is_loopback,
 )
 from softprompt.serving.lifecycle import bounded_server, one_torch_thread  # noqa: F401  (API)
-from softprompt.serving.mixed import chat_ids, classification_result, ensemble_result, render
+from softprompt.serving.mixed import MAX_LENGTH, check_ensemble, classification_result, ensemble_result
 from softprompt.serving.openai_api import (
     DONE,
     REFUSED_COMPLETION_FIELDS,
@@ -62,7 +61,8 @@ from softprompt.serving.openai_api import (
     stop_list,
 )
 from softprompt.serving.registry import PromptEntry, PromptStore
-from softprompt.text import template_last_user
+from softprompt.text import NoChatTemplateError
+from softprompt.usage import EncodedInput
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +150,18 @@ def create_app(
         except UnknownPromptError as e:
             raise APIError(404, str(e), "not_found_error", "model_not_found") from None
 
-    def encode_len(e: PromptEntry, text: str) -> int:
+    def encode(e: PromptEntry, text: str, max_length: int | None = None) -> EncodedInput:
+        """``text`` in the prompt's template, tokenised once: counted against the limit, then run."""
         check_text(text, "an input")
-        n = len(tokenizer(render(e, text, tokenizer), add_special_tokens=False)["input_ids"])
+        encoded = e.usage.encode(text, max_length)
+        n = encoded.n_tokens
         if n > limits.max_input_tokens:
             raise APIError(
                 400, f"input of {n} tokens is over the limit of {limits.max_input_tokens}; shorten it"
             )
         if n == 0:
             raise APIError(400, "an input is empty; give some text")
-        return n
+        return encoded
 
     def failures() -> list[dict]:
         return [{"name": f["name"], "error": store.redact(f["error"])} for f in store.failures()]
@@ -237,17 +239,19 @@ def create_app(
             raise APIError(400, f"max_tokens={req.max_tokens} is over the limit of {limits.max_tokens}")
         stops = stop_list(req.stop)
         e = entry(store.snapshot(), req.model)
-        lengths = [encode_len(e, t) for t in texts]
+        encoded = [encode(e, t) for t in texts]
+        lengths = [x.n_tokens for x in encoded]
         check_positions(e, max(lengths), req.max_tokens)
         rows = [t for t in texts for _ in range(req.n)]  # OpenAI order: prompt-major, then n choices each
+        ids = [x.ids for x in encoded for _ in range(req.n)]
         params = {"max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                   "stop": stops, "logprobs": req.logprobs, **per_row}  # fmt: skip
         key = ("generate", req.max_tokens, req.temperature, req.top_p, tuple(stops), req.logprobs)
         if req.stream:
-            job = batcher.submit(key, [e] * len(rows), rows, stream=True, **params)
+            job = batcher.submit(key, [e] * len(rows), rows, stream=True, ids=ids, **params)
             include_usage = req.stream_options is not None and req.stream_options.include_usage
             return stream_response(job, ChunkWriter("completion", e.name), sum(lengths), include_usage)
-        outs = await batcher.run(key, [e] * len(rows), rows, **params)
+        outs = await batcher.run(key, [e] * len(rows), rows, ids=ids, **params)
         return completion_response(e.name, outs, tokenizer, sum(lengths))
 
     warned: set[tuple[str, int]] = set()
@@ -274,14 +278,12 @@ def create_app(
         per_row = check_sampling(req, req.logprobs)
         stops = stop_list(req.stop)
         e = entry(store.snapshot(), req.model)
-        if e.usage.chat:  # as in training: the last user turn in the prompt's template
-            messages = template_last_user(messages, e.usage.template)
-        try:
-            ids = chat_ids(tokenizer, messages)
-        except UsageError as err:
+        try:  # as in training: a chat-trained prompt's template on the last user turn
+            ids = e.usage.encode_chat(messages).ids
+        except NoChatTemplateError as err:
             raise APIError(400, str(err), code="no_chat_template") from None
-        except (jinja2.TemplateError, ValueError, TypeError) as err:  # the template refused the messages
-            raise APIError(400, f"the model's chat template refused these messages: {err}") from None
+        except UsageError as err:  # the template refused the messages
+            raise APIError(400, str(err)) from None
         if len(ids) > limits.max_input_tokens:
             raise APIError(
                 400, f"the conversation is {len(ids)} tokens in the chat template, over the limit of "
@@ -322,16 +324,22 @@ def create_app(
             )
         snap = store.snapshot()
         members = [entry(snap, n) for n in names]
+        encoded = []
         for m in members:
-            if m.usage.verbalizer is None:
-                raise APIError(400, f"prompt {m.name!r} has no label words, so it cannot classify")
-            for t in texts:
-                encode_len(m, t)
-        if len(members) > 1 and any(sorted(m.labels) != sorted(members[0].labels) for m in members):
-            raise APIError(400, f"ensemble members {names} do not share one set of labels")
+            try:
+                m.usage.check_classifies(m.name)
+            except UsageError as err:
+                raise APIError(400, str(err)) from None
+            encoded.append([encode(m, t, MAX_LENGTH).ids for t in texts])
+        if len(members) > 1:
+            try:
+                check_ensemble(members)
+            except UsageError as err:
+                raise APIError(400, str(err)) from None
         entries = [m for _ in texts for m in members]
         rows = [t for t in texts for _ in members]
-        logps = await batcher.run(("classify",), entries, rows)
+        ids = [encoded[j][i] for i in range(len(texts)) for j in range(len(members))]
+        logps = await batcher.run(("classify",), entries, rows, ids=ids)
         k = len(members)
         data = []
         for i, text in enumerate(texts):
