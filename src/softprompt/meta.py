@@ -12,11 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from softprompt.config import ScoringMode, TaskKind, allowed
 from softprompt.errors import PromptFormatError
 
 FORMAT_VERSION = 2
-TASKS = ("classification", "generation")
-SCORING_MODES = ("auto", "first_token", "sequence")
 
 
 @dataclass
@@ -81,9 +80,11 @@ class PromptMeta:
                 problems.append(f"{name}: {problem}, got {type(raw[name]).__name__} {_short(raw[name])}")
             else:
                 values[name] = raw[name]
-        for name, allowed in (("task", TASKS), ("scoring", SCORING_MODES)):
-            if name in values and values[name] not in allowed:
-                problems.append(f"{name}: expected one of {', '.join(allowed)}, got {values[name]!r}")
+        for name, options in (("task", TaskKind), ("scoring", ScoringMode)):
+            if name in values and values[name] not in allowed(options):
+                problems.append(
+                    f"{name}: expected one of {', '.join(allowed(options))}, got {values[name]!r}"
+                )
         if problems:
             listing = "\n".join(f"  - {p}" for p in problems)
             raise PromptFormatError(

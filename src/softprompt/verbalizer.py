@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from softprompt.config import ScoringMode, allowed
 from softprompt.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-SCORING_MODES = ("auto", "first_token", "sequence")
 
 
 @dataclass(frozen=True)
@@ -213,8 +212,8 @@ class Verbalizer:
 
     def scoring_mode(self, tokenizer, requested: str = "auto") -> str:
         """``first_token`` when every word's first token is distinct (one forward pass), else ``sequence``."""
-        if requested not in SCORING_MODES:
-            raise UsageError(f"scoring={requested!r}; choose auto, first_token or sequence")
+        if requested not in allowed(ScoringMode):
+            raise UsageError(f"scoring={requested!r}; choose one of {', '.join(allowed(ScoringMode))}")
         firsts = [t[0] for t in self.token_ids(tokenizer)]
         distinct = len(set(firsts)) == len(firsts)
         if requested == "first_token" and not distinct:

@@ -1,36 +1,27 @@
-"""Settings of ``softprompt compare`` (prompt tuning vs LoRA vs full fine-tuning), validated at once."""
+"""Settings of ``softprompt compare`` (prompt tuning vs LoRA vs full fine-tuning), validated at once.
+
+Made of training's data, input and prompt groups (the same options as ``softprompt train``, so
+every method reads the same rows and inputs), plus what only a comparison has: the methods, the
+subsamples, one budget for all methods, a learning-rate list per method, LoRA's shape and the
+measurements. The optimisation of each run is :meth:`CompareConfig.optim_args`.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from softprompt.data import DEMO_TEMPLATE
-from softprompt.errors import ConfigError
+from softprompt.config import PromptArgs, at_least
+from softprompt.training.config import DataArgs, InputArgs, OptimArgs
 
 METHODS = ("prompt", "lora", "full")
 
 
+# A dataclass takes its bases' fields from the last base to the first: data, input, prompt, then these.
 @dataclass
-class CompareConfig:
+class CompareConfig(PromptArgs, InputArgs, DataArgs):
     """Settings of ``softprompt compare``. Saved as ``compare_config.json`` in the run folder."""
 
-    train_file: str | None = None
-    """Labelled training data (jsonl/csv/tsv); None: the built-in sentiment demo."""
-    validation_file: str | None = None
-    """Validation data (used to pick each method's lr); None: hold out validation_fraction of train."""
-    test_file: str | None = None
-    """Test data for the final accuracy; required unless train_file is None (the demo has one)."""
-    text_column: str | None = None
-    """Text column (name or index); default: detected."""
-    label_column: str | None = None
-    """Label column (name or index); default: detected."""
-    strip_prefix_word: bool = False
-    """Drop the first word of every text (TREC)."""
-    template: str = DEMO_TEMPLATE
-    """Input template with one {text} placeholder."""
-    verbalizer: str | None = None
-    """label=word pairs, e.g. '0=negative,1=positive'."""
     model: str = "smollm2"
     """Base model: smollm2, a local folder, a .gguf file or a hub id."""
     device: str = "cpu"
@@ -43,18 +34,14 @@ class CompareConfig:
     """Subsample the validation set (0: all)."""
     test_rows: int = 0
     """Subsample the test set (0: all)."""
-    validation_fraction: float = 0.1
-    """Share of train held out for validation when no validation_file is given."""
     max_steps: int = 200
     """Optimizer steps of the final run (the same for every method)."""
     batch_size: int = 16
     """Rows per step (the same for every method): budget = max_steps x batch_size rows."""
     warmup_steps: int = 10
-    """Linear warmup steps, then linear decay to 0."""
+    """Linear warmup steps, then linear decay to 0 (AdamW, no weight decay, for every method)."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm of the trainable parameters (0 disables)."""
-    max_length: int = 256
-    """Longest input in tokens."""
     sweep_steps: int = 50
     """Steps of each lr-sweep run (same schedule shape); 0: no sweep, use the first lr of each list."""
     prompt_lrs: str = "0.03,0.1,0.3"
@@ -63,12 +50,6 @@ class CompareConfig:
     """Learning rates tried for LoRA."""
     full_lrs: str = "1e-5,3e-5,1e-4"
     """Learning rates tried for full fine-tuning."""
-    num_virtual_tokens: int = 20
-    """Soft-prompt length P."""
-    init: str = "labels"
-    """Prompt init (labels, text, vocab, random)."""
-    init_text: str | None = None
-    """Text for init=text."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: int = 16
@@ -92,19 +73,18 @@ class CompareConfig:
     output_dir: str = "runs/compare"
     """Run folder."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> list[str]:
         problems = []
         unknown = [m for m in self.method_list() if m not in METHODS]
         if unknown or not self.method_list():
             problems.append(
                 f"methods={self.methods!r}; choose a comma-separated subset of {', '.join(METHODS)}"
             )
-        for name in ("max_steps", "batch_size", "eval_batch_size", "switch_repeats", "lora_r", "max_length"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_rows", "validation_rows", "test_rows", "sweep_steps", "warmup_steps", "threads"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        problems += at_least(
+            self, 1, ("max_steps", "batch_size", "eval_batch_size", "switch_repeats", "lora_r")
+        )
+        names = ("train_rows", "validation_rows", "test_rows", "sweep_steps", "warmup_steps", "threads")
+        problems += at_least(self, 0, (*names, "max_grad_norm"))
         for method in METHODS:
             try:
                 lrs = self.lrs(method)
@@ -116,11 +96,26 @@ class CompareConfig:
                 )
         if self.train_file is not None and not self.test_file:
             problems.append("test_file is required with train_file: compare reports test accuracy")
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
     def lrs(self, method: str) -> list[float]:
         return [float(x) for x in getattr(self, f"{method}_lrs").split(",") if x.strip()]
+
+    def optim_args(self, lr: float, steps: int) -> OptimArgs:
+        """The optimisation of one run, the same for every method but its ``lr``: AdamW without weight
+        decay, warmup (shortened to fit a short run) then linear decay, clipping, one seeded row order."""
+        return OptimArgs(
+            optimizer="adamw",
+            lr=lr,
+            weight_decay=0.0,
+            schedule="linear",
+            max_steps=steps,
+            warmup_steps=min(self.warmup_steps, max(0, steps - 1)),
+            batch_size=self.batch_size,
+            grad_accum=1,
+            max_grad_norm=self.max_grad_norm,
+            seed=self.seed,
+        )

@@ -33,11 +33,12 @@ import torch
 
 from softprompt.compare.config import CompareConfig
 from softprompt.compare.report import write_report
+from softprompt.config import PromptArgs
 from softprompt.loading import load_model
 from softprompt.model import PromptedLM, forget_quantization
 from softprompt.prompt import load_prompt, save_prompt
-from softprompt.training.config import TrainConfig
-from softprompt.training.loop import fit, make_prompt, new_state
+from softprompt.training.config import DataArgs, InputArgs, OptimArgs, TrainConfig
+from softprompt.training.loop import fit, make_optimizer, make_prompt, new_state
 from softprompt.training.tasks import ClassificationTask, load_splits, make_verbalizer
 
 log = logging.getLogger(__name__)
@@ -71,37 +72,26 @@ def prepare_data(cfg: CompareConfig, folder: Path) -> dict:
 
 
 def train_config(cfg: CompareConfig, lr: float, steps: int, data: dict | None) -> TrainConfig:
-    """The TrainConfig of one run: the subsampled files in ``data`` (None: the user's files)."""
-    files = (
-        {"train_file": data["train"], "validation_file": data["validation"], "test_file": data["test"]}
-        if data
-        else {
-            "train_file": cfg.train_file,
-            "validation_file": cfg.validation_file,
-            "test_file": cfg.test_file,
+    """What ``softprompt train`` would run with the same settings (the task reads its data, template
+    and loss from it): the subsampled files in ``data`` (None: the user's files)."""
+    files = asdict(DataArgs.of(cfg))
+    inputs = asdict(InputArgs.of(cfg))
+    if data:  # the subsample is written as JSONL with text/label columns and the verbalizer it found
+        files |= {
+            "train_file": data["train"],
+            "validation_file": data["validation"],
+            "test_file": data["test"],
         }
-    )
+        files |= {"text_column": None, "label_column": None, "strip_prefix_word": False}
+        inputs["verbalizer"] = data["verbalizer"]
     return TrainConfig(
         **files,
-        text_column=None if data else cfg.text_column,
-        label_column=None if data else cfg.label_column,
-        strip_prefix_word=False if data else cfg.strip_prefix_word,
-        template=cfg.template,
-        verbalizer=data["verbalizer"] if data else cfg.verbalizer,
+        **inputs,
+        **asdict(PromptArgs.of(cfg)),
+        **asdict(cfg.optim_args(lr, steps)),
         model=cfg.model,
         device=cfg.device,
-        lr=lr,
-        max_steps=steps,
-        warmup_steps=min(cfg.warmup_steps, max(0, steps - 1)),
-        batch_size=cfg.batch_size,
-        max_grad_norm=cfg.max_grad_norm,
-        max_length=cfg.max_length,
         eval_batch_size=cfg.eval_batch_size,
-        num_virtual_tokens=cfg.num_virtual_tokens,
-        init=cfg.init,
-        init_text=cfg.init_text,
-        validation_fraction=cfg.validation_fraction,
-        seed=cfg.seed,
     )
 
 
@@ -127,8 +117,7 @@ def load_workbench(cfg: CompareConfig, data: dict) -> Workbench:
 def build_method(method: str, bench: Workbench, cfg: CompareConfig):
     """Make ``method``'s trainable parameters. Returns (prompt or None, trainable params, peft model or None)."""
     if method == "prompt":  # initialised and annotated as `softprompt train` does
-        settings = replace(bench.task.cfg, num_virtual_tokens=cfg.num_virtual_tokens, init=cfg.init,
-                           init_text=cfg.init_text, seed=cfg.seed)  # fmt: skip
+        settings = replace(bench.task.cfg, **asdict(PromptArgs.of(cfg)), seed=cfg.seed)
         prompt = make_prompt(settings, bench.task, bench.model, bench.tokenizer)
         return prompt, [prompt.weight], None
     if method == "lora":
@@ -182,9 +171,9 @@ def reset_peak_rss() -> int | None:
 
 
 # ----------------------------------------------------------------------------- one run
-def train_steps(bench: Workbench, prompt, params: list, tcfg: TrainConfig, desc: str) -> dict:
+def train_steps(bench: Workbench, prompt, params: list, optim: OptimArgs, desc: str) -> dict:
     """Train ``params`` with the training loop (:func:`fit`) and measure time per step and peak memory."""
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(params, optim)
     step_seconds, losses = [], []
 
     def on_step(record: dict) -> None:
@@ -196,8 +185,10 @@ def train_steps(bench: Workbench, prompt, params: list, tcfg: TrainConfig, desc:
 
     rss0 = reset_peak_rss()  # after set-up: model, method and optimizer exist (AdamW moments come at step 1)
     # No rollback: a copy of every weight per step would distort full fine-tuning's memory and time.
-    state = fit(params, optimizer, batch_loss, bench.task.lengths, tcfg, new_state(), on_step=on_step,
-                rollback=False, desc=desc)  # fmt: skip
+    lengths = bench.task.lengths
+    state = fit(
+        params, optimizer, batch_loss, lengths, optim, new_state(), on_step=on_step, rollback=False, desc=desc
+    )
     peak = _proc_kib("VmHWM") if rss0 is not None else None
     del optimizer
     timed = step_seconds[2:] or step_seconds  # the first steps pay one-off allocations
@@ -222,12 +213,11 @@ def run_method(cfg: CompareConfig, data: dict, method: str, lr: float, steps: in
     torch.manual_seed(cfg.seed)
     bench = load_workbench(cfg, data)
     prompt, params, peft_model = build_method(method, bench, cfg)
-    tcfg = train_config(cfg, lr, steps, data)
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in bench.model.parameters())  # LoRA's matrices now sit inside the model
     base = total - trainable if method == "lora" else total
     result = {"method": method, "lr": lr, "trainable_parameters": trainable, "model_parameters": base}
-    result |= train_steps(bench, prompt, params, tcfg, desc=f"{method} lr {lr:g}")
+    result |= train_steps(bench, prompt, params, cfg.optim_args(lr, steps), desc=f"{method} lr {lr:g}")
     for split in splits:
         with torch.no_grad():
             report = bench.task.evaluate(bench.prompted, prompt, split, desc=f"{method} {split}")

@@ -1,7 +1,11 @@
-"""Settings of a training run: one typed dataclass whose field docstrings are the CLI's help.
+"""Settings of a training run, in groups: where the data come from, how an example becomes input,
+the base model, the prompt, the optimisation, the task, evaluation and the run folder.
 
-Fields are grouped as a run reads them: data, template and labels, model, prompt, optimisation,
-evaluation, the run folder, generation tasks. Every problem is reported at once (``ConfigError``).
+:class:`TrainConfig` is made of all of them and stays flat (``cfg.lr``, ``--lr``, ``"lr"`` in
+``hyperparameters.json``); each part that takes only one group gets only that group, e.g.
+:func:`~softprompt.training.loop.fit` takes ``cfg.optim`` (an :class:`OptimArgs`), and ``softprompt
+compare`` is made of the data, input and prompt groups. Every value is checked when the config is
+made, before any data or model is read, and every problem is reported at once (``ConfigError``).
 """
 
 from __future__ import annotations
@@ -9,15 +13,29 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from softprompt.config import InitMethod, size_problems
+from softprompt.config import (
+    ClassWeights,
+    Dtype,
+    Loss,
+    Optimizer,
+    PromptArgs,
+    Schedule,
+    ScoringMode,
+    SelectMetric,
+    Settings,
+    TaskKind,
+    TruncationSide,
+    at_least,
+    one_of,
+)
 from softprompt.data import DEMO_TEMPLATE
-from softprompt.errors import ConfigError, UsageError
+from softprompt.errors import UsageError
 from softprompt.text import Template
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs. Saved as ``hyperparameters.json`` beside the prompt."""
+class DataArgs(Settings):
+    """Where the examples come from."""
 
     train_file: str | None = None
     """Labelled training data (jsonl/csv/tsv), or hf:NAME[:CONFIG][@SPLIT] for a Hugging Face dataset
@@ -32,6 +50,19 @@ class TrainConfig:
     """Label column (name or index); default: label/class/... or the last column (logged)."""
     strip_prefix_word: bool = False
     """Drop the first word of every text (TREC files start each line with a fine-grained label)."""
+    validation_fraction: float = 0.1
+    """Share of the training data held out for validation when no validation_file is given."""
+
+    def check(self) -> list[str]:
+        if not 0 < self.validation_fraction < 1:
+            return [f"validation_fraction must be between 0 and 1, got {self.validation_fraction}"]
+        return []
+
+
+@dataclass
+class InputArgs(Settings):
+    """How an example becomes the model's input: template, label words and length."""
+
     template: str = DEMO_TEMPLATE
     """Input template with one {text} placeholder; the label word follows it."""
     chat_template: bool = False
@@ -40,10 +71,28 @@ class TrainConfig:
     verbalizer: str | dict[str, str] | None = None
     """label=word pairs, e.g. '0=negative,1=positive'; auto: words from the label names whose first
     tokens differ (one pass scores every class; the mapping is logged); default: each label is its own word."""
+    max_length: int = 256
+    """Longest input in tokens (template included); longer texts are truncated and counted."""
+    truncation_side: str = one_of(TruncationSide, "right")
+    """Which end of a long text is cut."""
+
+    def check(self) -> list[str]:
+        problems = at_least(self, 1, ("max_length",))
+        try:
+            Template(self.template)
+        except UsageError as e:
+            problems.append(str(e))
+        return problems
+
+
+@dataclass
+class ModelArgs(Settings):
+    """The base model and where it runs."""
+
     model: str = "smollm2"
     """Base model: smollm2 (packaged offline), a local folder, a .gguf file or a hub id."""
-    dtype: str = "float32"
-    """Base model dtype (float32 or bfloat16); the prompt is always float32."""
+    dtype: str = one_of(Dtype, "float32")
+    """Base model dtype; the prompt is always float32."""
     device: str = "auto"
     """cpu, cuda, or auto (under torchrun/accelerate: cuda:LOCAL_RANK when CUDA is available)."""
     gradient_checkpointing: bool = False
@@ -51,23 +100,20 @@ class TrainConfig:
     fsdp: bool = False
     """Shard the base model's blocks across processes (PyTorch FSDP2) under torchrun/accelerate launch;
     on by itself under an accelerate FSDP config. Embeddings and head stay whole on every process."""
-    num_virtual_tokens: int = 20
-    """Soft-prompt length P."""
-    init: str = "labels"
-    """Prompt init: labels (label words first, then common vocabulary), text, vocab, random or file.
-    With task=generation, labels means text init from init_text or the template's words."""
-    init_text: str | None = None
-    """Text for init=text."""
-    init_file: str | None = None
-    """Saved prompt folder for init=file (prompt transfer)."""
-    optimizer: str = "adamw"
-    """adamw or adafactor."""
+
+
+@dataclass
+class OptimArgs(Settings):
+    """How the trainable tensors are optimised: all that :func:`~softprompt.training.loop.fit` takes."""
+
+    optimizer: str = one_of(Optimizer, "adamw")
+    """The optimizer of the trainable tensors."""
     lr: float = 0.1
     """Peak learning rate. Prompt tuning needs high rates (0.03-0.3); see docs/tutorial.md."""
     weight_decay: float = 0.0
     """AdamW weight decay on the prompt."""
-    schedule: str = "linear"
-    """Learning-rate decay after warmup: linear, cosine or constant."""
+    schedule: str = one_of(Schedule, "linear")
+    """Learning-rate decay after warmup."""
     warmup_steps: int = 10
     """Linear warmup steps."""
     max_steps: int = 150
@@ -78,24 +124,47 @@ class TrainConfig:
     """Micro-batches per optimizer step (effective batch = batch_size x grad_accum x processes)."""
     max_grad_norm: float = 1.0
     """Clip the prompt gradient's norm to this (0 disables)."""
-    class_weights: str = "none"
-    """none, or balanced: weight each class's loss by N / (C x its count), so rare classes count as
-    much as common ones (for imbalanced labels)."""
-    loss: str = "class"
+    seed: int = 0
+    """Seed for init and data order."""
+
+    def check(self) -> list[str]:
+        problems = at_least(self, 1, ("max_steps", "batch_size", "grad_accum"))
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive number, got {self.lr}")
+        return problems + at_least(self, 0, ("warmup_steps", "max_grad_norm"))
+
+
+@dataclass
+class TaskArgs(Settings):
+    """What is learned, and what the loss counts."""
+
+    task: str = one_of(TaskKind, "classification")
+    """classification (labels through label words) or generation (input -> target text)."""
+    class_weights: str = one_of(ClassWeights, "none")
+    """balanced: weight each class's loss by N / (C x its count), so rare classes count as much as
+    common ones (for imbalanced labels)."""
+    loss: str = one_of(Loss, "class")
     """class: cross-entropy over the label words only; lm: next-token loss over the full vocabulary."""
-    scoring: str = "auto"
-    """first_token, sequence (rank classification) or auto."""
-    max_length: int = 256
-    """Longest input in tokens (template included); longer texts are truncated and counted."""
-    truncation_side: str = "right"
-    """Which end of a long text is cut: right or left."""
-    validation_fraction: float = 0.1
-    """Share of the training data held out for validation when no validation_file is given."""
+    scoring: str = one_of(ScoringMode, "auto")
+    """How label words are scored: first_token (one pass), sequence (rank classification) or auto."""
+    target_column: str | None = None
+    """task=generation: the target text column; default: target/output/ref/response/... in the file."""
+    max_target_length: int = 64
+    """task=generation: longest target in tokens; longer ones are truncated (without EOS) and counted."""
+
+    def check(self) -> list[str]:
+        return at_least(self, 1, ("max_target_length",))
+
+
+@dataclass
+class EvalArgs(Settings):
+    """When and how the prompt is evaluated."""
+
     eval_every: int = 50
     """Validate (and keep the best prompt) every N steps."""
-    select_metric: str = "auto"
-    """Validation figure that picks the best prompt: accuracy, macro_f1, or auto (macro-F1 when the
-    training labels are imbalanced, said in the log; accuracy otherwise; ROUGE-L for generation)."""
+    select_metric: str = one_of(SelectMetric, "auto")
+    """Validation figure that picks the best prompt: auto is macro-F1 when the training labels are
+    imbalanced (said in the log), accuracy otherwise; ROUGE-L for generation."""
     max_test_inputs: int | None = None
     """Score at most this many test inputs (a fixed-seed sample, per evaluation: the baselines too);
     None: all."""
@@ -103,8 +172,22 @@ class TrainConfig:
     """Rows per batch when evaluating."""
     patience: int = 0
     """Stop after this many evaluations without improvement (0: never stop early)."""
-    seed: int = 0
-    """Seed for init and data order."""
+    baselines: bool = True
+    """Evaluate zero-shot and the untrained prompt on the test set too."""
+    max_new_tokens: int = 64
+    """task=generation: tokens generated per input when evaluating."""
+    max_eval_inputs: int | None = 200
+    """task=generation: validate on at most this many distinct inputs (greedy decoding is slow); None: all."""
+
+    def check(self) -> list[str]:
+        names = ("eval_every", "eval_batch_size", "max_new_tokens", "max_test_inputs", "max_eval_inputs")
+        return at_least(self, 1, names) + at_least(self, 0, ("patience",))
+
+
+@dataclass
+class RunArgs(Settings):
+    """The run folder."""
+
     output_dir: str = "runs/demo"
     """Run folder: prompt/, checkpoint/, metrics.jsonl, metrics.json, curves.png."""
     resume: bool = False
@@ -113,57 +196,21 @@ class TrainConfig:
     the device/memory options may change."""
     overwrite: bool = False
     """Start afresh in an output_dir that holds a run: its checkpoint, prompt and logs are deleted."""
-    baselines: bool = True
-    """Evaluate zero-shot and the untrained prompt on the test set too."""
-    task: str = "classification"
-    """classification (labels through label words) or generation (input -> target text)."""
-    target_column: str | None = None
-    """task=generation: the target text column; default: target/output/ref/response/... in the file."""
-    max_target_length: int = 64
-    """task=generation: longest target in tokens; longer ones are truncated (without EOS) and counted."""
-    max_new_tokens: int = 64
-    """task=generation: tokens generated per input when evaluating."""
-    max_eval_inputs: int | None = 200
-    """task=generation: validate on at most this many distinct inputs (greedy decoding is slow); None: all."""
 
-    def __post_init__(self) -> None:
-        problems = []
-        choices = {
-            "optimizer": ("adamw", "adafactor"), "schedule": ("linear", "cosine", "constant"),
-            "loss": ("class", "lm"), "task": ("classification", "generation"), "scoring": ("auto", "first_token", "sequence"),
-            "truncation_side": ("left", "right"), "class_weights": ("none", "balanced"),
-            "select_metric": ("auto", "accuracy", "macro_f1"), "dtype": ("float32", "bfloat16", "fp32", "bf16"),
-        }  # fmt: skip
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                problems.append(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_length",
-                     "max_target_length", "max_new_tokens"):  # fmt: skip
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_eval_inputs", "max_test_inputs"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"lr must be a positive number, got {self.lr}")
-        if not 0 < self.validation_fraction < 1:
-            problems.append(f"validation_fraction must be between 0 and 1, got {self.validation_fraction}")
-        if self.warmup_steps < 0 or self.patience < 0 or self.max_grad_norm < 0:
-            problems.append("warmup_steps, patience and max_grad_norm must be >= 0")
-        problems += size_problems(self.num_virtual_tokens)  # before the data and the model are read
-        if self.init not in {m.value for m in InitMethod}:
-            problems.append(f"init={self.init!r}; choose one of {', '.join(m.value for m in InitMethod)}")
-        if self.init == "text" and not (self.init_text and self.init_text.strip()):
-            problems.append("init=text needs init_text, e.g. 'Classify the sentiment of this review:'")
-        if self.init == "file" and not self.init_file:
-            problems.append("init=file needs init_file, the folder of a saved prompt")
+    def check(self) -> list[str]:
         if self.resume and self.overwrite:
-            problems.append(
+            return [
                 "resume and overwrite are both true; choose one (resume continues, overwrite starts afresh)"
-            )
-        try:
-            Template(self.template)
-        except UsageError as e:
-            problems.append(str(e))
-        if problems:
-            raise ConfigError(problems)
+            ]
+        return []
+
+
+# A dataclass takes its bases' fields from the last base to the first: data first, run folder last.
+@dataclass
+class TrainConfig(RunArgs, EvalArgs, TaskArgs, OptimArgs, PromptArgs, ModelArgs, InputArgs, DataArgs):
+    """Everything a training run needs. Saved as ``hyperparameters.json`` beside the prompt."""
+
+    @property
+    def optim(self) -> OptimArgs:
+        """The optimisation settings (what :func:`~softprompt.training.loop.fit` takes)."""
+        return OptimArgs.of(self)

@@ -8,8 +8,9 @@
 
 Nothing here is random except the initialisation and the data order, both from ``seed``; the base
 model runs in eval mode. So a run resumed from its checkpoint ends exactly where an uninterrupted
-run would. :func:`fit` takes any list of tensors and a loss function, so ``softprompt compare``
-trains LoRA and full fine-tuning with the very same loop.
+run would. :func:`fit` takes any list of tensors, a loss function and the optimisation settings
+alone (:class:`~softprompt.training.config.OptimArgs`), so ``softprompt compare`` trains LoRA and
+full fine-tuning with the very same loop.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 import softprompt.training.runlog as runlog
 from softprompt.batching import length_grouped_batches
-from softprompt.config import PromptConfig
+from softprompt.config import Optimizer, PromptConfig, Schedule
 from softprompt.errors import SoftpromptError, TrainingInterrupted, UsageError
 from softprompt.loading import load_model
 from softprompt.locking import folder_lock
@@ -46,7 +47,7 @@ from softprompt.training.checkpoint import (
     save_checkpoint,
     saved_config,
 )
-from softprompt.training.config import TrainConfig
+from softprompt.training.config import OptimArgs, TrainConfig
 from softprompt.training.distributed import DistContext, fsdp_requested, is_main_process, shard_model
 from softprompt.training.distributed import setup as join_processes
 from softprompt.training.stopping import stop_on_signals
@@ -56,27 +57,27 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- optimisation
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, optim: OptimArgs) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.schedule == "linear":
-        return cfg.lr * max(0.0, 1.0 - progress)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / (optim.warmup_steps + 1)
+    progress = (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps)
+    if optim.schedule == Schedule.LINEAR:
+        return optim.lr * max(0.0, 1.0 - progress)
+    if optim.schedule == Schedule.COSINE:
+        return optim.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return optim.lr
 
 
-def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adafactor":
-        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def make_optimizer(params: list[torch.Tensor], optim: OptimArgs) -> torch.optim.Optimizer:
+    if optim.optimizer == Optimizer.ADAFACTOR:
+        return torch.optim.Adafactor(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def micro_batches(
     lengths: list[int],
-    cfg: TrainConfig,
+    optim: OptimArgs,
     start: int,
     count: int,
     orders: dict[int, list[list[int]]],
@@ -84,16 +85,16 @@ def micro_batches(
 ) -> list[list[int]]:
     """Micro-batches number start..start+count-1 of the endless, seeded, length-grouped stream
     (epoch e uses seed + e), so any step's data is known without replaying the run. ``orders`` is
-    the run's own cache of the current epoch's batch order. ``batch_size`` (default cfg.batch_size)
+    the run's own cache of the current epoch's batch order. ``batch_size`` (default optim.batch_size)
     is the global micro-batch: batch_size x processes when several run."""
-    batch_size = batch_size or cfg.batch_size
+    batch_size = batch_size or optim.batch_size
     per_epoch = math.ceil(len(lengths) / batch_size)
     out = []
     for k in range(start, start + count):
         epoch, i = divmod(k, per_epoch)
         if epoch not in orders:
             orders.clear()  # one epoch's order at a time
-            orders[epoch] = length_grouped_batches(lengths, batch_size, seed=cfg.seed + epoch)
+            orders[epoch] = length_grouped_batches(lengths, batch_size, seed=optim.seed + epoch)
         out.append(orders[epoch][i])
     return out
 
@@ -112,9 +113,10 @@ def fit(
     optimizer: torch.optim.Optimizer,
     batch_loss: BatchLoss,
     lengths: list[int],
-    cfg: TrainConfig,
+    optim: OptimArgs,
     state: dict,
     *,
+    eval_every: int = 0,
     ctx: DistContext | None = None,
     on_step: Callable[[dict], None] | None = None,
     validate: Callable[[int], bool] | None = None,
@@ -122,43 +124,48 @@ def fit(
     rollback: bool = True,
     desc: str = "training",
 ) -> dict:
-    """Optimise ``params`` from ``state["step"]`` to ``cfg.max_steps``; returns the updated ``state``.
+    """Optimise ``params`` from ``state["step"]`` to ``optim.max_steps``; returns the updated ``state``.
 
-    Each step: lr from the schedule, ``cfg.grad_accum`` micro-batches of the seeded stream (each
+    Each step: lr from the schedule, ``optim.grad_accum`` micro-batches of the seeded stream (each
     process takes its share), gradients summed over processes, clipped, one optimizer step.
     ``on_step(record)`` sees each step's figures; ``validate(step)`` runs every ``eval_every`` steps
-    and at the end, and returns True to stop early. ``should_stop()`` is asked before each step (on
-    every process: one asking stops them all) and ends the loop with ``status="interrupted"``. A
-    NaN/inf loss or gradient stops the run with ``status="diverged"``; with ``rollback`` the
-    parameters go back to before the step that broke them.
+    and at the end (``eval_every=0``: only at the end), and returns True to stop early.
+    ``should_stop()`` is asked before each step (on every process: one asking stops them all) and
+    ends the loop with ``status="interrupted"``. A NaN/inf loss or gradient stops the run with
+    ``status="diverged"``; with ``rollback`` the parameters go back to before the step that broke them.
     """
     ctx = ctx or DistContext()
     orders: dict[int, list[list[int]]] = {}
-    global_size = cfg.batch_size * ctx.world_size
+    global_size = optim.batch_size * ctx.world_size
     last_good = [p.detach().clone() for p in params] if rollback else None
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=desc, unit="step", leave=False,
-               disable=not ctx.is_main)  # fmt: skip
+    bar = tqdm(
+        total=optim.max_steps,
+        initial=state["step"],
+        desc=desc,
+        unit="step",
+        leave=False,
+        disable=not ctx.is_main,
+    )
     state["status"] = "running"  # a resumed run goes on, whatever stopped it before
-    while state["step"] < cfg.max_steps:
+    while state["step"] < optim.max_steps:
         if should_stop is not None and _any_process(ctx, should_stop()):
             state["status"] = "interrupted"
             break
         step = state["step"]
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss_sum, tokens = 0.0, 0
-        for global_idx in micro_batches(
-            lengths, cfg, step * cfg.grad_accum, cfg.grad_accum, orders, global_size
-        ):
+        accum = optim.grad_accum
+        for global_idx in micro_batches(lengths, optim, step * accum, accum, orders, global_size):
             idx, share = ctx.shard(global_idx)  # this process's rows; share = its rows / global rows
             loss, n_tokens = batch_loss(idx)  # mean over the micro-batch
             if ctx.active:
                 loss = loss * share  # summed over processes below: the global micro-batch's mean
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
+            (loss / accum).backward()
+            loss_sum += loss.item() / accum
             tokens += n_tokens if share else 0
         ctx.sum_gradients_(params)  # all_reduce: the global batch's gradient, before clipping
         if ctx.active:
@@ -175,8 +182,8 @@ def fit(
                         p.copy_(good)
             state["status"] = "diverged"
             break
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
         if last_good is not None:
             for good, p in zip(last_good, params, strict=True):
                 good.copy_(p.detach())
@@ -189,7 +196,8 @@ def fit(
             on_step(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", gnorm=f"{grad_norm:.2e}", lr=f"{lr:.3g}")
-        if validate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps) and validate(step):
+        due = step == optim.max_steps or (eval_every > 0 and step % eval_every == 0)
+        if validate is not None and due and validate(step):
             state["status"] = "early_stopped"
             break
     bar.close()
@@ -255,7 +263,7 @@ def setup(cfg: TrainConfig) -> Run:
         log.info("fsdp with %s attention: the prompt runs in front of every row (the shared prompt "
                  "prefix needs eager or sdpa attention)", model.config._attn_implementation)  # fmt: skip
         prompted.shared_prefix = False
-    optimizer = make_optimizer([prompt.weight], cfg)
+    optimizer = make_optimizer([prompt.weight], cfg.optim)
     if ctx.is_main:  # the first write: settings, data, model and prompt are all good by now
         if cfg.overwrite:
             gone = clear_run(out)
@@ -384,8 +392,19 @@ def train_prompt(run: Run) -> None:
         return False
 
     with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: stop after this step, checkpoint there
-        fit([prompt.weight], run.optimizer, lambda idx: task.batch_loss(run.prompted, prompt, idx),
-            task.lengths, cfg, run.state, ctx=ctx, on_step=on_step, validate=validate, should_stop=stop)  # fmt: skip
+        fit(
+            [prompt.weight],
+            run.optimizer,
+            lambda idx: task.batch_loss(run.prompted, prompt, idx),
+            task.lengths,
+            cfg.optim,
+            run.state,
+            eval_every=cfg.eval_every,
+            ctx=ctx,
+            on_step=on_step,
+            validate=validate,
+            should_stop=stop,
+        )
     run.stopped_by = stop.signal
     if ctx.is_main:
         if run.state["best_step"] == 0:  # diverged before the first evaluation: keep what we have
