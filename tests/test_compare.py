@@ -159,3 +159,26 @@ def test_prompt_method_trains_exactly_as_softprompt_train(tiny_model_dir, data, 
     train(tcfg)
     theirs = load_prompt(tmp_path / "train" / "prompt").weight
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_compare_is_made_of_trains_groups_and_checks_them_at_once(data):
+    """compare takes train's data, input and prompt options by the same names, and refuses bad ones
+    when the config is made, before any data or model is read."""
+    from dataclasses import fields
+
+    from softprompt.config import PromptArgs
+    from softprompt.training.config import DataArgs, InputArgs
+
+    names = {f.name for f in fields(CompareConfig)}
+    assert all({f.name for f in fields(group)} <= names for group in (DataArgs, InputArgs, PromptArgs))
+    with pytest.raises(ConfigError) as e:
+        CompareConfig(train_file=data[0], test_file=data[1], init="text", template="x", max_grad_norm=-1)
+    assert len(e.value.problems) == 3 and "init_text" in str(e.value)
+
+
+def test_every_run_optimises_alike_but_for_its_lr(tiny_model_dir, data, tmp_path):
+    cfg = make_cfg(tiny_model_dir, data, tmp_path, warmup_steps=5)
+    short, final = cfg.optim_args(0.1, 2), cfg.optim_args(3e-4, 4)
+    assert (short.optimizer, short.schedule, short.weight_decay) == ("adamw", "linear", 0.0)
+    assert (short.lr, short.max_steps, short.warmup_steps) == (0.1, 2, 1)  # warmup fits the short run
+    assert (final.lr, final.max_steps, final.warmup_steps, final.batch_size) == (3e-4, 4, 3, 4)
