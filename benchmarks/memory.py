@@ -71,7 +71,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from torch.nn import functional as F
 
-    from softprompt.model import PromptedLM, enable_activation_checkpointing
+    from softprompt.hf_parts import enable_activation_checkpointing
+    from softprompt.model import PromptedLM
 
     torch.set_num_threads(args.threads)
     dtype, checkpointing = CONFIGS[args.worker]

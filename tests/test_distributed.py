@@ -14,7 +14,8 @@ import torch
 from conftest import make_tokenizer, tiny_gpt2, tiny_llama, write_sentiment_data
 
 from softprompt import load_prompt
-from softprompt.model import PromptedLM, decoder_layers, enable_activation_checkpointing
+from softprompt.hf_parts import decoder_layers, enable_activation_checkpointing
+from softprompt.model import PromptedLM
 from softprompt.training import TrainConfig, train
 from softprompt.training.distributed import DistContext
 

@@ -15,7 +15,7 @@ import softprompt.training.tasks as tasks_mod
 from softprompt import PromptedLM, SoftPrompt, load_prompt
 from softprompt.batching import MEMORY_BUDGET_ENV, memory_budget, parse_bytes
 from softprompt.errors import ConfigError
-from softprompt.model import enable_activation_checkpointing, saved_model_shape
+from softprompt.hf_parts import enable_activation_checkpointing, saved_model_shape
 from softprompt.scoring import TriePlan, check_training_memory, class_scores, trie_chunk_bytes
 from softprompt.training import TrainConfig, train
 from softprompt.verbalizer import LabelSpace

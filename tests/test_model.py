@@ -7,7 +7,7 @@ import torch
 from conftest import VOCAB_SIZE, tiny_llama
 
 from softprompt import PromptedLM, SoftPrompt
-from softprompt.model import last_token_index
+from softprompt.layout import last_token_index
 
 ATOL = 1e-5
 

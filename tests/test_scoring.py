@@ -173,7 +173,7 @@ def test_trie_training_gradient_equals_the_row_gradient(tiny_model, memory, chec
     also when the backward pass runs chunk by chunk and when blocks are recomputed."""
     from torch.nn import functional as F
 
-    from softprompt.model import enable_activation_checkpointing
+    from softprompt.hf_parts import enable_activation_checkpointing
 
     if checkpointing:
         enable_activation_checkpointing(tiny_model)

@@ -9,7 +9,7 @@ import torch
 from conftest import MODEL_FACTORIES, tiny_llama
 
 from softprompt import PromptedLM, SoftPrompt
-from softprompt.model import enable_activation_checkpointing
+from softprompt.hf_parts import enable_activation_checkpointing
 
 
 def batch(padding: str, vocab: int = 40, seed: int = 0):

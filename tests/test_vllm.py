@@ -55,7 +55,7 @@ def test_the_sent_tensor_gives_prompted_lm_first_token_logits(arch, text):
 
 def first_layer_input(prompted: PromptedLM, ids: list[int], prompt) -> torch.Tensor:
     """What ``prompted`` hands its first transformer block for one unpadded row: (L, D)."""
-    from softprompt.model import decoder_layers
+    from softprompt.hf_parts import decoder_layers
 
     seen = []
 

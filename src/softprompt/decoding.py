@@ -17,9 +17,10 @@ import torch
 
 from softprompt.batching import default_overhead, length_batches
 from softprompt.errors import UsageError
-from softprompt.model import PromptedLM, PromptLike
+from softprompt.model import PromptedLM
 from softprompt.prefix import PromptPrefix
 from softprompt.prompt import SoftPrompt
+from softprompt.prompt_inputs import PromptLike
 from softprompt.text import Template, pad_rows
 from softprompt.usage import PromptUsage
 

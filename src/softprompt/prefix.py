@@ -1,6 +1,9 @@
-"""What a frozen model keeps between calls: the cached keys and values of soft prompts (computed
-once per prompt and reused for every input) and the state of a decoding loop. Plain tensors; the
-transformers cache objects built from them are made in :mod:`softprompt.model`."""
+"""Prompt prefixes and what a pass leaves behind, as plain tensors: the cached keys and values of
+soft prompts (:class:`PromptPrefix`, computed once per prompt and reused for every input), a prefix
+not run yet (:class:`PrefixInputs`, which :class:`~softprompt.model.PromptedLM` builds from a prompt
+and the head tokens every row starts with), and the keys and values of a batch's inputs for
+continuing its rows (:class:`InputContext`). The transformers cache objects built from them are
+made in :mod:`softprompt.model`."""
 
 from __future__ import annotations
 
@@ -9,34 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-
-def row_prompt_index(
-    index: torch.Tensor | None, num_prompts: int, batch_size: int, device: torch.device, what: str
-) -> torch.Tensor:
-    """Which of ``num_prompts`` prompts (of a bank or a prefix: ``what``) each of ``batch_size`` rows
-    uses, checked: (B,) on ``device``; ``None`` is allowed for a single prompt."""
-    if index is None:
-        if num_prompts != 1:
-            raise ValueError(
-                f"a {what} of {num_prompts} prompts needs prompt_index (B,) saying which prompt each row uses"
-            )
-        return torch.zeros(batch_size, dtype=torch.long, device=device)
-    index = index.to(device)
-    if index.shape != (batch_size,):
-        raise ValueError(f"prompt_index must have shape ({batch_size},), got {tuple(index.shape)}")
-    if index.numel() and (index.min() < 0 or index.max() >= num_prompts):
-        raise ValueError(f"prompt_index values must be in 0..{num_prompts - 1}, got {index.tolist()}")
-    return index
-
-
-@dataclass
-class DecodeState:
-    """What :meth:`PromptedLM.decode_step` needs between steps: the cache, the full attention mask
-    (B, L) and each row's next position (B,)."""
-
-    cache: object
-    mask: torch.Tensor
-    next_position: torch.Tensor
+from softprompt.layout import row_prompt_index
 
 
 @dataclass
@@ -80,6 +56,30 @@ class PrefixInputs:
     @property
     def num_prompts(self) -> int:
         return self.embeds.shape[0]
+
+    @staticmethod
+    def build(prompts: torch.Tensor, lengths: torch.Tensor, head: torch.Tensor | None = None) -> PrefixInputs:
+        """N prompts laid out as a prefix: ``prompts`` (N, P, D), prompt n in slots 0..L_n-1 with
+        ``lengths`` (N,) its L_n (on the CPU), and ``head`` (1, h, D) the embeddings of tokens that
+        follow every prompt (None: none)."""
+        N, P, D = prompts.shape
+        device = prompts.device
+        # Shorter prompts sit at the end of their row (front padding), as they do in the
+        # concatenated layout (:func:`~softprompt.layout.concatenated_layout`).
+        slots = torch.arange(P).unsqueeze(0)  # (1, P)
+        real = slots >= (P - lengths).unsqueeze(1)  # (N, P)
+        src = (slots - (P - lengths).unsqueeze(1)).clamp(min=0)  # slot k reads prompt token k - pads
+        embeds = torch.gather(prompts, 1, src.to(device).unsqueeze(-1).expand(-1, -1, D))
+        mask = real.long().to(device)
+        positions = src.to(device) * mask
+        if head is not None:  # the head follows each prompt at positions L_n, L_n + 1, ...
+            h = head.shape[1]
+            embeds = torch.cat([embeds, head.expand(N, h, -1)], dim=1)  # (N, P + h, D)
+            mask = torch.cat([mask, torch.ones(N, h, dtype=mask.dtype, device=device)], dim=1)
+            after = lengths.to(device).unsqueeze(1) + torch.arange(h, device=device)
+            positions = torch.cat([positions, after], dim=1)
+            lengths = lengths + h
+        return PrefixInputs(embeds, mask, positions, lengths.to(device))
 
 
 @dataclass

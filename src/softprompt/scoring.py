@@ -47,9 +47,10 @@ from softprompt.batching import (
     pass_bytes,
 )
 from softprompt.errors import ConfigError
-from softprompt.model import PromptedLM, PromptLike, PromptPrefix, as_bank
-from softprompt.prefix import InputContext, PrefixInputs
+from softprompt.model import PromptedLM
+from softprompt.prefix import InputContext, PromptPrefix
 from softprompt.prompt import SoftPrompt
+from softprompt.prompt_inputs import PromptLike, as_bank
 from softprompt.text import pad_rows
 from softprompt.verbalizer import LabelSpace, LabelTrie, TrieRows
 
@@ -65,7 +66,8 @@ def label_scores(
     pad_id: int,
     *,
     prompt: PromptLike | None = None,
-    prefix: PromptPrefix | PrefixInputs | None = None,
+    prefix: PromptPrefix | None = None,
+    head: Sequence[int] | None = None,
     prompt_index: Sequence[int] | torch.Tensor | None = None,
     prompt_lengths: Sequence[int] | torch.Tensor | None = None,
     batch_size: int | None = None,
@@ -79,9 +81,10 @@ def label_scores(
     Args:
         inputs: token ids of each rendered input.
         spaces: one :class:`LabelSpace` for all inputs, or one per input (mixed tasks).
-        prompt, prefix: the prompt(s) (a ``(P, D)`` prompt, a bank ``(N, P, D)``, a cached
-            :class:`PromptPrefix`, or a training step's :class:`PrefixInputs`); neither gives the
-            plain model.
+        prompt, prefix: the prompt(s) (a ``(P, D)`` prompt, a bank ``(N, P, D)``, or a cached
+            :class:`PromptPrefix`); neither gives the plain model.
+        head: token ids every input starts with, left out of ``inputs``: they run once, after
+            ``prompt``, in the batch's prefix (a training step's template head).
         prompt_index: per input, which prompt of the bank or prefix it uses.
         prompt_lengths: per input, its prompt's length (banks padded to the longest prompt).
         batch_size: ``None`` runs every input in one pass (training: the result is differentiable
@@ -106,7 +109,7 @@ def label_scores(
     lengths = None if prompt_lengths is None else torch.as_tensor(prompt_lengths, dtype=torch.long)
     if overhead is None:
         overhead = default_overhead(prompted.device)
-    prompts = {"prompt": prompt, "prefix": prefix}
+    prompts = {"prompt": prompt, "prefix": prefix, "head": head}
     if method == "rows" or not prompted.supports_label_trie:
         return _row_scores(
             prompted, inputs, spaces, pad_id, prompts, index, lengths, batch_size, overhead, desc
@@ -389,8 +392,10 @@ def class_scores(
     reach = (as_bank(prompt).shape[1] if single else 0) + max((len(r) for r in inputs), default=0)
     h = shared_head(inputs) if share_head and single and prompted.shares_prefix(reach) and not kwargs else 0
     if h:
-        prefix = prompted.training_prefix(prompt, inputs[0][:h])
-        return torch.stack(label_scores(prompted, [r[h:] for r in inputs], space, pad_id, prefix=prefix))
+        head = inputs[0][:h]
+        return torch.stack(
+            label_scores(prompted, [r[h:] for r in inputs], space, pad_id, prompt=prompt, head=head)
+        )
     return torch.stack(label_scores(prompted, inputs, space, pad_id, prompt=prompt, **kwargs))
 
 

@@ -34,8 +34,9 @@ import torch
 from softprompt.compare.config import CompareConfig
 from softprompt.compare.report import write_report
 from softprompt.config import PromptArgs
-from softprompt.loading import load_model
-from softprompt.model import PromptedLM, forget_quantization
+from softprompt.hf_parts import forget_quantization
+from softprompt.loading import load_model, load_saved_model
+from softprompt.model import PromptedLM
 from softprompt.prompt import load_prompt, save_prompt
 from softprompt.training.config import DataArgs, InputArgs, OptimArgs, TrainConfig
 from softprompt.training.loop import fit, make_optimizer, make_prompt, new_state
@@ -258,8 +259,6 @@ def switch_seconds(method: str, artifact: str, cfg: CompareConfig) -> float:
     lora: load_adapter + set_adapter into a PeftModel; full: load the fine-tuned model copy.
     Files were just written, so all three read from the page cache: this is the software cost.
     """
-    from transformers import AutoModelForCausalLM
-
     times = []
     model, _ = load_model(cfg.model, dtype="float32", device=cfg.device)
     peft_model = None
@@ -275,7 +274,7 @@ def switch_seconds(method: str, artifact: str, cfg: CompareConfig) -> float:
             peft_model.load_adapter(artifact, adapter_name=f"task{i}")
             peft_model.set_adapter(f"task{i}")
         else:
-            copy = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32).to(cfg.device)
+            copy = load_saved_model(artifact, cfg.device)
         times.append(time.perf_counter() - t0)
         if method == "lora":
             peft_model.set_adapter("resident")

@@ -30,7 +30,7 @@ from softprompt.errors import (
     UnknownPromptError,
     UsageError,
 )
-from softprompt.model import max_positions
+from softprompt.hf_parts import max_positions
 from softprompt.serving.batcher import Batcher, Job, StreamText
 from softprompt.serving.guard import (  # noqa: F401  (check_binding, is_loopback: part of this module's API)
     KEY_HINT,

@@ -164,7 +164,7 @@ def shard_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from softprompt.model import decoder_layers
+    from softprompt.hf_parts import decoder_layers
 
     if not ctx.active:
         log.warning("fsdp requested with one process: nothing to shard across; running unsharded")

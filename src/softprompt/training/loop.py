@@ -31,9 +31,10 @@ import softprompt.training.runlog as runlog
 from softprompt.batching import length_grouped_batches
 from softprompt.config import Optimizer, PromptConfig, Schedule
 from softprompt.errors import SoftpromptError, TrainingInterrupted, UsageError
+from softprompt.hf_parts import enable_activation_checkpointing
 from softprompt.loading import load_model
 from softprompt.locking import folder_lock
-from softprompt.model import PromptedLM, enable_activation_checkpointing
+from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.training.checkpoint import (
     CONFIG_FILE,
@@ -261,7 +262,7 @@ def setup(cfg: TrainConfig) -> Run:
         # FSDP2 frees a block's gathered weights after each forward; without a custom attention
         # mask the shared prefix runs the blocks twice before one backward (prompt, then rows)
         log.info("fsdp with %s attention: the prompt runs in front of every row (the shared prompt "
-                 "prefix needs eager or sdpa attention)", model.config._attn_implementation)  # fmt: skip
+                 "prefix needs eager or sdpa attention)", prompted.attention_implementation)  # fmt: skip
         prompted.shared_prefix = False
     optimizer = make_optimizer([prompt.weight], cfg.optim)
     if ctx.is_main:  # the first write: settings, data, model and prompt are all good by now

@@ -33,6 +33,7 @@ from softprompt.data import (
 )
 from softprompt.decoding import Generator, evaluate_generation
 from softprompt.errors import DataError, UsageError
+from softprompt.hf_parts import saved_model_shape
 from softprompt.loading import resolve_device, resolve_dtype
 from softprompt.meta import PromptMeta
 from softprompt.metrics import (
@@ -40,7 +41,7 @@ from softprompt.metrics import (
     format_generation_report,
     format_report,
 )
-from softprompt.model import PromptedLM, saved_model_shape
+from softprompt.model import PromptedLM
 from softprompt.scoring import check_training_memory, class_scores, predict_scores
 from softprompt.text import Template, encode_text, pad_rows
 from softprompt.training.config import TrainConfig
