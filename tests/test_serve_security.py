@@ -18,7 +18,7 @@ from conftest import make_tokenizer
 from test_registry import make_store, task_prompt
 
 from softprompt import save_prompt
-from softprompt.errors import UsageError
+from softprompt.errors import InvalidPromptNameError, UsageError
 
 pytest.importorskip("fastapi", reason="the server needs fastapi (pip install -e .[serve])")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -508,7 +508,7 @@ def test_a_prompt_name_with_a_line_break_is_invalid(store, name):
             error = assert_openai_error(r, 400)
             assert "invalid prompt name" in error["message"]
     assert "sentiment" in store
-    with pytest.raises(server.InvalidPromptNameError):
+    with pytest.raises(InvalidPromptNameError):
         store.path_of("sentiment\n")
 
 

@@ -207,17 +207,7 @@ def generate_steps(
     one per row. Checks run at the first ``next()``, where the prefill also runs; closing the
     iterator early stops the decoding.
     """
-    if max_new_tokens < 1:
-        raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
-    if logprobs is not None and logprobs < 0:
-        raise UsageError(f"logprobs must be >= 0 (alternatives per token) or None, got {logprobs}")
-    stops = [s for s in (stop_strings or []) if s]
-    if stops and tokenizer is None:
-        raise UsageError("stop_strings need the tokenizer (to read the generated text)")
+    stops = _checked(max_new_tokens, temperature, top_p, logprobs, stop_strings, tokenizer)
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None) or prompted.config.eos_token_id
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
@@ -275,6 +265,23 @@ def generate_steps(
         # Finished rows keep receiving a pad token; their outputs are no longer read.
         feed = torch.where(active.to(tokens.device), tokens, torch.full_like(tokens, pad_id))
         logits = prompted.decode_step(feed, state)
+
+
+def _checked(max_new_tokens: int, temperature: float, top_p: float, logprobs: int | None,
+             stop_strings: list[str] | None, tokenizer) -> list[str]:  # fmt: skip
+    """Refuse settings :func:`generate_steps` cannot use; the stop strings that are not empty."""
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UsageError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+    if logprobs is not None and logprobs < 0:
+        raise UsageError(f"logprobs must be >= 0 (alternatives per token) or None, got {logprobs}")
+    stops = [s for s in (stop_strings or []) if s]
+    if stops and tokenizer is None:
+        raise UsageError("stop_strings need the tokenizer (to read the generated text)")
+    return stops
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:

@@ -25,13 +25,28 @@ from dataclasses import dataclass, field
 
 from softprompt.decoding import DecodeStep
 from softprompt.errors import UsageError
-from softprompt.serving.guard import APIError, ServeLimits
 from softprompt.serving.mixed import Completion, generate_mixed_steps, score_mixed
 from softprompt.serving.registry import PromptEntry, PromptStore
+from softprompt.serving.settings import ServeLimits
 
 log = logging.getLogger(__name__)
 
 RECENT_S = 1.0  # a batch that ended this recently predicts how many requests come back
+
+
+# ---------------------------------------------------------------------------- what a request can fail with
+# Plain exceptions: the batcher knows nothing of HTTP (serving.http_errors maps them to answers). A
+# request also fails with the UsageError of a bad value the model refused (e.g. a logit_bias token).
+class QueueFullError(Exception):
+    """The queue holds ``ServeLimits.max_queue`` requests; the client should retry shortly."""
+
+
+class ShuttingDownError(Exception):
+    """The batcher stopped (the server is shutting down) before the request was answered."""
+
+
+class ComputeError(Exception):
+    """The model failed on this request (the cause is logged with its traceback, not shown)."""
 
 
 @dataclass
@@ -40,7 +55,7 @@ class Job:
 
     A row is a text (its prompt's template is applied) or a list of token ids (used as they are).
     With ``stream``, the worker puts a :class:`StreamText` there for each row's new text, then the
-    list of :class:`Completion` (or an :class:`APIError`) when the request is done.
+    list of :class:`Completion` (or the exception it failed with) when the request is done.
     """
 
     key: tuple
@@ -134,8 +149,9 @@ class Batcher:
                 self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Fail what is queued or running with 503 and end the worker after its current step; wait at
-        most ``timeout`` seconds for that (the thread is a daemon: it cannot hold the process)."""
+        """Fail what is queued or running with :class:`ShuttingDownError` and end the worker after its
+        current step; wait at most ``timeout`` seconds for that (the thread is a daemon: it cannot hold
+        the process)."""
         self._stopping.set()
         if self._thread is not None and self._thread.is_alive():
             with contextlib.suppress(queue.Full):  # a full queue: the busy worker sees _stopping
@@ -146,7 +162,8 @@ class Batcher:
 
     def submit(self, key: tuple, entries: list[PromptEntry], texts: list, *, stream: bool = False,
                ids: list[list[int]] | None = None, **params) -> Job:  # fmt: skip
-        """Queue a request (503 when the queue is full); with ``stream``, read ``job.stream``.
+        """Queue a request (:class:`QueueFullError` when the queue is full); with ``stream``, read
+        ``job.stream``.
         ``ids``: the texts already encoded, so the worker does not tokenise them again."""
         self.start()
         loop = asyncio.get_running_loop()
@@ -155,10 +172,9 @@ class Batcher:
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            raise APIError(
-                503, f"the server is busy ({self.limits.max_queue} requests queued); retry shortly",
-                "server_error", "queue_full",
-            ) from None  # fmt: skip
+            raise QueueFullError(
+                f"the server is busy ({self.limits.max_queue} requests queued); retry shortly"
+            ) from None
         return job
 
     async def run(self, key: tuple, entries: list[PromptEntry], texts: list, **params):
@@ -196,7 +212,7 @@ class Batcher:
                 self._step(run)
             self._flush()
             if stop or self._stopping.is_set():
-                gone = APIError(503, "the server is shutting down", "server_error")
+                gone = ShuttingDownError("the server is shutting down")
                 for run in self._running:
                     self._fail(run.rows, gone)
                 for group in self._waiting.values():
@@ -251,10 +267,9 @@ class Batcher:
     def _run_group(self, key: tuple, jobs: list[Job]) -> None:
         try:
             results = self._compute(key, jobs)
-        except Exception:
+        except Exception as e:
             if len(jobs) == 1:
-                log.exception("request failed")
-                _deliver(jobs[0], None, APIError(500, "the model failed on this request", "server_error"))
+                _deliver(jobs[0], None, _request_error(e))
                 return
             # One bad request must not fail the others: run each alone to find it.
             for job in jobs:
@@ -362,18 +377,13 @@ class Batcher:
             for job in jobs:
                 self._launch([(j, i) for j, i in rows if j is job])
             return
-        if isinstance(error, UsageError):
-            api_error = APIError(400, str(error))
-        else:
-            log.exception("generation failed", exc_info=error)
-            api_error = APIError(500, "the model failed on this request", "server_error")
-        self._fail(rows, api_error)
+        self._fail(rows, _request_error(error))
 
-    def _fail(self, rows: list[tuple[Job, int]], error: APIError) -> None:
+    def _fail(self, rows: list[tuple[Job, int]], error: Exception) -> None:
         for job, _ in rows:
             self._settle(job, None, error)
 
-    def _settle(self, job: Job, result, error: APIError | None) -> None:
+    def _settle(self, job: Job, result, error: Exception | None) -> None:
         """Answer a generation job once: its completions, or the error."""
         if job.settled:
             return
@@ -394,6 +404,15 @@ class Batcher:
         for items in by_loop.values():
             with contextlib.suppress(RuntimeError):  # the event loop has closed: the server is gone
                 items[0][0].loop.call_soon_threadsafe(_put_all, items)
+
+
+def _request_error(error: Exception) -> Exception:
+    """What a request that raised ``error`` fails with: a :class:`UsageError` (a value the model
+    refused) as it is, anything else as a :class:`ComputeError`, logged with its traceback."""
+    if isinstance(error, UsageError):
+        return error
+    log.error("the model failed on a request", exc_info=error)
+    return ComputeError("the model failed on this request")
 
 
 def _ids(job: Job, i: int) -> list[int] | None:

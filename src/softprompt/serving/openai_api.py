@@ -13,6 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from softprompt.serving.guard import APIError, check_text
 from softprompt.serving.mixed import Completion
+from softprompt.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
@@ -31,18 +43,21 @@ class Refused(NamedTuple):
     """Values that ask for nothing this server lacks: accepted and ignored."""
 
 
-SEED = Refused("requests share batches, so a seed cannot make one repeatable; use temperature=0")
+REFUSED_SAMPLING_FIELDS: dict[str, Refused] = {
+    "seed": Refused("requests share batches, so a seed cannot make one repeatable; use temperature=0"),
+}
+"""Refused by both routes (the fields :class:`SamplingRequest` would share)."""
 REFUSED_COMPLETION_FIELDS: dict[str, Refused] = {
+    **REFUSED_SAMPLING_FIELDS,
     "best_of": Refused(
         "candidates are not generated and ranked here; send n for several completions", (None, 1)
     ),
     "echo": Refused("prompt log-probabilities are not computed; leave it unset", (None, False)),
     "suffix": Refused("this server only continues text (no insertion); leave it unset"),
-    "seed": SEED,
 }
 REFUSED_CHAT_FIELDS: dict[str, Refused] = {
+    **REFUSED_SAMPLING_FIELDS,
     "n": Refused("one choice per chat request; repeat the request for more", (None, 1)),
-    "seed": SEED,
     "tools": Refused("tool calling is not supported; send messages only", (None, [])),
     "tool_choice": Refused("tool calling is not supported; leave it unset", (None, "none")),
     "parallel_tool_calls": Refused("tool calling is not supported; leave it unset"),
@@ -227,14 +242,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
 
 
-def completion_logprobs(tokenizer, c: Completion) -> dict | None:
-    """OpenAI's completions ``logprobs``: tokens, their log-probabilities, the top alternatives and
-    each token's character offset in the completion."""
+def completion_logprobs(tokenizer, c: Completion) -> CompletionLogprobs | None:
     if c.logprobs is None:
         return None
     tokens = [tokenizer.decode([t]) for t in c.tokens]
@@ -242,16 +258,15 @@ def completion_logprobs(tokenizer, c: Completion) -> dict | None:
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in c.logprobs],
-        "top_logprobs": [{tokenizer.decode([i]): v for i, v in lp.top} for lp in c.logprobs],
-        "text_offset": offsets,
-    }
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[lp.logprob for lp in c.logprobs],
+        top_logprobs=[{tokenizer.decode([i]): v for i, v in lp.top} for lp in c.logprobs],
+        text_offset=offsets,
+    )
 
 
-def chat_logprobs(tokenizer, c: Completion) -> dict | None:
-    """OpenAI's chat ``logprobs``: per token its text, log-probability, UTF-8 bytes and alternatives."""
+def chat_logprobs(tokenizer, c: Completion) -> ChatLogprobs | None:
     if c.logprobs is None:
         return None
 
@@ -260,35 +275,46 @@ def chat_logprobs(tokenizer, c: Completion) -> dict | None:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
 
     content = [
-        {**item(t, lp.logprob), "top_logprobs": [item(i, v) for i, v in lp.top]}
+        TokenLogprob(**item(t, lp.logprob), top_logprobs=[TopLogprob(**item(i, v)) for i, v in lp.top])
         for t, lp in zip(c.tokens, c.logprobs, strict=True)
     ]
-    return {"content": content, "refusal": None}
+    return ChatLogprobs(content=content)
 
 
-def completion_response(name: str, outs: list[Completion], tokenizer, prompt_tokens: int) -> dict:
+def completion_response(
+    name: str, outs: list[Completion], tokenizer, prompt_tokens: int
+) -> CompletionResponse:
     """The answer to a completions request; ``prompt_tokens`` counts each input once (not n times)."""
     choices = [
-        {"text": c.text, "index": i, "logprobs": completion_logprobs(tokenizer, c), "finish_reason": c.finish_reason}
+        CompletionChoice(
+            text=c.text, index=i, logprobs=completion_logprobs(tokenizer, c), finish_reason=c.finish_reason
+        )
         for i, c in enumerate(outs)
-    ]  # fmt: skip
-    return {
-        "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name,
-        "choices": choices, "usage": usage(prompt_tokens, sum(len(c.tokens) for c in outs)),
-    }  # fmt: skip
+    ]
+    return CompletionResponse(
+        id=new_id("cmpl"),
+        created=int(time.time()),
+        model=name,
+        choices=choices,
+        usage=usage(prompt_tokens, sum(len(c.tokens) for c in outs)),
+    )
 
 
-def chat_response(name: str, c: Completion, tokenizer, warning: str | None) -> dict:
-    body = {
-        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": name,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                     "logprobs": chat_logprobs(tokenizer, c), "finish_reason": c.finish_reason}],
-        "usage": usage(c.prompt_tokens, len(c.tokens)),
-    }  # fmt: skip
-    if warning:
-        body["warning"] = warning
-    return body
+def chat_response(name: str, c: Completion, tokenizer, warning: str | None) -> ChatCompletionResponse:
+    choice = ChatChoice(
+        index=0,
+        message=AssistantMessage(content=c.text),
+        logprobs=chat_logprobs(tokenizer, c),
+        finish_reason=c.finish_reason,
+    )
+    return ChatCompletionResponse(
+        id=new_id("chatcmpl"),
+        created=int(time.time()),
+        model=name,
+        choices=[choice],
+        usage=usage(c.prompt_tokens, len(c.tokens)),
+        warning=warning,
+    )
 
 
 # ---------------------------------------------------------------------------- streaming
@@ -339,7 +365,7 @@ class ChunkWriter:
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         """The last chunk when the request asked for ``stream_options.include_usage``."""
-        return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
+        return self._chunk([], usage=usage(prompt_tokens, completion_tokens).model_dump())
 
 
 def error_event(error: APIError) -> str:
