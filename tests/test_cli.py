@@ -67,3 +67,55 @@ def test_unknown_or_abbreviated_options_are_refused_with_the_closest(argv, expec
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def options_of(command) -> set[str]:
+    return {s[2:] for action in command._actions for s in action.option_strings if s.startswith("--")}
+
+
+def test_config_dataclasses_are_the_options_of_their_commands():
+    """train, compare, init and serve take every field of their config as an option of the same name."""
+    from dataclasses import fields
+
+    from softprompt.compare import CompareConfig
+    from softprompt.config import PromptConfig
+    from softprompt.serving.settings import ServeLimits
+    from softprompt.training import TrainConfig
+
+    commands = cli.build_parser().command_parsers
+    configs = {"train": TrainConfig, "compare": CompareConfig, "init": PromptConfig, "serve": ServeLimits}
+    for name, config in configs.items():
+        missing = {f.name for f in fields(config)} - options_of(commands[name])
+        assert not missing, f"softprompt {name} lacks --{', --'.join(sorted(missing))}"
+
+
+def test_help_lists_the_choices_of_each_closed_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "Choices: adamw, adafactor." in shown and "Choices: auto, first_token, sequence." in shown
+    with pytest.raises(SystemExit):
+        cli.main(["init", "--help"])
+    assert "Choices: text, vocab, labels, random, file." in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_server_limit_reaches_the_server(tmp_path, monkeypatch):
+    from softprompt.serving import server
+
+    calls = []
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: calls.append(kw))
+    options = "--max_input_tokens 100 --max_items 5 --max_body_bytes 2000 --batch_gap_ms 0 --max_batch_size 4"
+    cli.main(["serve", str(tmp_path), *options.split()])
+    limits = calls[0]["limits"]
+    assert (limits.max_input_tokens, limits.max_items, limits.max_body_bytes) == (100, 5, 2000)
+    assert limits.batch_gap_ms is None and limits.max_batch_size == 4  # 0: wait out the window, as before
+
+
+def test_init_options_build_the_prompt_config(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "cmd_init", lambda **kw: calls.append(kw))
+    options = "--init labels --num_virtual_tokens 3 --vocab_top_k 50 --seed 2".split()
+    cli.main(["init", str(tmp_path / "p"), *options, "--label_words", '["bad", "good"]'])
+    prompt = calls[0]["prompt"]
+    assert (prompt.init, prompt.label_words, prompt.num_virtual_tokens) == ("labels", ["bad", "good"], 3)
+    assert (prompt.vocab_top_k, prompt.seed, calls[0]["model"]) == (50, 2, "smollm2")

@@ -224,11 +224,19 @@ def cmd_info(path: str, as_json: bool) -> None:
             )
 
 
-def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batch_size: int,
-              batch_window_ms: float, batch_gap_ms: float, max_queue: int, max_tokens: int,
-              allow_management: bool, api_key: str | None = None, max_running_batches: int = 2,
-              allowed_hosts: str | list[str] | None = None, shutdown_timeout_s: float = 5.0,
-              body_timeout_s: float = 20.0) -> None:  # fmt: skip
+def cmd_serve(
+    store: str,
+    model: str,
+    dtype: str,
+    host: str,
+    port: int,
+    allow_management: bool,
+    api_key: str | None = None,
+    allowed_hosts: str | list[str] | None = None,
+    **limits,
+) -> None:
+    """``limits``: the fields of :class:`~softprompt.serving.settings.ServeLimits` (``batch_gap_ms=0``:
+    wait out the batch window, as ``None`` does)."""
     import os
 
     if isinstance(allowed_hosts, str):  # --allowed_hosts a.example,b.example
@@ -236,11 +244,14 @@ def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batc
 
     given = api_key or os.environ.get("SOFTPROMPT_API_KEY")
     if given and not given.strip():
-        raise UsageError("the API key is only whitespace; give a hard-to-guess string in --api_key or "
-                         "SOFTPROMPT_API_KEY, or unset both for no key")  # fmt: skip
+        raise UsageError(
+            "the API key is only whitespace; give a hard-to-guess string in --api_key or "
+            "SOFTPROMPT_API_KEY, or unset both for no key"
+        )
     api_key = given or None
     try:
-        from softprompt.serving.guard import HostPolicy, ServeLimits, check_binding
+        from softprompt.serving.guard import HostPolicy, check_binding
+        from softprompt.serving.settings import ServeLimits
     except ImportError as e:
         raise UsageError(
             f"softprompt serve needs fastapi and uvicorn ({e}); pip install 'softprompt[serve]'"
@@ -248,15 +259,23 @@ def cmd_serve(store: str, model: str, dtype: str, host: str, port: int, max_batc
     # Everything that can refuse the command does so before the model is loaded.
     check_binding(host, allow_management=allow_management, api_key=api_key)
     HostPolicy([host, *(allowed_hosts or [])])
-    limits = ServeLimits(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                         batch_gap_ms=batch_gap_ms if batch_gap_ms > 0 else None, max_tokens=max_tokens,
-                         max_running_batches=max_running_batches, shutdown_timeout_s=shutdown_timeout_s,
-                         body_timeout_s=body_timeout_s)  # fmt: skip
+    if limits.get("batch_gap_ms") == 0:
+        limits["batch_gap_ms"] = None
+    limits = ServeLimits(**limits)
     from softprompt.serving.server import serve
 
     try:
-        serve(store, model, dtype, host=host, port=port, limits=limits, allow_management=allow_management,
-              api_key=api_key, allowed_hosts=allowed_hosts or [])  # fmt: skip
+        serve(
+            store,
+            model,
+            dtype,
+            host=host,
+            port=port,
+            limits=limits,
+            allow_management=allow_management,
+            api_key=api_key,
+            allowed_hosts=allowed_hosts or [],
+        )
     except KeyboardInterrupt:  # SIGINT, after the bounded shutdown the server's log reports
         raise SystemExit(130) from None
 
@@ -377,33 +396,32 @@ def unknown_options(parser: ArgumentParser, argv: list[str]) -> list[str]:
     return problems
 
 
-def build_parser() -> ArgumentParser:
-    from jsonargparse import set_parsing_settings
-
-    from softprompt.compare import CompareConfig
+def _add_train(sub) -> None:
+    """``softprompt train``: every field of :class:`TrainConfig` as an option of the same name."""
     from softprompt.training import TrainConfig
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings are the help
-
-    parser = _parser(prog="softprompt", description="Prompt tuning for Hugging Face causal language models.")
-    sub = parser.add_subcommands(dest="command")
 
     p = _parser(description="Train a soft prompt for classification (defaults: the built-in sentiment demo).")
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options.")
-    p.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
+    _add_config(p, TrainConfig)
     sub.add_subcommand("train", p, help="Train, validate, test and save a prompt.")
 
+
+def _add_eval(sub) -> None:
     p = _parser(description="Evaluate a trained prompt on labelled data.")
     p.add_argument("--config", action=ActionConfigFile)
     _use_args(p, data=True)
     sub.add_subcommand("eval", p, help="Classification: accuracy, macro-F1, per-class figures, confusion "
                        "matrix. Generation: BLEU, ROUGE-L, exact match.")  # fmt: skip
 
+
+def _add_predict(sub) -> None:
     p = _parser(description="Classify texts with a trained prompt; one JSON object per line out.")
     p.add_argument("--config", action=ActionConfigFile)
     _use_args(p, data=False)
     sub.add_subcommand("predict", p, help="Label and per-label scores for each text.")
 
+
+def _add_generate(sub) -> None:
     p = _parser(description="Generate text with a trained prompt; one JSON object per line out.")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("prompt", type=str, help="Folder of a trained prompt.")
@@ -425,24 +443,31 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output", type=str | None, default=None, help="Write JSONL to this file.")
     sub.add_subcommand("generate", p, help="Continue each input under the prompt (greedy or sampled).")
 
+
+def _add_init(sub) -> None:
+    """``softprompt init``: where to save, the base model, and every field of :class:`PromptConfig`."""
+    from softprompt.config import InitMethod, PromptConfig, allowed
+
     p = _parser(description="Create a prompt without training and save it (PEFT format).")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("output", type=str, help="Folder to save the prompt to.")
     p.add_argument("--model", type=str, default="smollm2", help="Base model.")
     p.add_argument("--dtype", type=str, default="float32", help="Base model dtype.")
-    p.add_argument("--num_virtual_tokens", type=int, default=20, help="Number of virtual tokens P.")
-    p.add_argument("--init", type=str, default="text", help="text, vocab, labels, random or file.")
-    p.add_argument("--init_text", type=str | None, default=None, help="Text for init=text.")
-    p.add_argument("--label_words", type=list[str] | None, default=None, help="Words for init=labels.")
-    p.add_argument("--init_file", type=str | None, default=None, help="Saved prompt folder for init=file.")
-    p.add_argument("--vocab_top_k", type=int, default=5000, help="init=vocab/labels: sample the first K ids.")
-    p.add_argument("--seed", type=int, default=0, help="Seed for the random parts of the init.")
-    sub.add_subcommand("init", p, help="Initialise a prompt (text, vocab, labels, random, file).")
+    _add_config(p, PromptConfig)
+    sub.add_subcommand("init", p, help=f"Initialise a prompt ({', '.join(allowed(InitMethod))}).")
 
+
+def _add_info(sub) -> None:
     p = _parser(description="Describe a saved prompt.")
     p.add_argument("path", type=str, help="Folder of a saved prompt (ours or PEFT's).")
     p.add_argument("--as_json", type=bool, default=False, help="Print JSON.")
     sub.add_subcommand("info", p, help="Size, init, template, base model and norms of a saved prompt.")
+
+
+def _add_serve(sub) -> None:
+    """``softprompt serve``: the store, the address and access rules, and every field of
+    :class:`~softprompt.serving.settings.ServeLimits` as an option of the same name."""
+    from softprompt.serving.settings import ServeLimits
 
     p = _parser(description="Serve every prompt of a store folder over HTTP (OpenAI-compatible API).")
     p.add_argument("--config", action=ActionConfigFile)
@@ -451,21 +476,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", type=str, default="float32", help="Base model dtype: float32 or bfloat16.")
     p.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (0.0.0.0: all).")
     p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
-    p.add_argument("--max_batch_size", type=int, default=32, help="Most rows in one shared batch.")
-    p.add_argument(
-        "--batch_window_ms", type=float, default=25.0, help="Longest wait for a batch to fill (ms)."
-    )
-    p.add_argument(
-        "--batch_gap_ms",
-        type=float,
-        default=5.0,
-        help="Close the batch when no request came for this long (ms; 0: wait out the window).",
-    )
-    p.add_argument("--max_queue", type=int, default=256, help="Queued requests before 503.")
-    p.add_argument("--max_tokens", type=int, default=256, help="Largest max_tokens per completion.")
-    p.add_argument("--max_running_batches", type=int, default=2,
-                   help="Generation batches decoding at once, steps in turn; later ones wait and start "
-                   "together.")  # fmt: skip
     p.add_argument("--allow_management", type=bool, default=True, help="Allow load/unload over HTTP.")
     p.add_argument(
         "--api_key",
@@ -474,18 +484,19 @@ def build_parser() -> ArgumentParser:
         help="Require 'Authorization: Bearer KEY' on every route but /health (default: the "
         "SOFTPROMPT_API_KEY environment variable, else none: then management needs a loopback --host).",
     )
-    p.add_argument("--allowed_hosts", type=str | None, default=None,
-                   help="Comma-separated host names clients may reach the server by, besides loopback names, "
-                   "--host and the address reached (e.g. 'api.example.com,10.0.0.5'; '*': any). Other Host "
-                   "headers get 421 (against DNS rebinding).")  # fmt: skip
-    p.add_argument("--shutdown_timeout_s", type=float, default=5.0,
-                   help="On SIGTERM/SIGINT, seconds requests in flight may take to finish before they are "
-                   "cancelled (the process ends within this + 2 s; a second signal ends it at once).")  # fmt: skip
-    p.add_argument("--body_timeout_s", type=float, default=20.0,
-                   help="Seconds to receive a request's body after its headers (408 and the connection "
-                   "closed beyond).")  # fmt: skip
+    p.add_argument(
+        "--allowed_hosts",
+        type=str | None,
+        default=None,
+        help="Comma-separated host names clients may reach the server by, besides loopback names, --host "
+        "and the address reached (e.g. 'api.example.com,10.0.0.5'; '*': any). Other Host headers get 421 "
+        "(against DNS rebinding).",
+    )
+    _add_config(p, ServeLimits)  # plain data: no [serve] extra needed to build the options
     sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
 
+
+def _add_export_embeds(sub) -> None:
     p = _parser(
         description="Write vLLM /v1/completions requests (JSONL, one per input) whose prompt_embeds "
         "carry the prompt's vectors and the input's token embeddings (vLLM: --enable-prompt-embeds)."
@@ -513,11 +524,18 @@ def build_parser() -> ArgumentParser:
     )
     sub.add_subcommand("export-embeds", p, help="vLLM requests with prompt_embeds for a trained prompt.")
 
+
+def _add_compare(sub) -> None:
+    """``softprompt compare``: every field of :class:`CompareConfig` as an option of the same name."""
+    from softprompt.compare import CompareConfig
+
     p = _parser(description="Prompt tuning vs LoRA vs full fine-tuning on the same data and budget.")
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options.")
-    p.add_class_arguments(CompareConfig, nested_key=None, as_group=False)
+    _add_config(p, CompareConfig)
     sub.add_subcommand("compare", p, help="Measure accuracy, parameters, disk, memory, time and task switch.")
 
+
+def _add_inspect(sub) -> None:
     p = _parser(description="Look inside saved prompts: nearest tokens, norms, movement, similarity.")
     p.add_argument(
         "paths", type=str, nargs="+", help="Saved prompt folders (several: also their similarity)."
@@ -527,6 +545,41 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top_k", type=int, default=5, help="Nearest vocabulary tokens per virtual token.")
     p.add_argument("--as_json", type=bool, default=False, help="Print JSON.")
     sub.add_subcommand("inspect", p, help="Nearest tokens, norms, distance from init, prompt similarity.")
+
+
+def _add_config(p: ArgumentParser, config: type) -> None:
+    """The fields of the dataclass ``config`` as options of the same names (a config made of groups stays
+    flat), each field's docstring as its help, followed by the choices of a ``one_of`` field."""
+    from dataclasses import fields
+
+    from softprompt.config import allowed
+
+    p.add_class_arguments(config, nested_key=None, as_group=False)
+    choices = {f.name: allowed(f.metadata["choices"]) for f in fields(config) if "choices" in f.metadata}
+    for action in p._actions:
+        if action.dest in choices:
+            action.help = f"{action.help} Choices: {', '.join(choices[action.dest])}."
+
+
+def build_parser() -> ArgumentParser:
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings are the help
+    parser = _parser(prog="softprompt", description="Prompt tuning for Hugging Face causal language models.")
+    sub = parser.add_subcommands(dest="command")
+    for add in (
+        _add_train,
+        _add_eval,
+        _add_predict,
+        _add_generate,
+        _add_init,
+        _add_info,
+        _add_serve,
+        _add_export_embeds,
+        _add_compare,
+        _add_inspect,
+    ):
+        add(sub)
     parser.command_parsers = dict(sub.choices)
     return parser
 
@@ -544,57 +597,40 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     _setup_logging()
     name = args.command
-    a = args[name]
+    options = {k: v for k, v in args[name].items() if k != "config"}
     try:
         if name == "train":
             from softprompt.training import TrainConfig
 
-            fields = {k: v for k, v in a.items() if k != "config"}
-            cmd_train(TrainConfig(**fields))
-        elif name == "eval":
-            cmd_eval(a.prompt, a.data, a.text_column, a.label_column, a.strip_prefix_word, a.model, a.dtype,
-                     a.template, a.verbalizer, a.batch_size, a.output, a.max_inputs, a.max_new_tokens,
-                     a.seed)  # fmt: skip
-        elif name == "predict":
-            cmd_predict(a.prompt, a.texts, a.file, a.text_column, a.model, a.dtype, a.template, a.verbalizer,
-                        a.batch_size, a.output)  # fmt: skip
-        elif name == "generate":
-            cmd_generate(a.prompt, a.texts, a.file, a.text_column, a.model, a.dtype, a.template, a.batch_size,
-                         a.max_new_tokens, a.temperature, a.top_p, a.stop, a.seed, a.prefix_cache, a.output)  # fmt: skip
-        elif name == "init":
-            from softprompt.config import PromptConfig
-
-            names = (
-                "num_virtual_tokens",
-                "init",
-                "init_text",
-                "label_words",
-                "init_file",
-                "vocab_top_k",
-                "seed",
-            )
-            cmd_init(a.output, a.model, a.dtype, PromptConfig(**{k: a[k] for k in names}))
-        elif name == "info":
-            cmd_info(a.path, a.as_json)
+            cmd_train(TrainConfig(**options))
         elif name == "compare":
             from softprompt.compare import CompareConfig
 
-            cmd_compare(CompareConfig(**{k: v for k, v in a.items() if k != "config"}))
-        elif name == "inspect":
-            cmd_inspect(a.paths, a.model, a.dtype, a.top_k, a.as_json)
-        elif name == "serve":
-            cmd_serve(a.store, a.model, a.dtype, a.host, a.port, a.max_batch_size, a.batch_window_ms,
-                      a.batch_gap_ms, a.max_queue, a.max_tokens, a.allow_management, a.api_key,
-                      a.max_running_batches, a.allowed_hosts, a.shutdown_timeout_s, a.body_timeout_s)  # fmt: skip
-        elif name == "export-embeds":
-            cmd_export_embeds(a.prompt, a.texts, a.file, a.text_column, a.model, a.template, a.chat_template,
-                              a.served_model, a.max_tokens, a.temperature, a.dtype, a.output)  # fmt: skip
+            cmd_compare(CompareConfig(**options))
+        elif name == "init":
+            from softprompt.config import PromptConfig
+
+            where = {k: options.pop(k) for k in ("output", "model", "dtype")}
+            cmd_init(**where, prompt=PromptConfig(**options))
+        else:  # each of the other commands takes its options as keyword arguments
+            commands = {
+                "eval": cmd_eval,
+                "predict": cmd_predict,
+                "generate": cmd_generate,
+                "info": cmd_info,
+                "serve": cmd_serve,
+                "export-embeds": cmd_export_embeds,
+                "inspect": cmd_inspect,
+            }
+            commands[name](**options)
     except TrainingInterrupted as e:  # a checkpoint was saved at the last whole step
         print(f"interrupted: {e}", file=sys.stderr)
         raise SystemExit(130) from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: saves are atomic
-        print("interrupted: stopped at once; files saved before are complete (saves are atomic)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "interrupted: stopped at once; files saved before are complete (saves are atomic)",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     except SoftpromptError as e:
         # The user's to fix, and the message says how: a traceback would bury it. Anything else is a
