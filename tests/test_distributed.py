@@ -116,11 +116,12 @@ def test_activation_checkpointing_keeps_the_prompt_gradient(factory):
         first = decoder_layers(model)[0]
         if checkpointing:
             assert enable_activation_checkpointing(model) == 2
+        prompted = PromptedLM(model)  # wrapping runs the model once to check it: before the counting
         # counts runs of the block's inside: a checkpointed block runs again in the backward pass
         inner = first.self_attn if hasattr(first, "self_attn") else first.attn
         inner.register_forward_hook(lambda *_: calls.append(1))
         prompt = torch.nn.Parameter(torch.randn(3, 32, generator=torch.Generator().manual_seed(0)))
-        loss = PromptedLM(model).loss(batch["input_ids"], batch["attention_mask"], labels, prompt)
+        loss = prompted.loss(batch["input_ids"], batch["attention_mask"], labels, prompt)
         loss.backward()
         return prompt.grad, len(calls)
 
