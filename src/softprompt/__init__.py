@@ -20,6 +20,7 @@ from softprompt.loading import load_model
 from softprompt.meta import PromptMeta
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.usage import PromptUsage
 
 __all__ = [
     "Classifier",
@@ -31,6 +32,7 @@ __all__ = [
     "PromptConfig",
     "PromptFormatError",
     "PromptMeta",
+    "PromptUsage",
     "PromptedLM",
     "SoftPrompt",
     "SoftpromptError",
