@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import utc_now, write_results  # same folder
+
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 
@@ -51,14 +53,12 @@ def main() -> None:
     cli_main(argv)
     out = Path([argv[i + 1] for i, a in enumerate(argv) if a == "--output_dir"][-1])  # the last one wins
     figures = json.loads((out / "compare.json").read_text())
-    flat = {k: v for k, v in figures.items() if not isinstance(v, dict | list)} | {"command": command}
+    flat = {k: v for k, v in figures.items() if not isinstance(v, dict | list)}
+    flat |= {"command": command, "date": figures.get("date") or utc_now()}
     if args.smoke:
         print("smoke run: figures not saved to benchmarks/results")
         return
-    dest = ROOT / "benchmarks" / "results" / "compare.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(flat, indent=2) + "\n")
-    print(f"figures: {dest}")
+    write_results(ROOT / "benchmarks" / "results" / "compare.json", flat)
 
 
 if __name__ == "__main__":

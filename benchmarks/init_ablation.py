@@ -23,10 +23,10 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import utc_now, write_results  # same folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -169,7 +169,7 @@ def main() -> None:
         **{f"length{k}_accuracy_std": v["std"] for k, v in by_length.items()},
         "runs": rows + [r for r in length_rows if r not in rows],
         "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/init_ablation.py", *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
     }  # fmt: skip
     print(f"\ninit (P={P0}, {args.seeds} seeds, {args.steps} steps of {args.batch_size}, lr {args.lr}, "
           f"{data['test_rows']} of 872 test rows):")  # fmt: skip
@@ -181,10 +181,7 @@ def main() -> None:
     if args.smoke:
         print("smoke run: figures not saved")
         return
-    out = ROOT / "benchmarks" / "results" / "init_ablation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"figures: {out}")
+    write_results(ROOT / "benchmarks" / "results" / "init_ablation.json", figures)
 
 
 if __name__ == "__main__":
