@@ -36,6 +36,13 @@ class Abilities:
         """Whether rows reaching ``positions`` (prefix + input) stay inside the sliding window."""
         return not self.sliding_window or positions <= self.sliding_window
 
+    def cache_counts_padding(self, positions: int, padded: bool, decoding: bool) -> bool:
+        """Whether rows after a cached prefix would see another context than without it: the window
+        counts cache slots, and padding inside the rows (between a prompt and a left-padded input, or
+        before what is decoded after a right-padded one) counts once the rows reach past the window
+        (``positions``: prefix + input; a decoding loop may reach it later)."""
+        return bool(self.sliding_window) and padded and (decoding or not self.within_window(positions))
+
     def shares_prefix(self, positions: int) -> bool:
         """Whether the shared prompt prefix is on and exact for rows reaching ``positions``: a shared
         prefix puts the rows' padding between the prompt and their tokens, which a window counts."""

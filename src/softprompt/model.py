@@ -50,11 +50,6 @@ from softprompt.prompt_inputs import (
 )
 
 log = logging.getLogger(__name__)
-PAST_WINDOW = (
-    "inputs of %d tokens after a cached prompt prefix of %d reach past this model's sliding window (%d): "
-    "the window is counted in cache slots, padding included, so rows near its edge see slightly "
-    "different context than without the cache"
-)
 
 
 class PromptedLM(nn.Module):
@@ -82,7 +77,6 @@ class PromptedLM(nn.Module):
         # instead of B*(P + L), gradients included, in the rows' own pass where the attention takes a
         # custom mask (see _run_one_pass). False: the prompt is run in front of every row.
         self.shared_prefix = shared_prefix
-        self._warned_window = False
         refuse_unsupported(model)
         model.requires_grad_(False)
         model.eval()  # frozen means frozen: no dropout noise in the base model either
@@ -415,16 +409,35 @@ class PromptedLM(nn.Module):
         return self._rows_pass(self.embed_tokens(input_ids), mask, positions, T, plan)
 
     def _run_cached(self, input_ids, mask, prefix: PromptPrefix, prompt_index, plan: InputPlan):
-        """The rows after a prefix's cached keys and values: only the input tokens run."""
+        """The rows after a prefix's cached keys and values: only the input tokens run. Where a
+        sliding window would count the rows' padding (:meth:`Abilities.cache_counts_padding`), the
+        prefix's tokens run in front of each row instead."""
         B, T = input_ids.shape
-        self._warn_past_window(prefix.max_length, T)
         rows = prefix.select(prompt_index, B, self.device, self.dtype)
+        padded = bool((mask == 0).any())
+        if self.abilities.cache_counts_padding(prefix.max_length + T, padded, plan.decoding):
+            if rows.source is None:
+                raise UsageError(
+                    f"rows of {T} tokens after this {prefix.max_length}-slot prefix pass the model's sliding "
+                    "window with padding inside, and the prefix keeps no input embeddings to run them exactly: "
+                    "make prefixes with PromptedLM.prefix_cache (or PromptPrefix.cat of such prefixes)"
+                )
+            return self._run_in_front(input_ids, mask, rows.source, plan)
         # a fresh cache holding the prefix's keys and values (the prefix itself stays untouched)
         cache = self._new_cache(plan, rows.layers)
         # Real tokens continue after their own prompt: positions L_r, L_r+1, ...
         positions = ((mask.cumsum(dim=1) - 1).clamp(min=0) + rows.lengths.unsqueeze(1)) * mask
         full_mask = torch.cat([rows.mask(), mask], dim=1)  # (B, P + T)
         return self._rows_pass(self.embed_tokens(input_ids), full_mask, positions, T, plan, cache)
+
+    def _run_in_front(self, input_ids, mask, source: PrefixInputs, plan: InputPlan):
+        """The prefix's own input embeddings (one entry per row) in front of each row, as the
+        concatenated layout puts a prompt: exact for any window, at the cost of running them per row."""
+        index = torch.arange(input_ids.shape[0], device=self.device)
+        embeds, full_mask, positions = concatenated_inputs(
+            self.embed_tokens, input_ids, mask, source.left_aligned(), index, source.lengths
+        )
+        return self._rows_pass(embeds, full_mask, positions, input_ids.shape[1], plan)
 
     def _rows_pass(self, embeds, mask, positions, T: int, plan: InputPlan, cache=None):
         """The decoder over ``embeds`` (B, S, D), S >= T; hidden states of the last T slots (the
@@ -470,7 +483,8 @@ class PromptedLM(nn.Module):
         ``no_grad`` (the default :class:`OnePassCache` keeps it right under gradient checkpointing)."""
         cache = (cache_class or OnePassCache)(config=self.config)
         self._decode(inputs.embeds, inputs.mask, inputs.positions, cache)
-        return PromptPrefix(layers=cache_layers(cache), lengths=inputs.lengths)
+        # the inputs stay with it, for rows the cache cannot serve exactly (see _run_cached)
+        return PromptPrefix(layers=cache_layers(cache), lengths=inputs.lengths, source=inputs)
 
     def _decode(self, embeds, mask, positions, cache) -> torch.Tensor:
         """The decoder stack over input embeddings: last hidden states, (B, S, D); ``cache`` (None:
@@ -478,9 +492,3 @@ class PromptedLM(nn.Module):
         kwargs = {"use_cache": False} if cache is None else {"use_cache": True, self._cache_kwarg: cache}
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
         return out.last_hidden_state
-
-    def _warn_past_window(self, prefix_length: int, T: int) -> None:
-        if self._warned_window or self.abilities.within_window(prefix_length + T):
-            return
-        self._warned_window = True
-        log.warning(PAST_WINDOW, T, prefix_length, sliding_window(self.config))

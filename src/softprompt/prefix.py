@@ -81,17 +81,28 @@ class PrefixInputs:
             lengths = lengths + h
         return PrefixInputs(embeds, mask, positions, lengths.to(device))
 
+    def left_aligned(self) -> torch.Tensor:
+        """The embeddings with each entry's tokens in slots 0..L_n-1, as a bank (N, S, D) of
+        prompts of ``lengths`` (the layout :func:`~softprompt.layout.concatenated_layout` takes)."""
+        N, S, D = self.embeds.shape
+        front = (S - self.lengths).to(self.embeds.device)  # each entry's padding slots in front
+        slot = (torch.arange(S, device=self.embeds.device).unsqueeze(0) + front.unsqueeze(1)).clamp(max=S - 1)
+        return torch.gather(self.embeds, 1, slot.unsqueeze(-1).expand(-1, -1, D))
+
 
 @dataclass
 class PromptPrefix:
     """Cached keys and values of N prompts: per layer ``(K, V)`` of shape (N, H_kv, P, head_dim).
 
     Entry n holds a prompt of ``lengths[n]`` tokens, right-aligned (front slots are padding). Build
-    one with :meth:`PromptedLM.prefix_cache`; combine several with :meth:`cat`.
+    one with :meth:`PromptedLM.prefix_cache`; combine several with :meth:`cat`. ``source`` keeps the
+    prefix's input embeddings (what was run to make the cache), so rows that a cached prefix cannot
+    serve exactly (past a sliding window) run them in front of each row instead.
     """
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     lengths: torch.Tensor  # (N,)
+    source: PrefixInputs | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -125,7 +136,10 @@ class PromptPrefix:
                 "make the prefix with the model as it is now"
             )
         index = row_prompt_index(index, self.num_prompts, batch_size, device, "prefix")
-        return PromptPrefix([(k[index], v[index]) for k, v in self.layers], self.lengths[index])
+        src = self.source
+        if src is not None:
+            src = PrefixInputs(src.embeds[index], src.mask[index], src.positions[index], src.lengths[index])
+        return PromptPrefix([(k[index], v[index]) for k, v in self.layers], self.lengths[index], src)
 
     @staticmethod
     def cat(prefixes: list[PromptPrefix]) -> PromptPrefix:
@@ -144,4 +158,16 @@ class PromptPrefix:
             )
             for i in range(len(prefixes[0].layers))
         ]
-        return PromptPrefix(layers, torch.cat([p.lengths for p in prefixes]))
+        source = None
+        if all(p.source is not None for p in prefixes):  # front-padded to the longest, as the caches are
+            S = max(p.source.embeds.shape[1] for p in prefixes)  # (a sliding window may keep fewer slots)
+            front = [S - p.source.embeds.shape[1] for p in prefixes]
+            source = PrefixInputs(
+                torch.cat(
+                    [F.pad(p.source.embeds, (0, 0, n, 0)) for p, n in zip(prefixes, front, strict=True)]
+                ),
+                torch.cat([F.pad(p.source.mask, (n, 0)) for p, n in zip(prefixes, front, strict=True)]),
+                torch.cat([F.pad(p.source.positions, (n, 0)) for p, n in zip(prefixes, front, strict=True)]),
+                torch.cat([p.source.lengths for p in prefixes]),
+            )
+        return PromptPrefix(layers, torch.cat([p.lengths for p in prefixes]), source)
