@@ -1,82 +1,15 @@
-"""Shared fixtures: tiny in-process models (seconds) and the real SmolLM2 (loaded once per session)."""
+"""Fixtures for every test folder: tiny in-process models (seconds) and the real SmolLM2 and Gemma
+(loaded once per session). The plain builders behind them are in ``helpers.tiny``."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-import torch
+
+from helpers.tiny import MODEL_FACTORIES, make_tokenizer, tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-WORDS = (
-    "the a an and or but of to in on it this that is was were be not no very really quite "
-    "good bad great terrible awful fine movie film food service product review sentiment "
-    "positive negative neutral love hate boring fun plot actor staff price slow fast "
-    "classify text label answer question news sports business science world technology"
-).split()
-
-
-def make_tokenizer():
-    """A word-level tokenizer over a small vocabulary, built in-process (no files, no network)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-
-
-VOCAB_SIZE = len(WORDS) + 3 + 5  # a few spare ids beyond the tokenizer, as real models have
-
-
-def tiny_llama(seed: int = 0, dtype=torch.float32, initializer_range: float = 0.02):
-    """A 2-layer Llama. ``initializer_range`` 0.3 gives one whose outputs a prompt can steer (learning tests)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=1,
-        initializer_range=initializer_range,
-    )
-    cfg.name_or_path = "tiny-llama"
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=VOCAB_SIZE,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=256,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    cfg.name_or_path = "tiny-gpt2"
-    return GPT2LMHeadModel(cfg).eval()
-
-
-MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
 @pytest.fixture
@@ -123,23 +56,3 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama().save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return str(path)
-
-
-def write_sentiment_data(path: Path, n: int, seed: int = 0) -> Path:
-    """Labelled rows in the tiny vocabulary: 'good'/'great'/'fun' texts are positive, 'bad'/... negative."""
-    import json
-    import random
-
-    rng = random.Random(seed)
-    pos, neg, filler = (
-        ["good", "great", "fun", "love"],
-        ["bad", "terrible", "boring", "hate"],
-        ["the", "film", "food", "service", "plot", "staff", "very", "really"],
-    )
-    with open(path, "w") as f:
-        for i in range(n):
-            label = "positive" if i % 2 == 0 else "negative"
-            words = rng.sample(filler, 3) + [rng.choice(pos if label == "positive" else neg)]
-            rng.shuffle(words)
-            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
-    return path

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama, write_sentiment_data
 
+from helpers.data import write_sentiment_data
+from helpers.tiny import tiny_llama
 from softprompt.cli import main
 from softprompt.compare import CompareConfig, compare
 from softprompt.errors import ConfigError

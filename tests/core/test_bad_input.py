@@ -300,8 +300,7 @@ def test_a_half_precision_prompt_loads_as_float32_with_a_warning(tmp_path, caplo
 
 
 def test_a_prompt_scaled_far_past_the_token_vectors_is_refused(tmp_path):
-    from conftest import tiny_llama
-
+    from helpers.tiny import tiny_llama
     from softprompt import load_prompt
     from softprompt.errors import PromptFormatError
 

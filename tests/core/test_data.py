@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import softprompt.data as data_mod
+from helpers.data import SHARED_DATA
 from softprompt.batching import length_grouped_batches, padding_waste
 from softprompt.data import (
     Example,
@@ -22,8 +23,6 @@ from softprompt.data import (
     split_validation,
 )
 from softprompt.errors import DataError
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:

@@ -8,9 +8,9 @@ import logging
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, WORDS, make_tokenizer, tiny_llama
 from torch.nn import functional as F
 
+from helpers.tiny import MODEL_FACTORIES, WORDS, make_tokenizer, tiny_llama
 from softprompt import SoftPrompt, save_prompt
 from softprompt.decoding import Generator, generate, pick_tokens
 from softprompt.errors import DataError

@@ -134,8 +134,7 @@ def test_gemma_prompt_is_compared_with_the_vectors_its_decoder_receives(tokenize
     """On Gemma the embedding matrix's rows are sqrt(hidden) shorter than the token vectors: norms,
     percentiles and the centring use the vectors (a text-init prompt sits among the vocabulary, not
     above all of it), and nearest tokens found a few rows at a time equal the whole-matrix answer."""
-    from test_architectures import ARCHITECTURES
-
+    from helpers.architectures import ARCHITECTURES
     from softprompt.embedding import token_vectors
 
     model = ARCHITECTURES["gemma3"]()

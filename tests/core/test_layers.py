@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "softprompt"
+from helpers import REPO
+
+PACKAGE = REPO / "src" / "softprompt"
 SUBPACKAGES = ("training", "serving", "compare")
 ENTRY_POINTS = ("softprompt", "softprompt.cli")  # may import anything: they sit above every layer
 

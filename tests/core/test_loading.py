@@ -191,9 +191,9 @@ def test_real_gemma_prompts_live_in_the_space_its_decoder_receives(gemma3):
 
 
 def test_an_architecture_softprompt_cannot_run_exactly_is_refused_at_load(tmp_path):
-    from conftest import VOCAB_SIZE, make_tokenizer
     from transformers import MptConfig, MptForCausalLM
 
+    from helpers.tiny import VOCAB_SIZE, make_tokenizer
     from softprompt.errors import UsageError
 
     MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB_SIZE)).save_pretrained(

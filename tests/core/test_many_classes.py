@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
 from torch.nn import functional as F
 
 import softprompt.scoring as scoring
 import softprompt.training.tasks as tasks_mod
+from helpers.tiny import tiny_gpt2, tiny_llama
 from softprompt import PromptedLM, SoftPrompt, load_prompt
 from softprompt.batching import MEMORY_BUDGET_ENV, memory_budget, parse_bytes
 from softprompt.errors import ConfigError
@@ -240,7 +240,7 @@ def test_verbalizer_auto_trains_with_distinct_first_tokens_and_saves_its_words(
 def test_a_sharded_model_runs_the_same_passes_on_every_process_and_none_inside_backward(monkeypatch):
     """Under FSDP every process must run the same passes (one chunk, whatever its memory) and the
     label tokens stay on the graph: a sharded decoder cannot run inside the backward pass."""
-    from test_scoring import SHARED, rows_of
+    from helpers.scoring import SHARED, rows_of
 
     model = tiny_llama()
     rows, gold = rows_of(5, seed=7), torch.tensor([0, 2, 4, 6, 7])

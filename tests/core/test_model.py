@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB_SIZE, tiny_llama
 
+from helpers.tiny import VOCAB_SIZE, tiny_llama
 from softprompt import PromptedLM, SoftPrompt
 from softprompt.layout import last_token_index
 

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, tiny_llama
 
+from helpers.tiny import MODEL_FACTORIES, tiny_llama
 from softprompt import ModelMismatchError, PromptedLM, PromptFormatError, SoftPrompt, load_prompt, save_prompt
 from softprompt.meta import PromptMeta
 from softprompt.peft_format import CONFIG_NAME, META_NAME, WEIGHTS_NAME

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB_SIZE, tiny_llama
-from test_architectures import ARCHITECTURES
 
+from helpers.architectures import ARCHITECTURES
+from helpers.tiny import VOCAB_SIZE, tiny_llama
 from softprompt import ConfigError, PromptConfig, PromptedLM, SoftPrompt, save_prompt
 from softprompt.embedding import token_vectors, vocabulary_chunks, vocabulary_mean_std
 from softprompt.prompt_init import common_token_ids, init_from_text

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, tiny_llama
 
+from helpers.tiny import MODEL_FACTORIES, tiny_llama
 from softprompt import PromptedLM, SoftPrompt
 from softprompt.hf_parts import enable_activation_checkpointing
 
@@ -186,8 +186,7 @@ def test_free_slot_grid_adds_the_cheaper_of_columns_and_rows():
 def test_training_scores_with_the_template_head_in_the_prefix_equal_full_rows(arch, scoring, monkeypatch):
     """The classification loss runs the batch's common head ("review the") once, after the prompt:
     same scores and prompt gradient as full rows (1e-5), and fewer tokens through the decoder."""
-    from conftest import make_tokenizer
-
+    from helpers.tiny import make_tokenizer
     from softprompt.scoring import class_scores
     from softprompt.verbalizer import Verbalizer
 
@@ -269,8 +268,7 @@ def test_a_cached_prefix_past_the_sliding_window_warns(caplog):
 def test_label_continuation_after_added_rows_equals_full_rows(arch):
     """Unpadded inputs leave the prompt no padding: it takes added rows, which the kept context must
     leave out. Multi-token labels then continue the caller's rows: same scores and gradient."""
-    from conftest import make_tokenizer
-
+    from helpers.tiny import make_tokenizer
     from softprompt.scoring import label_scores
     from softprompt.verbalizer import Verbalizer
 

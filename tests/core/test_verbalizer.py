@@ -114,8 +114,7 @@ def test_auto_verbalizer_falls_back_to_sequence_scoring_when_it_must(tokenizer, 
 @pytest.mark.integration
 def test_auto_verbalizer_on_trec_fine_labels_with_smollm2_tokens():
     """TREC's 50 fine labels (e.g. NUM:dist, LOC:other, ENTY:other): distinct first tokens exist."""
-    from conftest import SHARED_DATA
-
+    from helpers.data import SHARED_DATA
     from softprompt.loading import gguf_source, packaged_gguf
     from softprompt.verbalizer import auto_verbalizer
 

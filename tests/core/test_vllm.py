@@ -10,8 +10,10 @@ import json
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, make_tokenizer, tiny_llama
 
+from helpers.architectures import ARCHITECTURES
+from helpers.tiny import MODEL_FACTORIES, make_tokenizer, tiny_llama
+from helpers.vllm import first_layer_input
 from softprompt import SoftPrompt, save_prompt
 from softprompt.errors import UsageError
 from softprompt.meta import PromptMeta
@@ -53,32 +55,12 @@ def test_the_sent_tensor_gives_prompted_lm_first_token_logits(arch, text):
     torch.testing.assert_close(first_token_logits_of(request, model), ours, atol=1e-5, rtol=0)
 
 
-def first_layer_input(prompted: PromptedLM, ids: list[int], prompt) -> torch.Tensor:
-    """What ``prompted`` hands its first transformer block for one unpadded row: (L, D)."""
-    from softprompt.hf_parts import decoder_layers
-
-    seen = []
-
-    def hook(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    handle = decoder_layers(prompted.model)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            prompted(torch.tensor([ids]), prompt=prompt)
-    finally:
-        handle.remove()
-    return seen[0][0]
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
 def test_the_sent_tensor_is_what_our_model_feeds_its_first_layer(arch):
     """Llama and Gemma 3: the request's tensor IS the first block's input (Gemma's token vectors
     include its sqrt(hidden) scale, and the prompt lives in that space). GPT-2 adds its position
     embeddings to the tensor first, as it does to inputs_embeds. Prompt in front of the row (the
     concatenated layout), so the block sees [prompt; tokens] in order."""
-    from test_architectures import ARCHITECTURES
-
     model, tok = ARCHITECTURES[arch](), make_tokenizer()
     prompt = SoftPrompt(torch.randn(5, 32, generator=torch.Generator().manual_seed(3)) * 2.0)
     request = prompt_embeds_request(prompt, "the film was good", tok, model, template="{text}")

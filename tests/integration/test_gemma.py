@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 import torch
-from test_vllm import first_layer_input
 
+from helpers.vllm import first_layer_input
 from softprompt import PromptedLM, load_prompt
 from softprompt.classifier import Classifier
 from softprompt.serving.mixed import classify_mixed

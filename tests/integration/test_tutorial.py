@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-TUTORIAL = Path(__file__).resolve().parents[1] / "docs" / "tutorial.md"
+from helpers import REPO, free_port
+
+TUTORIAL = REPO / "docs" / "tutorial.md"
 SKIP_LINES = ("make ", ". .venv")  # installation steps: the test environment is already installed
 
 WRAPPER = """
@@ -36,12 +37,6 @@ set -euo pipefail
 
 def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", TUTORIAL.read_text(), flags=re.S)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

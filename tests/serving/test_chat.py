@@ -1,17 +1,19 @@
 """Chat completions, streaming and logprobs, through the official openai client against a real uvicorn
-server on loopback (tiny model; its word-level tokenizer gets a small Jinja chat template here)."""
+server on loopback (tiny model; its word-level tokenizer gets the small Jinja chat template of
+``helpers.tiny``)."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 
 import pytest
 import torch
-from test_registry import make_store
 
+from helpers import wait_until
+from helpers.registry import make_store
+from helpers.server import post_together, running_jobs, running_server
+from helpers.tiny import CHAT_TEMPLATE
 from softprompt import SoftPrompt
 from softprompt.decoding import generate
 from softprompt.meta import PromptMeta
@@ -22,12 +24,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from softprompt.serving.server import ServeLimits, create_app  # noqa: E402
 
-# Roles as words of the tiny vocabulary: "question" before a user turn, "answer" before an assistant
-# turn (and as the generation prompt), "label" before a system message.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}question {% elif m['role'] == 'system' %}label "
-    "{% else %}answer {% endif %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}answer{% endif %}"
-)
 CONVERSATION = [
     {"role": "system", "content": "classify the review"},
     {"role": "user", "content": "the film was good"},
@@ -47,34 +43,6 @@ def store(llama, tmp_path):
     return store
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(store, **limits):
-    """``create_app(store)`` served by uvicorn on loopback; yields (openai client, app)."""
-    import uvicorn
-
-    port = free_port()
-    app = create_app(store, ServeLimits(**limits))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start within 30 s"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        yield client, app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 def reference(store, name: str, ids: list[int], max_new_tokens: int):
     """Greedy decoding.generate with the prompt run in full (no cached prefix) on exactly ``ids``."""
     tok = store.tokenizer
@@ -85,17 +53,6 @@ def reference(store, name: str, ids: list[int], max_new_tokens: int):
 def chat_ids(store, messages) -> list[int]:
     out = store.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
     return list(out["input_ids"])
-
-
-def slow_steps(store, monkeypatch, seconds: float) -> None:
-    """Make each decoding step take at least ``seconds`` (a generation then lasts long enough to overlap)."""
-    real = store.prompted.decode_step
-
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store.prompted, "decode_step", slow)
 
 
 # ---------------------------------------------------------------------------- chat
@@ -228,12 +185,15 @@ def test_streamed_text_holds_back_what_a_stop_string_may_cut(store):
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
-def test_batcher_keeps_serving_while_a_request_streams(store, monkeypatch):
+def test_batcher_keeps_serving_while_a_request_streams(store, decode_gate):
     """A streamed generation runs step by step: a classification and a short completion sent while it
     streams are answered before it ends; the streamed text equals the same request unstreamed."""
-    slow_steps(store, monkeypatch, 0.03)
     kw = {"model": "free", "prompt": "the food", "max_tokens": 40, "temperature": 0}
     with running_server(store) as (client, app):
+        batcher = app.state.batcher
+        # While it is the only work, the stream takes no step: it cannot end before the others are
+        # answered, however long they take. A step goes on once another request is queued or running.
+        decode_gate.hold(lambda: batcher.queue.qsize() > 0 or len(batcher._running) > 1)
         finished: dict[str, float] = {}
         first_piece = threading.Event()
         streamed: list[str] = []
@@ -251,6 +211,7 @@ def test_batcher_keeps_serving_while_a_request_streams(store, monkeypatch):
         finished["classify"] = time.monotonic()
         short = client.completions.create(model="sentiment", prompt="a boring", max_tokens=3, temperature=0)
         finished["short"] = time.monotonic()
+        decode_gate.release()
         thread.join(timeout=120)
         whole = client.completions.create(**kw).choices[0]
         batches = app.state.batcher.stats["batches"]
@@ -261,10 +222,12 @@ def test_batcher_keeps_serving_while_a_request_streams(store, monkeypatch):
     assert batches >= 4  # the stream, the classification and the short completion each had a batch
 
 
-def test_generations_beyond_the_running_limit_wait_and_start_as_one_batch(store, monkeypatch):
-    slow_steps(store, monkeypatch, 0.02)
+def test_generations_beyond_the_running_limit_wait_and_start_as_one_batch(store, decode_gate):
     with running_server(store, max_running_batches=2) as (client, app):
         batcher = app.state.batcher
+        # The long generations take a step only when a request arrives (for the worker to take it):
+        # they run until the test has seen the later ones wait, however slow the machine.
+        decode_gate.hold(lambda: batcher.queue.qsize() > 0)
         long = {"model": "free", "prompt": "the food", "max_tokens": 60, "temperature": 0}
         results: list = []
 
@@ -273,37 +236,37 @@ def test_generations_beyond_the_running_limit_wait_and_start_as_one_batch(store,
 
         threads = [threading.Thread(target=call, args=(long,)) for _ in range(2)]
         threads[0].start()
-        deadline = time.monotonic() + 30
-        while len(batcher._running) < 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: len(batcher._running) >= 1)
         threads[1].start()
-        while len(batcher._running) < 2 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: len(batcher._running) >= 2)
         assert len(batcher._running) == 2  # the second one started beside the first
         short = {"model": "sentiment", "prompt": "a boring", "max_tokens": 2, "temperature": 0}
         later = [threading.Thread(target=call, args=(short,)) for _ in range(3)]
         for t in later:
             t.start()
-        while sum(len(g) for g in batcher._waiting.values()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: sum(len(g) for g in batcher._waiting.values()) >= 3)
         assert sum(len(g) for g in batcher._waiting.values()) == 3  # no third batch while two run
+        decode_gate.release()
         for t in threads + later:
             t.join(timeout=120)
         assert len(results) == 5 and batcher.stats["batches"] == 3  # the three waiting ones: one batch
 
 
-def test_a_client_that_leaves_a_stream_stops_its_generation(store, monkeypatch):
-    slow_steps(store, monkeypatch, 0.02)
+def test_a_client_that_leaves_a_stream_stops_its_generation(store, decode_gate):
     with running_server(store) as (client, app):
         batcher = app.state.batcher
+        # After its first piece, the generation takes its next step only once its request is
+        # cancelled: whether it then stops is what the test sees, not a race against its 200 steps.
+        decode_gate.hold(lambda: all(job.cancelled.is_set() for job in running_jobs(batcher)))
         stream = client.completions.create(model="free", prompt="the food", max_tokens=200, temperature=0,
                                            stream=True)  # fmt: skip
         next(iter(stream))
+        (job,) = running_jobs(batcher)
         stream.close()
-        deadline = time.monotonic() + 3  # 200 steps would take at least 4 s
-        while batcher._running and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: not batcher._running)
         assert not batcher._running
+        assert not job.settled and not decode_gate.timed_out  # stopped, not run to its end
+        decode_gate.release()
         # and the server goes on answering
         assert client.completions.create(model="free", prompt="the", max_tokens=2).choices
 
@@ -347,30 +310,14 @@ def test_classify_style_logprobs_with_testclient(store):
 
 
 # ---------------------------------------------------------------------------- failures
-def test_a_failing_generation_does_not_fail_the_others(store, monkeypatch):
-    import softprompt.serving.batcher as batcher_module
-
-    real = batcher_module.generate_mixed_steps
-
-    def flaky(store_, entries, texts, **kw):
-        if "boom" in texts:
-            raise RuntimeError("model failure on one input")
-        return real(store_, entries, texts, **kw)
-
-    monkeypatch.setattr(batcher_module, "generate_mixed_steps", flaky)
-    codes: dict[str, int] = {}
-    app = create_app(store, ServeLimits(batch_window_ms=300, batch_gap_ms=None))
+def test_a_failing_generation_does_not_fail_the_others(store, fail_on_boom):
+    fail_on_boom("generate_mixed_steps")
+    texts = ("the film", "boom", "good food")
+    # One batch of the three (it closes when full): the failure happens in a batch it shares.
+    app = create_app(store, ServeLimits(max_batch_size=3, batch_window_ms=30_000, batch_gap_ms=None))
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
-
-        def call(text: str) -> None:
-            body = {"model": "free", "prompt": text, "max_tokens": 3}
-            codes[text] = client.post("/v1/completions", json=body).status_code
-
-        threads = [threading.Thread(target=call, args=(t,)) for t in ("the film", "boom", "good food")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        bodies = {t: {"model": "free", "prompt": t, "max_tokens": 3} for t in texts}
+        codes = post_together(client, "/v1/completions", bodies)
     assert codes == {"the film": 200, "boom": 500, "good food": 200}
 
 

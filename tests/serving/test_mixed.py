@@ -7,10 +7,10 @@ import threading
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, make_tokenizer
-from test_registry import make_store, task_prompt
-from test_scoring import reference
 
+from helpers.registry import make_store, task_prompt
+from helpers.scoring import reference
+from helpers.tiny import MODEL_FACTORIES, make_tokenizer
 from softprompt.classifier import Classifier
 from softprompt.decoding import Generator
 from softprompt.errors import UnknownPromptError

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_registry import make_store
 
+from helpers.registry import make_store
+from helpers.server import running_server
 from softprompt import SoftPrompt
 
 pytest.importorskip("fastapi", reason="the server needs fastapi (pip install -e .[serve])")
@@ -161,8 +162,6 @@ def test_unknown_and_message_level_fields_are_refused_by_name(client):
 
 def test_the_openai_client_reaches_the_same_refusals(store):
     """Through the official client too (it sends exactly the fields given): best_of 0 and suffix."""
-    from test_chat import running_server
-
     with running_server(store) as (client, _):
         for extra in ({"best_of": 0}, {"best_of": 3}, {"suffix": "!"}):
             with pytest.raises(openai.BadRequestError, match=next(iter(extra))):

@@ -13,21 +13,21 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_registry import make_store
 
+from helpers import REPO, free_port, wait_until
+from helpers.registry import make_store
+from helpers.server import running_jobs, running_server
+from helpers.tiny import tiny_llama
 from softprompt import SoftPrompt
 
 pytest.importorskip("fastapi", reason="the server needs fastapi (pip install -e .[serve])")
 pytest.importorskip("openai", reason="the openai client is a test dependency")
 import httpx  # noqa: E402
-from test_chat import free_port, running_server, slow_steps  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
+TESTS = REPO / "tests"
 
 
 @pytest.fixture
@@ -46,23 +46,21 @@ def raw_request(port: int, path: str, body: bytes, length: int | None = None) ->
     return s
 
 
-def wait_for(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
-
-
 # ---------------------------------------------------------------------------- clients that leave
-def test_a_client_that_hangs_up_cancels_its_unstreamed_generation(store, monkeypatch):
-    slow_steps(store, monkeypatch, 0.02)  # 200 steps take at least 4 s
+def test_a_client_that_hangs_up_cancels_its_unstreamed_generation(store, decode_gate):
     with running_server(store) as (client, app):
         batcher, port = app.state.batcher, client.base_url.port
+        # After its first token, the generation takes its next step only once its request is
+        # cancelled: whether it then stops is what the test sees, not a race against its 200 steps.
+        decode_gate.hold(lambda: all(job.cancelled.is_set() for job in running_jobs(batcher)))
         body = {"model": "free", "prompt": "the food", "max_tokens": 200, "temperature": 0}
         s = raw_request(port, "/v1/completions", json.dumps(body).encode())
-        assert wait_for(lambda: batcher._running, 10), "the generation did not start"
+        assert wait_until(lambda: batcher._running, 10), "the generation did not start"
+        (job,) = running_jobs(batcher)
         s.close()
-        assert wait_for(lambda: not batcher._running, 2.5), "the generation went on after the client left"
+        assert wait_until(lambda: not batcher._running), "the generation went on after the client left"
+        assert not job.settled and not decode_gate.timed_out, "the generation went on after the client left"
+        decode_gate.release()
         # and the server goes on answering
         assert client.completions.create(model="free", prompt="the", max_tokens=2).choices
 
@@ -137,6 +135,14 @@ def post_in_thread(url: str, max_tokens: int, results: dict, key: str) -> thread
     return thread
 
 
+def refuses_connections(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
 def generations_started(url: str) -> int:
     return httpx.get(url + "/health", timeout=5).json()["requests"]
 
@@ -146,13 +152,14 @@ def test_sigterm_finishes_short_work_cancels_long_work_and_exits_within_the_boun
     try:
         results: dict = {}
         long = post_in_thread(url, 200, results, "long")  # 200 steps: 10 s at least
-        assert wait_for(lambda: generations_started(url) >= 1, 30)
+        assert wait_until(lambda: generations_started(url) >= 1, 30)
         short = post_in_thread(url, 8, results, "short")  # well under the 3 s bound
-        assert wait_for(lambda: generations_started(url) >= 2, 30)
+        assert wait_until(lambda: generations_started(url) >= 2, 30)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(httpx.ConnectError):  # no new connections once stopping
+        # no new connections once stopping (while the long request still runs: the process is alive)
+        assert wait_until(lambda: refuses_connections(url), 10, interval=0.05) and proc.poll() is None
+        with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=2)
         proc.wait(timeout=15)
         took = time.monotonic() - signalled
@@ -173,9 +180,9 @@ def test_a_second_signal_exits_at_once(tmp_path, tiny_model_dir):
     try:
         results: dict = {}
         long = post_in_thread(url, 200, results, "long")
-        assert wait_for(lambda: generations_started(url) >= 1, 30)
+        assert wait_until(lambda: generations_started(url) >= 1, 30)
         proc.send_signal(signal.SIGINT)
-        time.sleep(1.0)
+        assert wait_until(lambda: "requests in flight have 60.0 s" in (tmp_path / "serve.log").read_text())
         assert proc.poll() is None  # waiting for the request in flight (up to 60 s)
         second = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -9,14 +9,12 @@ import json
 import logging
 import os
 import shutil
-import socket
-import threading
-import time
 
 import pytest
-from conftest import make_tokenizer
-from test_registry import make_store, task_prompt
 
+from helpers.registry import make_store, task_prompt
+from helpers.server import serve_in_thread
+from helpers.tiny import make_tokenizer
 from softprompt import save_prompt
 from softprompt.errors import InvalidPromptNameError, UsageError
 
@@ -194,31 +192,11 @@ def test_serve_command_refuses_a_public_host_without_a_key(tmp_path, monkeypatch
     assert [c["limits"].max_running_batches for c in calls] == [2, 3]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def real_server(store):
     """A uvicorn server with an API key on loopback; yields its base URL."""
-    import uvicorn
-
-    port = free_port()
-    app = create_app(store, ServeLimits(max_body_bytes=64 * 1024), api_key=KEY)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not uv.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert uv.started, "uvicorn did not start within 30 s"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_thread(create_app(store, ServeLimits(max_body_bytes=64 * 1024), api_key=KEY)) as url:
+        yield url
 
 
 def test_real_server_api_key_with_the_openai_client(store, real_server):

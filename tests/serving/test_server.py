@@ -3,15 +3,16 @@ uvicorn server on loopback called with the official openai client."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_registry import make_store, task_prompt
 
+from helpers import wait_until
+from helpers.registry import make_store, task_prompt
+from helpers.server import post_together, serve_in_thread, start_threads
+from helpers.tiny import tiny_llama
 from softprompt import SoftPrompt, save_prompt
 from softprompt.serving.mixed import classify_mixed, ensemble_classify, generate_mixed
 
@@ -131,15 +132,14 @@ def test_body_too_large_is_413(store):
 def test_concurrent_requests_for_different_tasks_share_batches(store):
     names = ["sentiment", "topic", "quality", "sentiment-b"] * 2
     results: dict[int, dict] = {}
-    with client_for(store, batch_window_ms=300, batch_gap_ms=None) as client:
+    # The batch closes when it is full (8 rows), not after a time: the requests share it however
+    # slowly their threads start (the window only bounds a test that would otherwise hang).
+    with client_for(store, max_batch_size=len(names), batch_window_ms=30_000, batch_gap_ms=None) as client:
 
         def call(i: int) -> None:
             results[i] = client.post("/v1/classify", json={"model": names[i], "input": "the film"}).json()
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(names))]
-        for t in threads:
-            t.start()
-        for t in threads:
+        for t in start_threads(call, list(range(len(names)))):
             t.join()
         stats = client.get("/health").json()
     assert stats["requests"] == len(names) and stats["batches"] < len(names)
@@ -165,71 +165,67 @@ def test_batch_closes_after_a_quiet_gap_not_the_whole_window(store):
 def test_late_request_joins_its_peers_instead_of_running_alone(store, monkeypatch):
     """After a batch of 3 requests, the next batch waits (up to the window) for 3 again, so a client
     that is 80 ms late, well past the 20 ms gap, still shares the batch."""
+    import softprompt.serving.batcher as batcher_module
+
+    # "The batch before ended under RECENT_S (1 s) ago": true here however slowly this test sends its
+    # next requests, so the outcome depends on the order of events, not on how fast the machine is.
+    monkeypatch.setattr(batcher_module, "RECENT_S", 60.0)
     body = {"model": "topic", "input": "the film"}
     sizes: list[int] = []
     with client_for(store, batch_window_ms=3000, batch_gap_ms=20) as client:
         batcher = client.app.state.batcher
-        real, held = batcher._compute, threading.Event()
+        real, held, computed = batcher._compute, threading.Event(), threading.Event()
 
         def record(key, jobs):
             sizes.append(len(jobs))
+            computed.set()
             if len(sizes) == 1:
                 held.wait(timeout=30)  # hold the worker until three requests are queued
             return real(key, jobs)
 
         monkeypatch.setattr(batcher, "_compute", record)
+        real_fill, holding = batcher._fill, []
 
-        def post_all(delays: list[float]) -> list[int]:
-            codes: list[int] = []
+        def fill(jobs, rows, wait):
+            def waits(n_jobs: int) -> float:  # the open batch holds n_jobs requests and waits for more
+                holding.append(n_jobs)
+                return wait(n_jobs)
 
-            def call(delay: float) -> None:
-                time.sleep(delay)
-                codes.append(client.post("/v1/classify", json=body).status_code)
+            return real_fill(jobs, rows, waits)
 
-            threads = [threading.Thread(target=call, args=(d,)) for d in delays]
-            for t in threads:
-                t.start()
-            return threads, codes
+        monkeypatch.setattr(batcher, "_fill", fill)
 
-        first, _ = post_all([0.0])
-        deadline = time.monotonic() + 30
-        while not sizes and time.monotonic() < deadline:
-            time.sleep(0.005)
-        three, _ = post_all([0.0, 0.0, 0.0])
-        while batcher.queue.qsize() < 3 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        def post(codes: list[int]) -> None:
+            codes.append(client.post("/v1/classify", json=body).status_code)
+
+        earlier, codes = [], []
+        first = start_threads(post, [earlier])
+        assert computed.wait(timeout=30), "the first request never reached the model"
+        three = start_threads(post, [earlier] * 3)
+        assert wait_until(lambda: batcher.queue.qsize() == 3), "three requests were not queued"
         held.set()
         for t in first + three:
             t.join()
-        late, codes = post_all([0.0, 0.0, 0.08])
-        for t in late:
+        computed.clear()
+        holding.clear()
+        on_time = start_threads(post, [codes] * 2)
+        assert wait_until(lambda: 2 in holding), "the two on-time requests never reached one batch"
+        # Their batch holds both and waits for more: send the third 80 ms (4 gaps) later, or as soon
+        # as the batch runs without it (then `sizes` tells).
+        computed.wait(timeout=0.08)
+        late = start_threads(post, [codes])
+        for t in on_time + late:
             t.join()
     assert codes == [200, 200, 200]
     assert sizes == [1, 3, 3]
 
 
-def test_a_failing_request_does_not_fail_the_others(store, monkeypatch):
-    import softprompt.serving.batcher as serve
-
-    real = serve.score_mixed
-
-    def flaky(store_, entries, texts, **kw):
-        if "boom" in texts:
-            raise RuntimeError("model failure on one input")
-        return real(store_, entries, texts, **kw)
-
-    monkeypatch.setattr(serve, "score_mixed", flaky)
-    codes: dict[str, int] = {}
-    with client_for(store, batch_window_ms=300, batch_gap_ms=None) as client:
-
-        def call(text: str) -> None:
-            codes[text] = client.post("/v1/classify", json={"model": "topic", "input": text}).status_code
-
-        threads = [threading.Thread(target=call, args=(t,)) for t in ("the film", "boom", "good food")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+def test_a_failing_request_does_not_fail_the_others(store, fail_on_boom):
+    fail_on_boom("score_mixed")
+    texts = ("the film", "boom", "good food")
+    # One batch of the three (it closes when full): the failure happens in a batch it shares.
+    with client_for(store, max_batch_size=3, batch_window_ms=30_000, batch_gap_ms=None) as client:
+        codes = post_together(client, "/v1/classify", {t: {"model": "topic", "input": t} for t in texts})
     assert codes == {"the film": 200, "boom": 500, "good food": 200}
 
 
@@ -256,9 +252,7 @@ def test_full_queue_answers_503(store, monkeypatch):
             target=lambda: codes.append(client.post("/v1/classify", json=body).status_code)
         )
         second.start()
-        deadline = time.monotonic() + 30
-        while batcher.queue.qsize() < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_until(lambda: batcher.queue.qsize() == 1), "the second request was not queued"
         r = client.post("/v1/classify", json=body)
         release.set()
         first.join()
@@ -289,27 +283,11 @@ def test_prompt_management(store, tmp_path):
         assert client.get("/v1/models").status_code == 200
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_with_the_openai_client(store):
     openai = pytest.importorskip("openai", reason="the openai client is a test dependency")
-    import uvicorn
 
-    port = free_port()
-    app = create_app(store)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start within 30 s"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    with serve_in_thread(create_app(store)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert sorted(m.id for m in client.models.list()) == store.names()
         done = client.completions.create(model="free", prompt="the food", max_tokens=4, temperature=0)
         ref = generate_mixed(store, [store.get("free")], ["the food"], max_new_tokens=4)[0]
@@ -319,9 +297,6 @@ def test_real_server_with_the_openai_client(store):
             client.completions.create(model="nope", prompt="the", max_tokens=2)
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="free", prompt="the", max_tokens=100_000)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_one_torch_thread_loads_on_one_thread_and_restores_the_count():

@@ -1,7 +1,7 @@
 """Training in the chat template (``--chat_template true``) and using such a prompt the same way
 everywhere: the library's classifier and generator, the server (classify, completions, chat) and the
 vLLM request builder all put the input in the chat template as training did. Tiny model; its
-word-level tokenizer gets the small Jinja chat template of test_chat."""
+word-level tokenizer gets the small Jinja chat template of helpers.tiny (the one serving/test_chat uses)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_llama, write_sentiment_data
-from test_chat import CHAT_TEMPLATE
 
+from helpers.data import write_sentiment_data
+from helpers.tiny import CHAT_TEMPLATE, make_tokenizer, tiny_llama
 from softprompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.classifier import Classifier
 from softprompt.decoding import Generator, generate

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_gpt2, tiny_llama, write_sentiment_data
 
+from helpers import free_port
+from helpers.data import write_sentiment_data
+from helpers.tiny import make_tokenizer, tiny_gpt2, tiny_llama
 from softprompt import load_prompt
 from softprompt.hf_parts import decoder_layers, enable_activation_checkpointing
 from softprompt.model import PromptedLM
@@ -24,17 +25,11 @@ from softprompt.training.distributed import DistContext
 ATOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str], cwd, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]  # fmt: skip
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]  # fmt: skip
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done

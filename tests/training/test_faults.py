@@ -2,7 +2,6 @@
 save, a torn log line, a resume with changed settings or data, a run folder that already holds a
 run, a damaged ``softprompt.json`` and a hub model asked for offline."""
 
-# ruff: noqa: F811  (the `data` fixture imported from test_training is a test argument here)
 from __future__ import annotations
 
 import contextlib
@@ -11,10 +10,10 @@ import time
 
 import pytest
 import torch
-from test_training import config, data  # noqa: F401  (the tiny sentiment run and its data fixture)
 
 import softprompt.loading as loading
 import softprompt.peft_format as pf
+from helpers.training import config  # the tiny sentiment run (its `data` fixture: training/conftest.py)
 from softprompt import PromptMeta, load_prompt
 from softprompt.cli import main
 from softprompt.errors import DataError, ModelLoadError, TrainingInterrupted, UsageError

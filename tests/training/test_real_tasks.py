@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer, tiny_llama
 from torch.nn import functional as F
 
 import softprompt.training.tasks as tasks_mod
+from helpers.tiny import WORDS, make_tokenizer, tiny_llama
 from softprompt.cli import main
 from softprompt.data import read_pairs, sample_inputs
 from softprompt.metrics import classification_report

@@ -6,30 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import write_sentiment_data
 
 import softprompt.training.tasks as tasks_mod
+from helpers.training import config
 from softprompt import load_prompt
 from softprompt.cli import main
 from softprompt.errors import ConfigError
 from softprompt.training import TrainConfig, train
 from softprompt.training.loop import lr_at
-
-
-@pytest.fixture
-def data(tmp_path):
-    return {
-        "train": str(write_sentiment_data(tmp_path / "train.jsonl", 40, seed=1)),
-        "test": str(write_sentiment_data(tmp_path / "test.jsonl", 12, seed=2)),
-    }
-
-
-def config(tiny_model_dir, data, out, **kw) -> TrainConfig:
-    base = dict(
-        train_file=data["train"], test_file=data["test"], model=tiny_model_dir, template="review {text} sentiment",
-        num_virtual_tokens=4, max_steps=6, eval_every=2, batch_size=4, lr=0.3, warmup_steps=1, output_dir=str(out),
-    )  # fmt: skip
-    return TrainConfig(**{**base, **kw})
 
 
 def test_cli_train_eval_predict_end_to_end(tiny_model_dir, data, tmp_path, capsys):
@@ -193,8 +177,7 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, data, tmp_path):
 def test_step_token_count_is_the_rows_own_tokens(tiny_model_dir, data, tmp_path):
     """tokens_per_s counts the batch's input tokens, not the virtual tokens once per row (the shared
     prefix runs them once per batch), for classification and for generation."""
-    from conftest import make_tokenizer, tiny_llama
-
+    from helpers.tiny import make_tokenizer, tiny_llama
     from softprompt import PromptedLM, SoftPrompt
 
     prompted, prompt = PromptedLM(tiny_llama()), SoftPrompt(torch.randn(4, 32))

@@ -1,0 +1,14 @@
+"""The tiny training run of ``training/``: sentiment rows on the tiny Llama, a few steps."""
+
+from __future__ import annotations
+
+from softprompt.training import TrainConfig
+
+
+def config(tiny_model_dir, data, out, **kw) -> TrainConfig:
+    """The tiny sentiment run on ``data`` (the ``data`` fixture's files) into ``out``; ``kw`` overrides."""
+    base = dict(
+        train_file=data["train"], test_file=data["test"], model=tiny_model_dir, template="review {text} sentiment",
+        num_virtual_tokens=4, max_steps=6, eval_every=2, batch_size=4, lr=0.3, warmup_steps=1, output_dir=str(out),
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
