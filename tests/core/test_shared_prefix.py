@@ -247,21 +247,25 @@ def test_sliding_window_models_keep_the_window():
     )  # the window matters
 
 
-def test_a_cached_prefix_past_the_sliding_window_warns(caplog):
-    """Inference with a cached prefix cannot fall back per call: it says so once, never silently."""
+def test_a_cached_prefix_past_the_sliding_window_is_exact_and_silent(caplog):
+    """Inference with a cached prefix past the window runs the prefix in front of the padded rows
+    (tests/core/test_window.py has the cases): the uncached logits, with nothing to warn about."""
     from transformers import MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=6, pad_token_id=0)  # fmt: skip
     prompted = PromptedLM(MistralForCausalLM(cfg).eval())
-    prefix = prompted.prefix_cache(torch.randn(5, 32))
+    prompt = torch.randn(5, 32)
+    prefix = prompted.prefix_cache(prompt)
     ids, mask, _ = batch("left")
     with caplog.at_level("WARNING", logger="softprompt.model"), torch.no_grad():
-        prompted(ids[:, -1:], mask[:, -1:], prefix=prefix)  # 5 + 1 positions: inside the window
-        assert not caplog.records
-        prompted(ids, mask, prefix=prefix)
-        prompted(ids, mask, prefix=prefix)
-    assert len(caplog.records) == 1 and "sliding window (6)" in caplog.text
+        inside = prompted(ids[:, -1:], mask[:, -1:], prefix=prefix)  # 5 + 1 positions: inside the window
+        torch.testing.assert_close(
+            inside, prompted(ids[:, -1:], mask[:, -1:], prompt=prompt), rtol=1e-5, atol=1e-5
+        )
+        past = prompted(ids, mask, prefix=prefix)
+        torch.testing.assert_close(past, prompted(ids, mask, prompt=prompt), rtol=1e-5, atol=1e-5)
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
