@@ -25,14 +25,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from results_io import run_command, utc_now, write_results  # same folder
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 CONFIGS = {  # name -> (dtype, gradient checkpointing)
@@ -173,8 +173,8 @@ def main() -> None:
             res[f"{name}_time_ratio_vs_fp32"] = round(
                 res[f"{name}_step_seconds"] / res["fp32_step_seconds"], 3
             )
-    res["command"] = shlex.join(["python", "benchmarks/memory.py", *sys.argv[1:]])
-    res["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    res["command"] = run_command()
+    res["date"] = utc_now()
     print(f"\n{'config':10s} {'peak MiB':>9s} {'training MiB':>13s} {'step s':>8s}  (ratios vs fp32)")
     for name in CONFIGS:
         ratio = "" if name == "fp32" else (f"  peak x{res[f'{name}_peak_ratio_vs_fp32']}, training "
@@ -182,9 +182,7 @@ def main() -> None:
         print(f"{name:10s} {res[f'{name}_peak_mib']:9.1f} {res[f'{name}_training_mib']:13.1f} "
               f"{res[f'{name}_step_seconds']:8.3f}{ratio}")  # fmt: skip
     out = args.output or (Path(tempfile.gettempdir()) / "memory_smoke.json" if args.smoke else RESULTS)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(out, res)
 
 
 if __name__ == "__main__":

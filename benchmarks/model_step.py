@@ -33,15 +33,14 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import run_command, utc_now, write_results  # same folder
 
 from softprompt import PromptedLM, SoftPrompt
 from softprompt.embedding import token_vectors
@@ -222,8 +221,7 @@ def main() -> None:
     res |= {"models": names, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "num_virtual_tokens": args.num_virtual_tokens, "threads": args.threads, "steps": args.steps,
             "warmup": args.warmup, "dtype": "float32", "device": "cpu", "torch_version": torch.__version__,
-            "command": shlex.join(["python", "benchmarks/model_step.py", *sys.argv[1:]]),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+            "command": run_command(), "date": utc_now()}  # fmt: skip
 
     print(
         f"\n{'model':14} {'median s/step':>14} {'min s':>7} {'head rows':>10} {'targets':>8} {'full':>6} {'peak RSS':>9} {'+ set-up':>9}"
@@ -241,9 +239,7 @@ def main() -> None:
             print(f"{k} = {v:.3f}")
     print(f"1-min load average {load_before:.2f} before timing, {res['load_average_1min_after']:.2f} after")
     out = args.output or RESULTS / f"model_step_{slug(names[1])}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(out, res)
 
 
 if __name__ == "__main__":

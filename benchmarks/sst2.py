@@ -23,10 +23,10 @@ import shlex
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import utc_now, write_results  # same folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -117,7 +117,7 @@ def main() -> None:
     val_file = subsample(val_src, args.val_rows, args.seed + 1, work / "val.jsonl", strip)
     test_file = subsample(DATA / task["test"], args.test_rows, args.seed + 2, work / "test.jsonl", strip)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sst2.py", *sys.argv[1:]])
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = utc_now()
 
     def run(optimizer: str, lr: float, out: str, baselines: bool) -> dict:
         cfg = TrainConfig(
@@ -171,14 +171,10 @@ def main() -> None:
             f"{r['optimizer']}_lr{r['lr']}_validation_accuracy": r["validation_accuracy"] for r in runs
         }
         out_json = {"runs": runs, **summary, "model": args.model, "command": command, "date": date}
-        (ROOT / "benchmarks" / "results" / f"{args.task}_sweep{slug}.json").write_text(
-            json.dumps(out_json, indent=2) + "\n"
-        )
+        write_results(ROOT / "benchmarks" / "results" / f"{args.task}_sweep{slug}.json", out_json)
         return
     figures = run(args.optimizer, args.lr, args.output_dir or str(work / "run"), baselines=True)
-    (ROOT / "benchmarks" / "results" / f"{args.task}{slug}.json").write_text(
-        json.dumps(figures, indent=2) + "\n"
-    )
+    write_results(ROOT / "benchmarks" / "results" / f"{args.task}{slug}.json", figures)
 
 
 if __name__ == "__main__":

