@@ -166,6 +166,7 @@ class Churn:
         # name -> [(t_begin, t_end, version or None when deleted)]; version 0 live from the start.
         self.events = {n: [(-math.inf, -math.inf, 0)] for n in names}
         self.counts: Counter = Counter()
+        self.latencies_ms: dict[str, list[float]] = {"load": [], "delete": []}
         self.stop = threading.Event()
 
     def activate(self, name: str, version: int) -> int:
@@ -177,6 +178,8 @@ class Churn:
 
     def _record(self, name: str, begin: float, version: int | None, status: int, action: str) -> None:
         self.events[name].append((begin, time.monotonic(), version))
+        route = "delete" if action == "delete" else "load"  # DELETE /v1/prompts/NAME, POST .../load
+        self.latencies_ms[route].append((time.monotonic() - begin) * 1000)
         self.counts[action] += 1
         if status != 200:
             self.counts[f"{action}_failed_{status}"] += 1
@@ -323,7 +326,34 @@ def evaluate(records: list, refs: dict, churn: Churn, tolerance: float) -> dict:
     out["stale_version_detectable_frac"] = distinct / max(ok_with_others, 1)
     out["errors_by_status"] = {k: v for k, v in sorted(statuses.items()) if k != "200"}
     out |= {f"errors_status_{k}": v for k, v in out["errors_by_status"].items()}
+    for route, mine in (("classify", lambda r: r[0] != GEN), ("completions", lambda r: r[0] == GEN)):
+        part = [r for r in records if mine(r)]
+        per = evaluate_route(part, refs, churn, tolerance)
+        out |= {f"{route}_{k}": v for k, v in per.items()}
+    for route, ms in churn.latencies_ms.items():  # the management routes the churn thread calls
+        out |= {f"{route}_requests": len(ms), **percentiles(ms, f"{route}_")}
+        out[f"{route}_unexpected_errors"] = sum(v for k, v in churn.counts.items() if "_failed_" in k and
+                                                (k.startswith("delete") == (route == "delete")))  # fmt: skip
     return out
+
+
+def percentiles(ms: list[float], prefix: str = "") -> dict:
+    q = statistics.quantiles(ms, n=100) if len(ms) > 1 else [math.nan] * 99
+    return {f"{prefix}p50_ms": statistics.median(ms) if ms else math.nan, f"{prefix}p99_ms": q[98]}
+
+
+def evaluate_route(records: list, refs: dict, churn: Churn, tolerance: float) -> dict:
+    """One route's figures: requests, p50/p99 latency, unexpected errors and wrong-prompt answers."""
+    unexpected = wrong = 0
+    for name, i, sent, done, status, answer in records:
+        live = churn.live(name, sent, done)
+        if status == 200:
+            wrong += not any(v is not None and matches(answer, refs[name, v][i], tolerance) for v in live)
+        elif not (status == 404 and None in live):
+            unexpected += 1
+    latencies = [(done - sent) * 1000 for _, _, sent, done, _, _ in records]
+    return {"requests": len(records), "unexpected_errors": unexpected, "wrong_prompt_answers": wrong,
+            **percentiles(latencies)}  # fmt: skip
 
 
 def main() -> None:
@@ -414,6 +444,10 @@ def main() -> None:
           "answers)")  # fmt: skip
     print(f"server RSS {out['rss_start_mb']:.0f} -> {out['rss_end_mb']:.0f} MiB (max {out['rss_max_mb']:.0f}; "
           f"growth {out['rss_growth_mb']:+.1f} MiB, second half {slope:+.1f} MiB/min)")  # fmt: skip
+    for route in ("classify", "completions", "load", "delete"):
+        print(f"  {route:<12} {out[f'{route}_requests']:>6} requests, p50 {out[f'{route}_p50_ms']:.0f} ms, "
+              f"p99 {out[f'{route}_p99_ms']:.0f} ms, {out[f'{route}_unexpected_errors']} unexpected errors"
+              + (f", {out[f'{route}_wrong_prompt_answers']} wrong-prompt answers" if route in ("classify", "completions") else ""))  # fmt: skip
     write_results(output, out)
     if out["wrong_prompt_answers"] or out["unexpected_errors"]:
         raise SystemExit(1)
