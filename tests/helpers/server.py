@@ -77,18 +77,16 @@ class DecodeGate:
     2 ms, so a generation goes on only when the test's condition holds (the client left, another
     request arrived, ...). The first token of a generation comes from its prefill, not a decoding
     step: a stream's first piece arrives whatever the gate says. ``release()`` opens it for good;
-    so does waiting :data:`GATE_TIMEOUT_S` in one step (then ``timed_out`` is set). ``steps`` counts
-    the decoding steps taken.
+    so does waiting :data:`GATE_TIMEOUT_S` in one step (then ``timed_out`` is set).
     """
 
     def __init__(self, store, monkeypatch):
         self.opens: Callable[[], bool] = lambda: True
-        self.released, self.timed_out, self.steps = threading.Event(), False, 0
+        self.released, self.timed_out = threading.Event(), False
         real = store.prompted.decode_step
 
         def gated(*args, **kwargs):
             self._wait()
-            self.steps += 1
             return real(*args, **kwargs)
 
         monkeypatch.setattr(store.prompted, "decode_step", gated)
