@@ -35,7 +35,7 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assist
 # Every field of OpenAI's two request bodies is either honoured (declared on the request models
 # below, with OpenAI's meaning) or refused (the tables below: a 400 that names it, unless its value
 # asks for nothing, e.g. best_of=1). A field in neither is refused too, as unknown. tests/
-# test_serve_security.py walks the installed openai package's request types against both lists.
+# serving/test_serve_fields.py walks the installed openai package's request types against both lists.
 class Refused(NamedTuple):
     why: str
     """What the client should do instead (the 400's message after the field's name)."""
