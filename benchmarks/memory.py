@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from peak_memory import proc_kib  # same folder
 from results_io import run_command, utc_now, write_results  # same folder
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
@@ -41,13 +42,6 @@ CONFIGS = {  # name -> (dtype, gradient checkpointing)
     "bf16": ("bfloat16", False),
     "bf16_ckpt": ("bfloat16", True),
 }
-
-
-def proc_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
 
 
 def load(args: argparse.Namespace, dtype: str):

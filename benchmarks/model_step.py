@@ -30,16 +30,15 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from peak_memory import child_memory, report_steps  # same folder
 from results_io import run_command, utc_now, write_results  # same folder
 
 from softprompt import PromptedLM, SoftPrompt
@@ -108,31 +107,18 @@ class Bench:
         return self._rows
 
 
-def proc_kib(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def run_only(args: argparse.Namespace) -> None:
     """Child process: one model alone, 2 steps, its memory figures printed as JSON."""
     torch.set_num_threads(args.threads)
     bench = Bench(args.only, args)
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    base_kib = proc_kib("VmRSS")
-    for _ in range(2):
-        bench.step()
-    print("MEMORY " + json.dumps({"base_mib": base_kib / 1024, "peak_mib": proc_kib("VmHWM") / 1024}))
+    report_steps(bench.step, 2)
 
 
 def measure_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--only", name, "--threads", str(args.threads),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--num-virtual-tokens", str(args.num_virtual_tokens)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"memory run of {name} failed:\n{res.stderr[-3000:]}")
-    line = next(x for x in res.stdout.splitlines() if x.startswith("MEMORY "))
-    return json.loads(line.removeprefix("MEMORY "))
+    return child_memory(cmd, name)
 
 
 def slug(name: str) -> str:

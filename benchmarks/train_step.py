@@ -38,18 +38,15 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
-import re
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peak_memory import child_memory, report_steps  # same folder
 from results_io import run_command, utc_now, write_results  # same folder
 from torch import nn
 from torch.nn import functional as F
@@ -153,10 +150,6 @@ def make_step(loss_fn: Callable, params: list) -> Callable[[], float]:
     return step
 
 
-def proc_kib(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def setup(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, tuple[Callable, Callable]]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -176,27 +169,14 @@ def setup(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, tuple[C
 def run_only(args: argparse.Namespace) -> None:
     """Child process: set up one variant, run a few steps, print its memory figures as JSON."""
     _, step = setup(args, (args.only,))[args.only]
-    gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        base_kib = proc_kib("VmRSS")
-    except OSError:  # no reset possible: ru_maxrss includes the load peak, so this is an upper bound
-        base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(args.steps):
-        step()
-    peak_kib = proc_kib("VmHWM")
-    print("MEMORY " + json.dumps({"base_mib": base_kib / 1024, "peak_mib": peak_kib / 1024}))
+    report_steps(step, args.steps)
 
 
 def measure_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--only", name, "--steps", "2", "--threads", str(args.threads),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--num-virtual-tokens", str(args.num_virtual_tokens)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"memory run of {name} failed:\n{res.stderr[-3000:]}")
-    line = next(x for x in res.stdout.splitlines() if x.startswith("MEMORY "))
-    return json.loads(line.removeprefix("MEMORY "))
+    return child_memory(cmd, name)
 
 
 def main() -> None:
