@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from softprompt.config import MAX_VIRTUAL_TOKENS, InitMethod
-from softprompt.embedding import token_vectors
+from softprompt.embedding import token_vectors, vocabulary_size
 from softprompt.errors import FolderInUseError, MissingFileError, ModelMismatchError, PromptFormatError
 from softprompt.hf_parts import adapter_dims
 from softprompt.locking import disk_error
@@ -460,10 +460,8 @@ MAX_NORM_RATIO = 1000.0
 def token_vector_norm(model: torch.nn.Module, sample: int = 4096) -> float:
     """Median norm of the vectors the decoder receives for the first ``sample`` token ids (after any
     scale the embedding module applies, e.g. Gemma's sqrt(hidden))."""
-    embed = model.get_input_embeddings()
-    ids = torch.arange(min(sample, embed.weight.shape[0]), device=embed.weight.device)
-    with torch.no_grad():
-        return float(embed(ids).float().norm(dim=-1).median())
+    ids = torch.arange(min(sample, vocabulary_size(model)))
+    return float(token_vectors(model, ids).norm(dim=-1).median())
 
 
 def check_scale(weight: torch.Tensor, model: torch.nn.Module, what: str) -> None:
