@@ -33,6 +33,20 @@ class InitMethod(str, Enum):
     FILE = "file"  # copied from another saved prompt (prompt transfer)
 
 
+class PromptKind(str, Enum):
+    """Where a soft prompt acts on the model."""
+
+    INPUT = "input"  # P vectors in front of the input embeddings (prompt tuning; PEFT's PROMPT_TUNING)
+    DEEP = "deep"  # P keys and values at every layer (prefix tuning / P-tuning v2; PEFT's PREFIX_TUNING)
+
+
+class Reparam(str, Enum):
+    """How an input prompt is parameterised while it trains (the saved prompt is always plain P x D)."""
+
+    NONE = "none"  # the P x D vectors themselves
+    RESIDUAL = "residual"  # P + LayerNorm(MLP(P)) (Residual Prompt Tuning); collapsed to P x D at save
+
+
 class TaskKind(str, Enum):
     """What a prompt is trained for."""
 
@@ -163,6 +177,9 @@ class PromptArgs(Settings):
 
     num_virtual_tokens: int = 20
     """Number of soft-prompt vectors P (8-32 is typical; Lester et al. saw little gain past 20)."""
+    prompt_kind: str = one_of(PromptKind, "input", noun="prompt kind")
+    """input: P vectors before the input embeddings (prompt tuning, servable by vLLM); deep: P keys and
+    values at every layer (prefix tuning: learns more at small scale, saved in PEFT's PREFIX_TUNING format)."""
     init: str = one_of(InitMethod, "labels", noun="method")
     """How the prompt starts: labels (the label words, then common vocabulary; with no label words, as for
     generation, text init from init_text or the template's words), text (init_text), vocab (sampled common

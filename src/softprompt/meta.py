@@ -51,6 +51,9 @@ class PromptMeta:
     """Name of the base model the prompt was trained on."""
     embedding_fingerprint: dict | None = None
     """A small description of the base model's embeddings (see peft_format.embedding_fingerprint)."""
+    deep: dict | None = None
+    """A deep prompt (keys and values at every layer): the shape it was made for, ``{"layers",
+    "kv_heads", "head_dim"}``; None for an input prompt (vectors before the input embeddings)."""
     extra: dict = field(default_factory=dict)
     """Anything else (kept as is; a caller's own notes)."""
 
@@ -153,5 +156,6 @@ _FIELDS = {
     "max_new_tokens": _is_int,
     "base_model": _is_str,
     "embedding_fingerprint": _is_dict,
+    "deep": _is_dict,
     "extra": _is_dict,
 }

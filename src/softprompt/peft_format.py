@@ -139,11 +139,14 @@ def check_fingerprint(saved: dict | None, model: torch.nn.Module, where: str) ->
 
 # ---------------------------------------------------------------------------- saving
 def adapter_config(weight: torch.Tensor, meta: PromptMeta, model: torch.nn.Module | None = None) -> dict:
-    """PEFT's PromptTuningConfig as JSON for a ``(P, D)`` prompt. ``inference_mode`` is true so PEFT
-    does not try to re-initialise (and load a tokenizer) when it reads the prompt back."""
+    """PEFT's PromptTuningConfig as JSON for a ``(P, D)`` prompt (PrefixTuningConfig for a deep
+    prompt). ``inference_mode`` is true so PEFT does not try to re-initialise (and load a tokenizer)
+    when it reads the prompt back."""
     heads, layers, name = adapter_dims(model)
-    is_text = meta.init == InitMethod.TEXT.value and bool(meta.init_text)
     base = meta.base_model or name
+    if meta.deep:
+        return deep_adapter_config(weight, meta.deep, base)
+    is_text = meta.init == InitMethod.TEXT.value and bool(meta.init_text)
     return {
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
@@ -156,6 +159,29 @@ def adapter_config(weight: torch.Tensor, meta: PromptMeta, model: torch.nn.Modul
         "prompt_tuning_init_text": meta.init_text if is_text else None,
         "tokenizer_name_or_path": base if is_text else None,
         "tokenizer_kwargs": None,
+        "base_model_name_or_path": base,
+        "revision": None,
+        "inference_mode": True,
+        "auto_mapping": None,
+    }
+
+
+def deep_adapter_config(weight: torch.Tensor, shape: dict, base: str | None) -> dict:
+    """PEFT's PrefixTuningConfig as JSON for a deep prompt's ``(P, layers x 2 x kv_heads x head_dim)``
+    weight: PEFT reads ``num_attention_heads`` as the key/value heads and ``token_dim`` as their width
+    (what its own set-up makes of a grouped-query model), and no projection (the weight is the keys
+    and values themselves)."""
+    width = shape["kv_heads"] * shape["head_dim"]
+    return {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": weight.shape[0],
+        "token_dim": width,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": shape["kv_heads"],
+        "num_layers": shape["layers"],
+        "encoder_hidden_size": width,
+        "prefix_projection": False,
         "base_model_name_or_path": base,
         "revision": None,
         "inference_mode": True,
@@ -391,10 +417,18 @@ def _read_folder(
             f"a saved prompt needs {CONFIG_NAME} and {WEIGHTS_NAME}.{extra}"
         )
     config = _read_json(folder / CONFIG_NAME)
-    if config.get("peft_type") != "PROMPT_TUNING":
+    if config.get("peft_type") not in ("PROMPT_TUNING", "PREFIX_TUNING"):
         raise PromptFormatError(
-            f"{folder / CONFIG_NAME} has peft_type={config.get('peft_type')!r}; expected 'PROMPT_TUNING'. "
-            "This is a different kind of adapter (e.g. LoRA) and cannot be used as a soft prompt."
+            f"{folder / CONFIG_NAME} has peft_type={config.get('peft_type')!r}; expected 'PROMPT_TUNING' (an "
+            "input prompt) or 'PREFIX_TUNING' (a deep prompt). This is a different kind of adapter (e.g. LoRA) "
+            "and cannot be used as a soft prompt."
+        )
+    deep = config["peft_type"] == "PREFIX_TUNING"
+    if deep and config.get("prefix_projection"):
+        raise PromptFormatError(
+            f"{folder} is a PEFT prefix-tuning adapter with prefix_projection=true: it holds an encoder MLP, "
+            "not the keys and values. Load it in PEFT, and save the projected prefix with prefix_projection=false "
+            "(or train it here with --prompt_kind deep)."
         )
     try:
         tensors = load_file(str(folder / WEIGHTS_NAME))
@@ -419,6 +453,8 @@ def _read_folder(
                     "precision lost in the file stays lost)", folder / WEIGHTS_NAME, TENSOR_KEY,
                     str(weight.dtype).removeprefix("torch."))  # fmt: skip
     P, D = config.get("num_virtual_tokens"), config.get("token_dim")
+    if deep:  # one row per virtual token: keys and values of every layer
+        D = _deep_shape(config, folder)["layers"] * 2 * D
     n_sub = config.get("num_transformer_submodules") or 1
     if (
         weight.dim() != 2
@@ -439,6 +475,12 @@ def _read_folder(
         )
     check_finite(weight, f"prompt at {folder}")
     meta = _load_meta(folder, config)
+    if deep:
+        meta.deep = _deep_shape(config, folder)  # the adapter config is what PEFT reads: it wins
+        if model is not None and check_model:
+            check_fingerprint(meta.embedding_fingerprint, model, f"prompt at {folder}")
+        return weight.float(), meta  # the key/value shape is checked against the model by load_prompt
+    meta.deep = None
     if model is not None:
         hidden = model.get_input_embeddings().weight.shape[1]
         if weight.shape[1] != hidden:
@@ -474,6 +516,17 @@ def check_scale(weight: torch.Tensor, model: torch.nn.Module, what: str) -> None
             f"({tokens:.3g}); trained prompts stay within {MAX_NORM_RATIO:g}x. The file is damaged or was "
             "scaled by mistake: re-save the prompt or restore it from a checkpoint."
         )
+
+
+def _deep_shape(config: dict, folder: Path) -> dict:
+    """``{"layers", "kv_heads", "head_dim"}`` of a PREFIX_TUNING adapter config."""
+    layers, heads, width = config.get("num_layers"), config.get("num_attention_heads"), config.get("token_dim")
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, width)) or width % heads:
+        raise PromptFormatError(
+            f"{folder / CONFIG_NAME}: a prefix-tuning adapter needs positive integers num_layers, "
+            f"num_attention_heads and token_dim (a multiple of the heads), got {layers}, {heads}, {width}"
+        )
+    return {"layers": layers, "kv_heads": heads, "head_dim": width // heads}
 
 
 def _load_meta(folder: Path, config: dict) -> PromptMeta:

@@ -1,5 +1,5 @@
-"""The soft prompt: P trainable vectors in the model's embedding space, and how it is made, saved
-and loaded (the files themselves are :mod:`softprompt.peft_format`'s business)."""
+"""The soft prompt: P trainable vectors in the model's embedding space (or, deep, keys and values
+at every layer: :mod:`softprompt.deep`), and how it is made, saved and loaded (the files themselves are :mod:`softprompt.peft_format`'s business)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from softprompt.config import InitMethod, PromptConfig
+from softprompt.config import InitMethod, PromptConfig, PromptKind
+from softprompt.deep import DeepPrompt, KVShape
+from softprompt.errors import ModelMismatchError, UsageError
 from softprompt.meta import PromptMeta
 from softprompt.peft_format import check_finite, read_prompt_folder, write_prompt_folder
-from softprompt.prompt_init import initial_weight
+from softprompt.prompt_init import initial_weight, tile_to_length
 
 
 class SoftPrompt(nn.Module):
@@ -22,6 +24,8 @@ class SoftPrompt(nn.Module):
         weight: initial values, shape (P, D).
         meta: how the prompt was made (init method, label words, template, base model, ...).
     """
+
+    kind = "input"
 
     def __init__(self, weight: torch.Tensor, meta: PromptMeta | None = None):
         super().__init__()
@@ -50,8 +54,23 @@ class SoftPrompt(nn.Module):
             f"num_virtual_tokens={self.num_virtual_tokens}, token_dim={self.token_dim}, init={self.meta.init}"
         )
 
+    def check_model(self, model: nn.Module, where: str = "prompt") -> None:
+        """Refuse a model whose hidden size is not this prompt's vector size."""
+        hidden = model.get_input_embeddings().weight.shape[1]
+        if hidden != self.token_dim:
+            raise ModelMismatchError(
+                f"{where} has {self.token_dim}-dimensional vectors but the model's hidden size is {hidden}; "
+                f"it was made for another model ({self.meta.base_model or 'unknown'})"
+            )
+
+    def frozen_copy(self, device: torch.device | str) -> SoftPrompt:
+        """A detached copy on ``device`` that takes no gradient (what the prompt store keeps)."""
+        copy = SoftPrompt(self.weight.detach().to(device), self.meta)
+        copy.requires_grad_(False)
+        return copy
+
     @classmethod
-    def initialize(cls, config: PromptConfig, model: nn.Module, tokenizer=None) -> SoftPrompt:
+    def initialize(cls, config: PromptConfig, model: nn.Module, tokenizer=None) -> AnyPrompt:
         """Build a prompt for ``model`` as ``config`` says (see :class:`InitMethod`).
 
         ``tokenizer`` is needed for the text, vocab and labels inits. Seeded: the same config, model
@@ -59,20 +78,54 @@ class SoftPrompt(nn.Module):
         the metadata so the init can be rebuilt later (``softprompt inspect``).
         """
         method = InitMethod(config.init)
+        if config.prompt_kind == PromptKind.DEEP:
+            return initial_deep_prompt(config, model, tokenizer)
         weight = initial_weight(config, model, tokenizer)
-        sampled = method in (InitMethod.VOCAB, InitMethod.LABELS)
-        meta = PromptMeta(
-            init=method.value,
-            init_text=config.init_text,
-            label_words=config.label_words,
-            init_seed=config.seed,
-            vocab_top_k=config.vocab_top_k if sampled else None,
-            init_file=config.init_file if method == InitMethod.FILE else None,
+        return cls(weight, init_meta(config))
+
+
+def init_meta(config: PromptConfig) -> PromptMeta:
+    """What a new prompt's metadata says of its init."""
+    method = InitMethod(config.init)
+    sampled = method in (InitMethod.VOCAB, InitMethod.LABELS)
+    return PromptMeta(
+        init=method.value,
+        init_text=config.init_text,
+        label_words=config.label_words,
+        init_seed=config.seed,
+        vocab_top_k=config.vocab_top_k if sampled else None,
+        init_file=config.init_file if method == InitMethod.FILE else None,
+    )
+
+
+def initial_deep_prompt(config: PromptConfig, model: nn.Module, tokenizer=None) -> DeepPrompt:
+    """A deep prompt started from the keys and values the model makes of the init's vectors (a text's
+    tokens, sampled vocabulary, label words, random vectors or another input prompt: run once through
+    the model, so the rows start out computing what they compute after that input prompt). init=file
+    from a deep prompt copies its keys and values."""
+    from softprompt.model import PromptedLM  # the model module imports this one
+
+    shape = KVShape.of_model(model)
+    if config.init == InitMethod.FILE:
+        source = load_prompt(config.init_file or "", model)
+        if isinstance(source, DeepPrompt):
+            weight = source.weight.detach()
+            if weight.shape[0] != config.num_virtual_tokens:
+                weight = weight[tile_to_length(list(range(weight.shape[0])), config.num_virtual_tokens)]
+            return DeepPrompt(weight, shape, init_meta(config))
+    weight = initial_weight(config, model, tokenizer)
+    prompted = PromptedLM(model)
+    prefix = prompted.prefix_cache(weight)
+    deep = DeepPrompt.from_prefix(prefix, init_meta(config))
+    if deep.shape != shape:
+        raise UsageError(
+            f"{model.config.model_type}: its cache holds {deep.shape} but its config says {shape}; deep prompts "
+            "need the two to agree (PEFT reads the config): use prompt_kind=input"
         )
-        return cls(weight, meta)
+    return deep
 
 
-def save_prompt(prompt: SoftPrompt, path: str | os.PathLike, model: nn.Module | None = None) -> Path:
+def save_prompt(prompt: AnyPrompt, path: str | os.PathLike, model: nn.Module | None = None) -> Path:
     """Save ``prompt`` to the folder ``path`` in PEFT's format (plus softprompt.json), atomically.
 
     With ``model`` given, its dimensions and embedding fingerprint are recorded so that loading on
@@ -83,11 +136,21 @@ def save_prompt(prompt: SoftPrompt, path: str | os.PathLike, model: nn.Module | 
 
 def load_prompt(
     path: str | os.PathLike, model: nn.Module | None = None, check_model: bool = True
-) -> SoftPrompt:
-    """Load a prompt saved by softprompt or by PEFT (prompt tuning, causal LM).
+) -> AnyPrompt:
+    """Load a prompt saved by softprompt or by PEFT (prompt tuning or prefix tuning, causal LM): a
+    :class:`SoftPrompt`, or a :class:`~softprompt.deep.DeepPrompt` for prefix tuning.
 
-    With ``model`` given, the hidden size is checked and, where the prompt carries a fingerprint,
-    the base model too (``check_model=False`` skips the fingerprint check).
+    With ``model`` given, the hidden size (a deep prompt: the layers' key/value shape) is checked
+    and, where the prompt carries a fingerprint, the base model too (``check_model=False`` skips the
+    fingerprint check).
     """
     weight, meta = read_prompt_folder(path, model, check_model)
-    return SoftPrompt(weight, meta)
+    if meta.deep is None:
+        return SoftPrompt(weight, meta)
+    prompt = DeepPrompt(weight, KVShape.from_dict(meta.deep, str(path)), meta)
+    if model is not None:
+        prompt.check_model(model, f"prompt at {path}")
+    return prompt
+
+
+AnyPrompt = SoftPrompt | DeepPrompt

@@ -12,15 +12,22 @@ import torch
 from torch import nn
 
 from softprompt.config import MAX_VIRTUAL_TOKENS
+from softprompt.deep import DeepPrompt
+from softprompt.errors import UsageError
 from softprompt.layout import concatenated_layout, prompts_used, row_prompt_index
 from softprompt.prefix import PrefixInputs
 from softprompt.prompt import SoftPrompt
 
-PromptLike = SoftPrompt | torch.Tensor
+PromptLike = SoftPrompt | DeepPrompt | torch.Tensor
 
 
 def as_bank(prompt: PromptLike) -> torch.Tensor:
-    """A prompt argument as a bank of prompts (N, P, D)."""
+    """A prompt argument as a bank of input prompts (N, P, D)."""
+    if isinstance(prompt, DeepPrompt):
+        raise UsageError(
+            "a deep prompt holds keys and values for every layer, not input vectors: pass it as prompt= "
+            "alone (one prompt for the batch) or as a cached prefix (PromptedLM.prefix_cache), not in a bank"
+        )
     bank = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
     if bank.dim() not in (2, 3):
         raise ValueError(f"prompt must be (P, D) or a bank (N, P, D), got shape {tuple(bank.shape)}")

@@ -19,6 +19,7 @@ from softprompt.config import (
     Loss,
     Optimizer,
     PromptArgs,
+    Reparam,
     Schedule,
     ScoringMode,
     SelectMetric,
@@ -126,9 +127,14 @@ class OptimArgs(Settings):
     """Clip the prompt gradient's norm to this (0 disables)."""
     seed: int = 0
     """Seed for init and data order."""
+    reparam: str = one_of(Reparam, "none", noun="reparameterisation")
+    """residual: train the prompt through a small MLP with a skip connection (Residual Prompt Tuning: less
+    sensitive to lr and init); the saved prompt is its output, a plain P x D prompt. Input prompts only."""
+    reparam_hidden: int = 256
+    """reparam=residual: width of the MLP's hidden layer."""
 
     def check(self) -> list[str]:
-        problems = at_least(self, 1, ("max_steps", "batch_size", "grad_accum"))
+        problems = at_least(self, 1, ("max_steps", "batch_size", "grad_accum", "reparam_hidden"))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr must be a positive number, got {self.lr}")
         return problems + at_least(self, 0, ("warmup_steps", "max_grad_norm"))
@@ -209,6 +215,14 @@ class RunArgs(Settings):
 @dataclass
 class TrainConfig(RunArgs, EvalArgs, TaskArgs, OptimArgs, PromptArgs, ModelArgs, InputArgs, DataArgs):
     """Everything a training run needs. Saved as ``hyperparameters.json`` beside the prompt."""
+
+    def check(self) -> list[str]:
+        if self.reparam != Reparam.NONE and self.prompt_kind != "input":
+            return [
+                f"reparam={self.reparam} reparameterises input prompts only; use prompt_kind=input with it, "
+                "or reparam=none with prompt_kind=deep"
+            ]
+        return []
 
     @property
     def optim(self) -> OptimArgs:
