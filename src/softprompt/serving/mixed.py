@@ -55,6 +55,11 @@ def prompt_inputs(
     if any(heads):
         raise UsageError("rows without their template head need the cached prefixes (use_prefix=True)")
     distinct = [e for e, _ in distinct]
+    deep = [e.name for e in distinct if e.prompt.kind == "deep"]
+    if deep:
+        raise UsageError(
+            f"deep prompts ({', '.join(deep)}) run as cached prefixes, not in a bank of input vectors (use_prefix=True)"
+        )
     P = max(e.num_virtual_tokens for e in distinct)
     bank = torch.zeros(
         len(distinct), P, store.prompted.hidden_size, device=store.prompted.device

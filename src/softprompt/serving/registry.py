@@ -39,6 +39,7 @@ from softprompt.errors import (
     FolderInUseError,
     InvalidPromptNameError,
     MissingFileError,
+    ModelMismatchError,
     PromptFormatError,
     SoftpromptError,
     UnknownPromptError,
@@ -46,7 +47,7 @@ from softprompt.errors import (
 )
 from softprompt.model import PromptedLM
 from softprompt.peft_format import CONFIG_NAME
-from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.prompt import AnyPrompt, load_prompt, save_prompt
 from softprompt.usage import PromptUsage
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class PromptEntry:
 
     name: str
     version: int
-    prompt: SoftPrompt
+    prompt: AnyPrompt
     usage: PromptUsage
     path: Path | None
 
@@ -244,7 +245,7 @@ class PromptStore:
             raise error from e
 
     def add(
-        self, name: str, prompt: SoftPrompt, *, save: bool = True, overwrite: bool = False
+        self, name: str, prompt: AnyPrompt, *, save: bool = True, overwrite: bool = False
     ) -> PromptEntry:
         """Add ``prompt`` as ``name``; with ``save`` it is also written to ``root/name`` (PEFT format).
 
@@ -262,7 +263,7 @@ class PromptStore:
             prompt = load_prompt(path, self.prompted.model, check_model=self.check_model)
         return self._put(name, prompt, path if save else None)
 
-    def replace(self, name: str, prompt: SoftPrompt, *, save: bool = True) -> PromptEntry:
+    def replace(self, name: str, prompt: AnyPrompt, *, save: bool = True) -> PromptEntry:
         """Swap the prompt ``name`` for ``prompt``; requests already running keep the old one."""
         if name not in self._snapshot:
             raise UnknownPromptError(f"no prompt named {name!r} is loaded; use add() for a new prompt")
@@ -281,20 +282,17 @@ class PromptStore:
         log.info("unloaded prompt %s (version %d)", name, entry.version)
         return entry
 
-    def _check_dims(self, prompt: SoftPrompt, name: str) -> None:
-        if prompt.token_dim != self.prompted.hidden_size:
-            raise UsageError(
-                f"prompt {name!r} has {prompt.token_dim}-dimensional vectors but the base model's hidden "
-                f"size is {self.prompted.hidden_size}; it was made for another model"
-            )
+    def _check_dims(self, prompt: AnyPrompt, name: str) -> None:
+        try:
+            prompt.check_model(self.prompted.model, f"prompt {name!r}")
+        except ModelMismatchError as e:
+            raise UsageError(str(e)) from e
 
-    def _put(self, name: str, prompt: SoftPrompt, path: Path | None) -> PromptEntry:
+    def _put(self, name: str, prompt: AnyPrompt, path: Path | None) -> PromptEntry:
         self._check_dims(prompt, name)
         usage = PromptUsage.from_prompt(prompt, self.tokenizer)  # validates label words before going live
         # Keep an fp32 copy on the model's device so batches never copy prompts from the CPU.
-        weight = prompt.weight.detach().to(device=self.prompted.device, dtype=torch.float32)
-        frozen = SoftPrompt(weight, prompt.meta)
-        frozen.requires_grad_(False)
+        frozen = prompt.frozen_copy(self.prompted.device)
         with self._lock:
             entry = PromptEntry(name, next(self._versions), frozen, usage, path)
             self._snapshot = StoreSnapshot({**self._snapshot, name: entry})
@@ -317,7 +315,7 @@ class PromptStore:
         if cached is not None:
             return cached
         with torch.no_grad():
-            prefix = self.prompted.prefix_cache(entry.prompt.weight, tokens=tokens)
+            prefix = self.prompted.prefix_cache(entry.prompt, tokens=tokens)
         with self._prefix_lock:
             current = self._snapshot.get(entry.name)
             # Cache only what is still live: an entry replaced meanwhile would never be evicted.

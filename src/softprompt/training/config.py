@@ -217,12 +217,19 @@ class TrainConfig(RunArgs, EvalArgs, TaskArgs, OptimArgs, PromptArgs, ModelArgs,
     """Everything a training run needs. Saved as ``hyperparameters.json`` beside the prompt."""
 
     def check(self) -> list[str]:
+        problems = []
         if self.reparam != Reparam.NONE and self.prompt_kind != "input":
-            return [
+            problems.append(
                 f"reparam={self.reparam} reparameterises input prompts only; use prompt_kind=input with it, "
                 "or reparam=none with prompt_kind=deep"
-            ]
-        return []
+            )
+        if self.fsdp and self.prompt_kind != "input":
+            problems.append(
+                "prompt_kind=deep with fsdp is not supported (the template head runs in a pass of its own before "
+                "the rows, and sharded blocks take one pass per backward); use fsdp=false (the model is frozen: "
+                "plain data parallel keeps one copy per process) or prompt_kind=input"
+            )
+        return problems
 
     @property
     def optim(self) -> OptimArgs:
