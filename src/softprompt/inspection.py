@@ -14,7 +14,8 @@ import torch
 from torch.nn import functional as F
 
 from softprompt.config import InitMethod, PromptConfig
-from softprompt.embedding import vocabulary_chunks, vocabulary_mean_std, vocabulary_size
+from softprompt.deep import DeepPrompt
+from softprompt.embedding import token_vectors, vocabulary_chunks, vocabulary_mean_std, vocabulary_size
 from softprompt.errors import SoftpromptError, UsageError
 from softprompt.loading import load_model
 from softprompt.prompt import SoftPrompt, load_prompt
@@ -182,18 +183,74 @@ def inspect_paths(
     result = {
         "base_model": name,
         "prompts": [
-            inspect_prompt(p, model, tokenizer, top_k, path) for p, path in zip(prompts, paths, strict=True)
+            inspect_deep(p, model, tokenizer, path) if isinstance(p, DeepPrompt)
+            else inspect_prompt(p, model, tokenizer, top_k, path)
+            for p, path in zip(prompts, paths, strict=True)
         ],
-    }
-    if len(prompts) > 1:
-        result["similarity"] = {"paths": list(paths), **prompt_similarity(prompts, model)}
+    }  # fmt: skip
+    inputs = [(p, path) for p, path in zip(prompts, paths, strict=True) if not isinstance(p, DeepPrompt)]
+    if len(inputs) > 1:  # deep prompts are keys and values, not vectors in the token space
+        result["similarity"] = {
+            "paths": [q for _, q in inputs],
+            **prompt_similarity([p for p, _ in inputs], model),
+        }
     return result
+
+
+DEEP_NOTE = (
+    "a deep prompt holds keys and values at every layer, not vectors in the token space: nearest tokens, "
+    "vocabulary norms and similarity to other prompts are not defined for it. Shown: each layer's key and "
+    "value norms against those the model makes of real text (ratio 1 = the scale of real tokens)."
+)
+
+
+def inspect_deep(prompt: DeepPrompt, model, tokenizer, path: str = "", sample_tokens: int = 64) -> dict:
+    """Per-layer figures of a deep prompt: mean key and value norms of its virtual tokens beside the
+    median of those the model makes of ``sample_tokens`` common tokens run as a text."""
+    from softprompt.model import PromptedLM
+
+    ids = list(range(min(sample_tokens, len(tokenizer), vocabulary_size(model))))
+    reference = PromptedLM(model).prefix_cache(token_vectors(model, torch.tensor(ids)))
+    layers = []
+    for i, ((k, v), (rk, rv)) in enumerate(
+        zip(prompt.as_prefix(torch.float32, "cpu").layers, reference.layers, strict=True)
+    ):
+        norms = {
+            name: t.detach().float().norm(dim=-1)
+            for name, t in (("key", k), ("value", v), ("ref_key", rk), ("ref_value", rv))
+        }
+        key, value = float(norms["key"].mean()), float(norms["value"].mean())
+        ref_key, ref_value = float(norms["ref_key"].median()), float(norms["ref_value"].median())
+        layers.append({"layer": i, "key_norm": key, "value_norm": value, "real_key_norm": ref_key,
+                       "real_value_norm": ref_value, "key_ratio": key / max(ref_key, 1e-12),
+                       "value_ratio": value / max(ref_value, 1e-12)})  # fmt: skip
+    return {
+        "path": path, "kind": "deep", "num_virtual_tokens": prompt.num_virtual_tokens, "token_dim": prompt.token_dim,
+        "init": prompt.meta.init, "shape": prompt.shape.as_dict(), "note": DEEP_NOTE, "layers": layers,
+    }  # fmt: skip
+
+
+def format_deep(r: dict) -> list[str]:
+    s = r["shape"]
+    lines = [
+        f"{r['path']}: deep prompt, {r['num_virtual_tokens']} virtual tokens x {s['layers']} layers x "
+        f"{s['kv_heads']} key/value heads x {s['head_dim']}, init {r['init']}",
+        f"  {r['note']}",
+        "  layer  key norm (real)  ratio   value norm (real)  ratio",
+    ]
+    for x in r["layers"]:
+        lines.append(f"  {x['layer']:>5}  {x['key_norm']:7.2f} ({x['real_key_norm']:6.2f})  {x['key_ratio']:5.2f}   "
+                     f"{x['value_norm']:7.2f} ({x['real_value_norm']:6.2f})  {x['value_ratio']:5.2f}")  # fmt: skip
+    return [*lines, ""]
 
 
 def format_inspection(result: dict) -> str:
     """The terminal rendering of :func:`inspect_paths`'s result."""
     lines = []
     for r in result["prompts"]:
+        if r.get("kind") == "deep":
+            lines += format_deep(r)
+            continue
         lines.append(
             f"{r['path']}: {r['num_virtual_tokens']} virtual tokens x {r['token_dim']}, init {r['init']}"
         )

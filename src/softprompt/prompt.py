@@ -77,7 +77,6 @@ class SoftPrompt(nn.Module):
         and tokenizer give the same prompt bit for bit; the seed (and the source of init=file) go in
         the metadata so the init can be rebuilt later (``softprompt inspect``).
         """
-        method = InitMethod(config.init)
         if config.prompt_kind == PromptKind.DEEP:
             return initial_deep_prompt(config, model, tokenizer)
         weight = initial_weight(config, model, tokenizer)

@@ -38,6 +38,7 @@ import io
 
 import torch
 
+from softprompt.deep import DeepPrompt
 from softprompt.errors import UsageError
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt
@@ -69,6 +70,13 @@ def prompt_embeds(prompt: SoftPrompt | torch.Tensor, ids: list[int], model,
     ``model`` is the base model (any Hugging Face causal LM, or a :class:`PromptedLM`); only its
     input embeddings are read.
     """
+    if isinstance(prompt, DeepPrompt):
+        raise UsageError(
+            "a deep prompt cannot be exported as input embeddings: it holds keys and values for every layer, "
+            "and vLLM takes input embeddings only (prompt_embeds), not key/value prefixes. Serve it with "
+            "`softprompt serve` (one loaded model, any mix of deep and input prompts), or train an input "
+            "prompt (--prompt_kind input) for vLLM"
+        )
     weight = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
     embedding = model.embed_tokens if isinstance(model, PromptedLM) else model.get_input_embeddings()
     if weight.dim() != 2 or weight.shape[1] != embedding.weight.shape[1]:

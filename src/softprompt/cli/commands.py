@@ -191,6 +191,12 @@ def cmd_info(path: str, as_json: bool) -> None:
         "norm_min": round(float(norms.min()), 4), "norm_mean": round(float(norms.mean()), 4),
         "norm_max": round(float(norms.max()), 4),
     }  # fmt: skip
+    if prompt.kind == "deep":  # norms of each virtual token's keys and values over all layers
+        shape = prompt.shape
+        summary = {"kind": "deep (keys and values at every layer; PEFT PREFIX_TUNING)", **summary,
+                   "layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim}  # fmt: skip
+    else:
+        summary = {"kind": "input (vectors before the input embeddings; PEFT PROMPT_TUNING)", **summary}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
