@@ -520,7 +520,11 @@ def check_scale(weight: torch.Tensor, model: torch.nn.Module, what: str) -> None
 
 def _deep_shape(config: dict, folder: Path) -> dict:
     """``{"layers", "kv_heads", "head_dim"}`` of a PREFIX_TUNING adapter config."""
-    layers, heads, width = config.get("num_layers"), config.get("num_attention_heads"), config.get("token_dim")
+    layers, heads, width = (
+        config.get("num_layers"),
+        config.get("num_attention_heads"),
+        config.get("token_dim"),
+    )
     if not all(isinstance(v, int) and v > 0 for v in (layers, heads, width)) or width % heads:
         raise PromptFormatError(
             f"{folder / CONFIG_NAME}: a prefix-tuning adapter needs positive integers num_layers, "

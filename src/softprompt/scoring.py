@@ -389,8 +389,11 @@ def class_scores(
     input of the batch starts with (the template's head, e.g. "Review:") run once, after the prompt,
     in the batch's prefix, and each row runs only the rest: same scores and gradient, fewer tokens.
     """
-    single = isinstance(prompt, SoftPrompt | DeepPrompt) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 2)
-    P = prompt.num_virtual_tokens if isinstance(prompt, DeepPrompt) else as_bank(prompt).shape[1] if single else 0
+    deep = isinstance(prompt, DeepPrompt)
+    single = (
+        deep or isinstance(prompt, SoftPrompt) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 2)
+    )
+    P = prompt.num_virtual_tokens if deep else as_bank(prompt).shape[1] if single else 0
     reach = P + max((len(r) for r in inputs), default=0)
     h = shared_head(inputs) if share_head and single and prompted.shares_prefix(reach) and not kwargs else 0
     if h:

@@ -244,9 +244,7 @@ class PromptStore:
             self._failed[name] = str(error)
             raise error from e
 
-    def add(
-        self, name: str, prompt: AnyPrompt, *, save: bool = True, overwrite: bool = False
-    ) -> PromptEntry:
+    def add(self, name: str, prompt: AnyPrompt, *, save: bool = True, overwrite: bool = False) -> PromptEntry:
         """Add ``prompt`` as ``name``; with ``save`` it is also written to ``root/name`` (PEFT format).
 
         Refuses an existing name unless ``overwrite`` (see :meth:`replace`).
