@@ -1,10 +1,17 @@
 """Checkpoints of a training run: the prompt, the optimizer's moments and the loop's counters, written
-together and swapped in atomically, so ``--resume true`` continues exactly where the run stopped."""
+together and swapped in atomically, so ``--resume true`` continues exactly where the run stopped.
+
+A checkpoint folder holds ``prompt/`` (the prompt as the model sees it, a plain saved prompt),
+``optimizer.safetensors`` (every trainable tensor's optimizer state, keys ``"<index>.<name>"``;
+checkpoints before the index was written hold param 0's alone, unprefixed), ``trainer_state.json``,
+``run_config.json`` and, with ``reparam=residual``, ``reparam.safetensors`` (base vectors and MLP).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -12,23 +19,37 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from softprompt.errors import ConfigError
+from softprompt.errors import ConfigError, UsageError
 from softprompt.peft_format import complete_copy, write_folder_atomically
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.training.config import TrainConfig
+from softprompt.training.reparam import STATE_FILE as REPARAM_FILE
+from softprompt.training.reparam import ResidualPrompt
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "run_config.json"
 
 
-def save_checkpoint(folder: Path, prompt: SoftPrompt, model, optimizer, state: dict, config: dict) -> None:
+def save_checkpoint(
+    folder: Path, prompt: SoftPrompt, model, optimizer, state: dict, config: dict,
+    reparam: ResidualPrompt | None = None,
+) -> None:  # fmt: skip
     """prompt + optimizer moments (safetensors) + counters and the run's settings (JSON), swapped in
-    atomically: a crash at any point leaves the previous checkpoint or this one."""
+    atomically: a crash at any point leaves the previous checkpoint or this one. With ``reparam``,
+    ``prompt`` is what the model sees (its collapsed output) and the trained tensors go beside it."""
 
     def fill(tmp: Path) -> None:
         save_prompt(prompt, tmp / "prompt", model)
-        opt_state = optimizer.state_dict()["state"].get(0, {})
-        tensors = {k: v.detach().cpu().contiguous() for k, v in opt_state.items() if torch.is_tensor(v)}
-        scalars = {k: v for k, v in opt_state.items() if not torch.is_tensor(v)}
+        if reparam is not None:
+            reparam.save(tmp / REPARAM_FILE)
+        tensors, scalars = {}, {}
+        for index, opt_state in optimizer.state_dict()["state"].items():
+            for name, value in opt_state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{index}.{name}"] = value
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer_scalars": scalars}, indent=2))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -48,25 +69,54 @@ def saved_config(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_checkpoint(folder: Path, prompt: SoftPrompt, model, optimizer) -> dict:
-    saved = load_prompt(folder / "prompt", model)
-    if saved.weight.shape != prompt.weight.shape:
+def load_checkpoint(
+    folder: Path, prompt: SoftPrompt, model, optimizer, reparam: ResidualPrompt | None = None
+) -> dict:
+    """Restore the trained tensors and the optimizer's state from ``folder``; returns the loop's counters."""
+    has_reparam = (folder / REPARAM_FILE).is_file()
+    if has_reparam != (reparam is not None):
+        made, now = ("residual", "none") if has_reparam else ("none", "residual")
         raise ConfigError(
             [
-                f"the checkpoint in {folder} holds a {tuple(saved.weight.shape)} prompt but this run makes "
-                f"{tuple(prompt.weight.shape)}; resume with the run's original settings, or use a new output_dir"
-            ]
+                f"the checkpoint in {folder} was trained with reparam={made} but this run has reparam={now}; "
+                f"resume with --reparam {made}, or use a new output_dir"
+            ]  # fmt: skip
         )
-    with torch.no_grad():
-        prompt.weight.copy_(saved.weight)
+    if reparam is not None:
+        reparam.load(folder / REPARAM_FILE)  # the base vectors and the MLP; prompt/ is their output
+    else:
+        saved = load_prompt(folder / "prompt", model)
+        if saved.weight.shape != prompt.weight.shape:
+            raise ConfigError(
+                [
+                    f"the checkpoint in {folder} holds a {tuple(saved.weight.shape)} prompt but this run makes "
+                    f"{tuple(prompt.weight.shape)}; resume with the run's original settings, or use a new output_dir"
+                ]
+            )
+        with torch.no_grad():
+            prompt.weight.copy_(saved.weight)
     state = json.loads((folder / "trainer_state.json").read_text())
     if "best_accuracy" in state:  # checkpoints before 0.2 kept the best validation score under this name
         state["best_score"] = state.pop("best_accuracy")
-    opt_state = {**load_file(str(folder / "optimizer.safetensors")), **state.pop("optimizer_scalars")}
+    opt_state = optimizer_state(
+        {**load_file(str(folder / "optimizer.safetensors")), **state.pop("optimizer_scalars")}
+    )
     if opt_state:
         optimizer.load_state_dict(
-            {"state": {0: opt_state}, "param_groups": optimizer.state_dict()["param_groups"]}
+            {"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]}
         )
+    return state
+
+
+def optimizer_state(flat: dict) -> dict[int, dict]:
+    """``{"<index>.<name>": value}`` as saved -> ``{index: {name: value}}``. A key without an index
+    is param 0's (checkpoints before every trainable tensor's state was kept)."""
+    state: dict[int, dict] = {}
+    for key, value in flat.items():
+        index, dot, name = key.partition(".")
+        if not (dot and index.isdigit()):
+            index, name = "0", key
+        state.setdefault(int(index), {})[name] = value
     return state
 
 
@@ -119,6 +169,42 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
         if old and digest and old != digest and before.get(key) == now.get(key):
             problems.append(f"{key}: {now.get(key)} has changed since the checkpoint (its contents differ)")
     return problems
+
+
+def check_run_folder(cfg: TrainConfig, out: Path, settings: dict) -> Path | None:
+    """The checkpoint to resume from, if any. Refuses to resume a run made with other settings or
+    data, and to start afresh over a run unless ``overwrite`` says so: nothing is lost silently."""
+    held = held_run_files(out)
+    if not cfg.resume:
+        if held and not cfg.overwrite:
+            raise UsageError(
+                f"{out} already holds a run ({', '.join(held)}). Pass --resume true to continue it, "
+                "--overwrite true to delete it and start afresh, or choose another --output_dir."
+            )
+        return None
+    ckpt = find_checkpoint(out / "checkpoint")
+    if ckpt is None:
+        if held:
+            raise UsageError(
+                f"resume requested but {out} has no checkpoint to resume from (it holds {', '.join(held)}). "
+                "Pass --overwrite true to start afresh there, or choose another --output_dir."
+            )
+        log.warning("resume requested but %s holds no run yet: starting from step 0", out)
+        return None
+    saved = saved_config(ckpt)
+    if saved is None and (out / "hyperparameters.json").is_file():  # checkpoints before run_config.json
+        saved = run_config(json.loads((out / "hyperparameters.json").read_text()))
+        saved["data"] = {}
+    conflicts = resume_conflicts(saved, settings) if saved else []
+    if conflicts:
+        lines = "\n".join(f"  - {c}" for c in conflicts)
+        raise UsageError(
+            f"cannot resume {out}: the checkpoint was made with other settings or data:\n{lines}\n"
+            f"Resume with the run's original settings (in {ckpt / CONFIG_FILE}), changing only "
+            f"{', '.join(sorted(RESUME_SAFE - {'resume', 'overwrite', 'output_dir'}))}; or pass "
+            "--overwrite true to start afresh, or choose another --output_dir."
+        )
+    return ckpt
 
 
 def held_run_files(out: Path) -> list[str]:

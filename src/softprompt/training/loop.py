@@ -29,28 +29,24 @@ from tqdm.auto import tqdm
 
 import softprompt.training.runlog as runlog
 from softprompt.batching import length_grouped_batches
-from softprompt.config import Optimizer, PromptConfig, Schedule
-from softprompt.errors import SoftpromptError, TrainingInterrupted, UsageError
+from softprompt.config import Optimizer, PromptConfig, Reparam, Schedule
+from softprompt.errors import SoftpromptError, TrainingInterrupted
 from softprompt.hf_parts import enable_activation_checkpointing
 from softprompt.loading import load_model
 from softprompt.locking import folder_lock
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.training.checkpoint import (
-    CONFIG_FILE,
-    RESUME_SAFE,
+    check_run_folder,
     clear_run,
-    find_checkpoint,
-    held_run_files,
     load_checkpoint,
-    resume_conflicts,
     run_config,
     save_checkpoint,
-    saved_config,
 )
 from softprompt.training.config import OptimArgs, TrainConfig
 from softprompt.training.distributed import DistContext, fsdp_requested, is_main_process, shard_model
 from softprompt.training.distributed import setup as join_processes
+from softprompt.training.reparam import ResidualPrompt
 from softprompt.training.stopping import stop_on_signals
 from softprompt.training.tasks import Task, make_task
 
@@ -231,10 +227,24 @@ class Run:
     state: dict
     settings: dict = field(default_factory=dict)  # what checkpoints record of the run (see run_config)
     stopped_by: str | None = None  # the signal that stopped training early, if one did
+    reparam: ResidualPrompt | None = None  # reparam=residual: the loss sees its output, not `prompt`
 
     @property
     def global_batch(self) -> int:
         return self.cfg.batch_size * self.ctx.world_size * self.cfg.grad_accum
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """Every tensor the optimizer updates: the prompt's weight, and the MLP's with ``reparam``."""
+        return self.reparam.trainable() if self.reparam is not None else [self.prompt.weight]
+
+    def trained(self) -> torch.Tensor | SoftPrompt:
+        """What each micro-batch's loss uses: the prompt, or the MLP's (P, D) output (with its graph)."""
+        return self.reparam() if self.reparam is not None else self.prompt
+
+    def current(self) -> SoftPrompt:
+        """The prompt as the model sees it now: what validation scores and what is saved."""
+        return self.reparam.collapsed() if self.reparam is not None else self.prompt
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -249,7 +259,13 @@ def setup(cfg: TrainConfig) -> Run:
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=ctx.device)
     task.prepare(tokenizer)
     prompt = make_prompt(cfg, task, model, tokenizer)
-    ctx.broadcast_(prompt.weight.data)  # seeded, so already equal; rank 0's copy is the reference
+    # The residual MLP starts as the identity (zero LayerNorm gain): the untrained prompt is unchanged.
+    reparam = (
+        ResidualPrompt(prompt, cfg.reparam_hidden, cfg.seed) if cfg.reparam == Reparam.RESIDUAL else None
+    )
+    trainable = reparam.trainable() if reparam is not None else [prompt.weight]
+    for p in trainable:
+        ctx.broadcast_(p.data)  # seeded, so already equal; rank 0's copy is the reference
     initial = prompt.weight.detach().clone()
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -264,7 +280,7 @@ def setup(cfg: TrainConfig) -> Run:
         log.info("fsdp with %s attention: the prompt runs in front of every row (the shared prompt "
                  "prefix needs eager or sdpa attention)", prompted.attention_implementation)  # fmt: skip
         prompted.shared_prefix = False
-    optimizer = make_optimizer([prompt.weight], cfg.optim)
+    optimizer = make_optimizer(trainable, cfg.optim)
     if ctx.is_main:  # the first write: settings, data, model and prompt are all good by now
         if cfg.overwrite:
             gone = clear_run(out)
@@ -272,55 +288,21 @@ def setup(cfg: TrainConfig) -> Run:
                 log.warning("overwrite: deleted %s from %s", ", ".join(gone), out)
         out.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
-    run = Run(cfg, out, ctx, task, model, prompted, prompt, initial, optimizer, new_state(), settings)
-    n_base = sum(p.numel() for p in model.parameters())
-    log.info("trainable parameters: %d (%d x %d prompt) of %d in the model (%.4f%%); %s",
-             prompt.weight.numel(), prompt.num_virtual_tokens, prompt.token_dim, n_base,
-             100 * prompt.weight.numel() / n_base, task.describe())  # fmt: skip
+    run = Run(cfg, out, ctx, task, model, prompted, prompt, initial, optimizer, new_state(), settings,
+              reparam=reparam)  # fmt: skip
+    n_base, n_trained = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable)
+    mlp = f" + {n_trained - prompt.weight.numel()} residual MLP (h={cfg.reparam_hidden})" if reparam else ""
+    log.info("trainable parameters: %d (%d x %d prompt%s) of %d in the model (%.4f%%); %s",
+             n_trained, prompt.num_virtual_tokens, prompt.token_dim, mlp, n_base, 100 * n_trained / n_base,
+             task.describe())  # fmt: skip
     log.info("batch: %d rows per optimizer step (%d per micro-batch x %d process(es) x %d accumulation)",
              run.global_batch, cfg.batch_size, ctx.world_size, cfg.grad_accum)  # fmt: skip
     if ctx.is_main:
         (out / "hyperparameters.json").write_text(json.dumps(asdict(cfg), indent=2))
     if ckpt is not None:
-        run.state = load_checkpoint(ckpt, prompt, model, optimizer)
+        run.state = load_checkpoint(ckpt, prompt, model, optimizer, reparam)
         log.info("resumed from %s at step %d", ckpt, run.state["step"])
     return run
-
-
-def check_run_folder(cfg: TrainConfig, out: Path, settings: dict) -> Path | None:
-    """The checkpoint to resume from, if any. Refuses to resume a run made with other settings or
-    data, and to start afresh over a run unless ``overwrite`` says so: nothing is lost silently."""
-    held = held_run_files(out)
-    if not cfg.resume:
-        if held and not cfg.overwrite:
-            raise UsageError(
-                f"{out} already holds a run ({', '.join(held)}). Pass --resume true to continue it, "
-                "--overwrite true to delete it and start afresh, or choose another --output_dir."
-            )
-        return None
-    ckpt = find_checkpoint(out / "checkpoint")
-    if ckpt is None:
-        if held:
-            raise UsageError(
-                f"resume requested but {out} has no checkpoint to resume from (it holds {', '.join(held)}). "
-                "Pass --overwrite true to start afresh there, or choose another --output_dir."
-            )
-        log.warning("resume requested but %s holds no run yet: starting from step 0", out)
-        return None
-    saved = saved_config(ckpt)
-    if saved is None and (out / "hyperparameters.json").is_file():  # checkpoints before run_config.json
-        saved = run_config(json.loads((out / "hyperparameters.json").read_text()))
-        saved["data"] = {}
-    conflicts = resume_conflicts(saved, settings) if saved else []
-    if conflicts:
-        lines = "\n".join(f"  - {c}" for c in conflicts)
-        raise UsageError(
-            f"cannot resume {out}: the checkpoint was made with other settings or data:\n{lines}\n"
-            f"Resume with the run's original settings (in {ckpt / CONFIG_FILE}), changing only "
-            f"{', '.join(sorted(RESUME_SAFE - {'resume', 'overwrite', 'output_dir'}))}; or pass "
-            "--overwrite true to start afresh, or choose another --output_dir."
-        )
-    return ckpt
 
 
 def make_prompt(cfg: TrainConfig, task: Task, model, tokenizer) -> SoftPrompt:
@@ -352,7 +334,7 @@ def make_prompt(cfg: TrainConfig, task: Task, model, tokenizer) -> SoftPrompt:
 
 def train_prompt(run: Run) -> None:
     """The loop of :func:`fit` on the prompt, with validation, best-prompt keeping and checkpoints."""
-    cfg, out, ctx, task, prompt = run.cfg, run.out, run.ctx, run.task, run.prompt
+    cfg, out, ctx, task = run.cfg, run.out, run.ctx, run.task
     metrics_path = out / "metrics.jsonl"
     writer = None
     if ctx.is_main:
@@ -360,13 +342,17 @@ def train_prompt(run: Run) -> None:
         writer = runlog.tensorboard_writer(out)
 
     def on_step(record: dict) -> None:
-        record["prompt_norm"] = prompt.weight.detach().norm(dim=1).mean().item()
+        with torch.no_grad():  # the norm of what the model receives (the MLP's output with reparam)
+            seen = run.trained()
+            seen = seen.weight if isinstance(seen, SoftPrompt) else seen
+            record["prompt_norm"] = seen.norm(dim=1).mean().item()
         if ctx.is_main:
             runlog.warn_gradient(record["grad_norm"], record["step"])
             runlog.append(metrics_path, writer, record)
 
     def validate(step: int) -> bool:
-        report = task.evaluate(run.prompted, prompt, "validation")
+        current = run.current()  # with reparam: the collapsed output, a plain prompt
+        report = task.evaluate(run.prompted, current, "validation")
         score = report[task.metric]  # accuracy or macro-F1 (classification), ROUGE-L (generation)
         if report.get("collapsed_to") is not None and ctx.is_main:
             log.warning("step %d: the prompt predicts %r for every validation row (collapsed to one class)",
@@ -379,14 +365,16 @@ def train_prompt(run: Run) -> None:
         if score > state["best_score"]:
             state.update(best_score=score, best_step=step, bad_evals=0)
             if ctx.is_main:
-                save_prompt(prompt, out / "prompt", run.model)
+                save_prompt(current, out / "prompt", run.model)
         else:
             state["bad_evals"] += 1
         state.update(ctx.broadcast_object(state))  # all processes take the main one's decisions
         if ctx.is_main:
             tqdm.write(f"step {step}: validation {task.metric} {score:.4f} "
                        f"(best {state['best_score']:.4f} at step {state['best_step']})")  # fmt: skip
-            save_checkpoint(out / "checkpoint", prompt, run.model, run.optimizer, state, run.settings)
+            save_checkpoint(
+                out / "checkpoint", current, run.model, run.optimizer, state, run.settings, run.reparam
+            )
         if cfg.patience and state["bad_evals"] >= cfg.patience:
             log.info("no improvement in %d evaluations: stopping early at step %d", cfg.patience, step)
             return True
@@ -394,9 +382,9 @@ def train_prompt(run: Run) -> None:
 
     with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: stop after this step, checkpoint there
         fit(
-            [prompt.weight],
+            run.params,  # clipped, summed over processes and stepped together
             run.optimizer,
-            lambda idx: task.batch_loss(run.prompted, prompt, idx),
+            lambda idx: task.batch_loss(run.prompted, run.trained(), idx),  # (P, D) output with reparam
             task.lengths,
             cfg.optim,
             run.state,
@@ -408,9 +396,12 @@ def train_prompt(run: Run) -> None:
         )
     run.stopped_by = stop.signal
     if ctx.is_main:
+        current = run.current()
         if run.state["best_step"] == 0:  # diverged before the first evaluation: keep what we have
-            save_prompt(prompt, out / "prompt", run.model)
-        save_checkpoint(out / "checkpoint", prompt, run.model, run.optimizer, run.state, run.settings)
+            save_prompt(current, out / "prompt", run.model)
+        save_checkpoint(
+            out / "checkpoint", current, run.model, run.optimizer, run.state, run.settings, run.reparam
+        )
         if writer is not None:
             writer.close()
     ctx.barrier()  # the best prompt is on disk before any process reads it back
@@ -427,7 +418,7 @@ def evaluate(run: Run) -> dict:
         "task": cfg.task,
         "metric": task.metric,
         "validation_score": state["best_score"] if state["best_step"] else None,
-        "trainable_parameters": run.prompt.weight.numel(),
+        "trainable_parameters": sum(p.numel() for p in run.params),
         "scoring": getattr(task, "mode", None),
         "global_batch_size": run.global_batch,
         "example_input": getattr(task, "example_input", None),
