@@ -20,12 +20,14 @@ compute exactly what they compute after that text as an input prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from softprompt.errors import ModelMismatchError, UsageError
+from softprompt.hf_parts import OnePassCache, cache_layers
 from softprompt.meta import PromptMeta
 from softprompt.peft_format import check_finite
 from softprompt.prefix import PromptPrefix
@@ -142,11 +144,23 @@ class DeepPrompt(nn.Module):
                 f"({self.meta.base_model or 'unknown'})"
             )
 
-    def as_prefix(self, dtype: torch.dtype, device: torch.device) -> PromptPrefix:
-        """The rows' prefix: this prompt's keys and values (differentiable w.r.t. the weight)."""
+    def as_prefix(
+        self, dtype: torch.dtype, device: torch.device, head: Sequence[int] | None = None, prompted=None
+    ) -> PromptPrefix:
+        """The rows' prefix: this prompt's keys and values (differentiable w.r.t. the weight), and
+        after them the keys and values of ``head``'s tokens (the tokens every row starts with, run
+        once by ``prompted``, a :class:`~softprompt.model.PromptedLM`, at positions P, P + 1, ...)."""
         weight = self.weight.to(device=device, dtype=dtype)
-        lengths = torch.tensor([self.num_virtual_tokens], device=device)
-        return PromptPrefix(layers_of(weight, self.shape), lengths)
+        P = self.num_virtual_tokens
+        prefix = PromptPrefix(layers_of(weight, self.shape), torch.tensor([P], device=device))
+        if not head:
+            return prefix
+        h = len(head)
+        cache = OnePassCache(ddp_cache_data=prefix.layers, config=prompted.config)
+        embeds = prompted.embed_tokens(torch.tensor([list(head)], dtype=torch.long, device=device))
+        mask = torch.ones(1, P + h, dtype=torch.long, device=device)
+        prompted._decode(embeds, mask, torch.arange(P, P + h, device=device).unsqueeze(0), cache)
+        return PromptPrefix(cache_layers(cache), prefix.lengths + h)
 
     def frozen_copy(self, device: torch.device | str) -> DeepPrompt:
         """A detached copy on ``device`` that takes no gradient (what the prompt store keeps)."""

@@ -1,7 +1,6 @@
-"""PromptedLM: a frozen causal LM run with soft prompts. With :mod:`softprompt.hf_parts` (caches,
-config fields) the only code that touches HF model internals (embeddings, masks, positions, the
-decoder stack and the LM head). Each call is run by an :class:`~softprompt.layout.InputPlan` that
-:func:`~softprompt.layout.plan_inputs` makes from the call's arguments and the model's abilities."""
+"""PromptedLM: a frozen causal LM run with soft prompts; with :mod:`softprompt.hf_parts` the only code
+touching HF model internals (embeddings, masks, positions, decoder stack, LM head). Each call runs by
+an :class:`~softprompt.layout.InputPlan` (:func:`~softprompt.layout.plan_inputs`)."""
 
 from __future__ import annotations
 
@@ -358,24 +357,11 @@ class PromptedLM(nn.Module):
         cached after each prompt. Inputs then pass only what follows them: the result is the same as
         running ``tokens + input`` with the plain prompt prefix, with fewer tokens per forward pass.
         """
-        if isinstance(prompt, DeepPrompt):
-            return self._deep_prefix(prompt, tokens)
+        if isinstance(prompt, DeepPrompt):  # its keys and values, and the tokens' after them
+            prompt.check_model(self.model)
+            return prompt.as_prefix(self.dtype, self.device, tokens, self)
         inputs = prefix_inputs(self.embed_tokens, prompt, prompt_lengths, tokens)
         return self._run_prefix(inputs, DynamicCache)
-
-    def _deep_prefix(self, prompt: DeepPrompt, head: Sequence[int] | None = None) -> PromptPrefix:
-        """A deep prompt's keys and values as the rows' prefix, followed by ``head``'s tokens (run
-        once after them, differentiable w.r.t. the prompt outside ``no_grad``)."""
-        prompt.check_model(self.model)
-        prefix = prompt.as_prefix(self.dtype, self.device)
-        if not head:
-            return prefix
-        P, h = prompt.num_virtual_tokens, len(head)
-        cache = OnePassCache(ddp_cache_data=prefix.layers, config=self.config)
-        embeds = self.embed_tokens(torch.tensor([list(head)], dtype=torch.long, device=self.device))
-        mask = torch.ones(1, P + h, dtype=torch.long, device=self.device)
-        self._decode(embeds, mask, torch.arange(P, P + h, device=self.device).unsqueeze(0), cache)
-        return PromptPrefix(cache_layers(cache), prefix.lengths + h)
 
     # ------------------------------------------------------------------ running a plan
     def _run(
@@ -398,7 +384,8 @@ class PromptedLM(nn.Module):
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
         if isinstance(prompt, DeepPrompt):  # its keys and values are the rows' prefix: no prompt token runs
-            prefix, prompt, head = self._deep_prefix(prompt, head), None, None
+            prompt.check_model(self.model)
+            prefix, prompt, head = prompt.as_prefix(self.dtype, self.device, head, self), None, None
         plan = plan_inputs(
             prompt_tokens=None if prompt is None else as_bank(prompt).shape[1],
             head_tokens=0 if head is None else len(head),
