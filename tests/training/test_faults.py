@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import softprompt.folders as folders
 import softprompt.loading as loading
 import softprompt.peft_format as pf
 from helpers.training import config  # the tiny sentiment run (its `data` fixture: training/conftest.py)
@@ -29,7 +30,7 @@ def killed_at(monkeypatch, point: str, folder: str, on_save: int = 1):
     """Cut off the ``on_save``-th save of a folder named ``folder`` at ``point``, leaving the disk
     as a kill would (from then on nothing is deleted)."""
     seen = {"saves": 0, "killed": False}
-    real_discard = pf._discard
+    real_discard = folders._discard
 
     def fault(name: str, dest) -> None:
         if dest.name != folder:
@@ -39,8 +40,8 @@ def killed_at(monkeypatch, point: str, folder: str, on_save: int = 1):
             seen["killed"] = True
             raise Killed(point)
 
-    monkeypatch.setattr(pf, "_fault_point", fault)
-    monkeypatch.setattr(pf, "_discard", lambda path: None if seen["killed"] else real_discard(path))
+    monkeypatch.setattr(folders, "_fault_point", fault)
+    monkeypatch.setattr(folders, "_discard", lambda path: None if seen["killed"] else real_discard(path))
     try:
         with pytest.raises(Killed):
             yield
@@ -53,7 +54,7 @@ def leftovers(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-@pytest.mark.parametrize("point", pf.FAULT_POINTS)
+@pytest.mark.parametrize("point", folders.FAULT_POINTS)
 def test_prompt_save_killed_at_each_step_leaves_a_complete_prompt(tmp_path, monkeypatch, point):
     dest = tmp_path / "prompt"
     old, new = torch.randn(3, 8), torch.randn(3, 8)
@@ -83,7 +84,7 @@ def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
     assert live.is_dir() and not dead.exists()
 
 
-@pytest.mark.parametrize("point", pf.FAULT_POINTS)
+@pytest.mark.parametrize("point", folders.FAULT_POINTS)
 def test_checkpoint_save_killed_at_each_step_resumes_exactly(
     tiny_model_dir, data, tmp_path, monkeypatch, point
 ):
