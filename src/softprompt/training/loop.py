@@ -35,7 +35,7 @@ from softprompt.hf_parts import enable_activation_checkpointing
 from softprompt.loading import load_model
 from softprompt.locking import folder_lock
 from softprompt.model import PromptedLM
-from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.prompt import AnyPrompt, SoftPrompt, load_prompt, save_prompt
 from softprompt.training.checkpoint import (
     check_run_folder,
     clear_run,
@@ -222,7 +222,7 @@ class Run:
     model: torch.nn.Module
     prompted: PromptedLM
     prompt: SoftPrompt
-    initial: torch.Tensor  # the prompt before training (the "untrained prompt" baseline)
+    initial: AnyPrompt  # the prompt before training (the "untrained prompt" baseline)
     optimizer: torch.optim.Optimizer
     state: dict
     settings: dict = field(default_factory=dict)  # what checkpoints record of the run (see run_config)
@@ -266,7 +266,7 @@ def setup(cfg: TrainConfig) -> Run:
     trainable = reparam.trainable() if reparam is not None else [prompt.weight]
     for p in trainable:
         ctx.broadcast_(p.data)  # seeded, so already equal; rank 0's copy is the reference
-    initial = prompt.weight.detach().clone()
+    initial = prompt.frozen_copy(prompt.weight.device)  # before any step: the untrained baseline
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     sharded = False
@@ -305,8 +305,9 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
-def make_prompt(cfg: TrainConfig, task: Task, model, tokenizer) -> SoftPrompt:
-    """The prompt to train, initialised as ``cfg`` says, with what using it needs in its metadata."""
+def make_prompt(cfg: TrainConfig, task: Task, model, tokenizer) -> AnyPrompt:
+    """The prompt to train (input or deep, ``cfg.prompt_kind``), initialised as ``cfg`` says, with what
+    using it needs in its metadata."""
     init, init_text = cfg.init, cfg.init_text
     if init == "labels" and task.label_words is None:  # generation has no label words: use the template
         init, init_text = "text", cfg.init_text or cfg.template.replace("{text}", " ").strip() or None
@@ -320,6 +321,7 @@ def make_prompt(cfg: TrainConfig, task: Task, model, tokenizer) -> SoftPrompt:
         init_file=cfg.init_file,
         label_words=task.label_words,
         seed=cfg.seed,
+        prompt_kind=cfg.prompt_kind,
     )
     try:
         prompt = SoftPrompt.initialize(prompt_cfg, model, tokenizer)
@@ -344,7 +346,7 @@ def train_prompt(run: Run) -> None:
     def on_step(record: dict) -> None:
         with torch.no_grad():  # the norm of what the model receives (the MLP's output with reparam)
             seen = run.trained()
-            seen = seen.weight if isinstance(seen, SoftPrompt) else seen
+            seen = seen if isinstance(seen, torch.Tensor) else seen.weight
             record["prompt_norm"] = seen.norm(dim=1).mean().item()
         if ctx.is_main:
             runlog.warn_gradient(record["grad_norm"], record["step"])
