@@ -192,3 +192,21 @@ def test_decoding_with_a_deep_prompt_cached_or_not(llama):
         texts, max_new_tokens=5
     )
     assert cached.texts == fresh.texts and all(cached.texts)
+
+
+def test_mixed_generation_with_deep_and_input_prompts_equals_separate_runs(tmp_path):
+    from softprompt.decoding import Generator
+    from softprompt.serving.mixed import generate_mixed
+
+    model = tiny_llama(initializer_range=0.3)
+    store = make_store(tmp_path / "store", model)
+    deep = random_deep(model, P=5, seed=4, scale=0.3)
+    deep.meta.template = "review {text} answer"
+    store.add("deep", deep)
+    names = ["deep", "sentiment", "deep", "topic"]
+    texts = ["the food was good", "a boring film", "bad", "news of the world"]
+    entries = [store.get(n) for n in names]
+    mixed = generate_mixed(store, entries, texts, max_new_tokens=5)
+    for e, t, got in zip(entries, texts, mixed, strict=True):
+        alone = Generator(store.prompted, store.tokenizer, e.prompt).generate([t], max_new_tokens=5)
+        assert got.tokens == alone.tokens[0]
