@@ -50,8 +50,8 @@ def _options(tiny_model_dir, data, out, per_process_batch: int, **extra) -> dict
     return dict(
         train_file=data["train"], validation_file=data["val"], test_file=data["test"], model=tiny_model_dir,
         template="review {text} sentiment", num_virtual_tokens=4, max_steps=6, eval_every=3,
-        batch_size=per_process_batch, grad_accum=2, lr=0.3, warmup_steps=1, baselines=False, output_dir=str(out),
-        **extra,
+        batch_size=per_process_batch, grad_accum=2, warmup_steps=1, baselines=False, output_dir=str(out),
+        **{"lr": 0.3, **extra},
     )  # fmt: skip
 
 
@@ -62,10 +62,13 @@ def _cli_args(options: dict) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["data_parallel", "fsdp"])
-def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, data, tmp_path, fsdp):
-    one = train(TrainConfig(**_options(tiny_model_dir, data, tmp_path / "one", per_process_batch=4)))
-    two_opts = _options(tiny_model_dir, data, tmp_path / "two", per_process_batch=2, fsdp=fsdp)
+@pytest.mark.parametrize(
+    "extra", [{}, {"fsdp": True}, {"prompt_kind": "deep", "lr": 0.03}], ids=["data_parallel", "fsdp", "deep"]
+)
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, data, tmp_path, extra):
+    kind = {k: v for k, v in extra.items() if k != "fsdp"}
+    one = train(TrainConfig(**_options(tiny_model_dir, data, tmp_path / "one", per_process_batch=4, **kind)))
+    two_opts = _options(tiny_model_dir, data, tmp_path / "two", per_process_batch=2, **extra)
     done = _torchrun(["-m", "softprompt.cli", "train", *_cli_args(two_opts)], cwd=tmp_path)
 
     a = load_prompt(tmp_path / "one/checkpoint/prompt").weight
