@@ -8,6 +8,7 @@ core never imports them.
 from softprompt.classifier import Classifier
 from softprompt.config import InitMethod, PromptConfig
 from softprompt.decoding import Generator, generate
+from softprompt.deep import DeepPrompt
 from softprompt.errors import (
     ConfigError,
     DataError,
@@ -16,6 +17,7 @@ from softprompt.errors import (
     SoftpromptError,
     UsageError,
 )
+from softprompt.initialize import initialize_prompt
 from softprompt.loading import load_model
 from softprompt.meta import PromptMeta
 from softprompt.model import PromptedLM
@@ -26,6 +28,7 @@ __all__ = [
     "Classifier",
     "ConfigError",
     "DataError",
+    "DeepPrompt",
     "Generator",
     "InitMethod",
     "ModelMismatchError",
@@ -38,6 +41,7 @@ __all__ = [
     "SoftpromptError",
     "UsageError",
     "generate",
+    "initialize_prompt",
     "load_model",
     "load_prompt",
     "save_prompt",

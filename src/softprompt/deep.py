@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from softprompt.errors import ModelMismatchError, UsageError
-from softprompt.hf_parts import OnePassCache, cache_layers
+from softprompt.hf_parts import OnePassCache, cache_layers, kv_cache_shape
 from softprompt.meta import PromptMeta
 from softprompt.peft_format import check_finite
 from softprompt.prefix import PromptPrefix
@@ -61,22 +61,9 @@ class KVShape:
 
     @classmethod
     def of_model(cls, model: nn.Module) -> KVShape:
-        """The shape of the keys and values ``model``'s cache holds, from its config. Models whose
-        layers differ in shape (per-layer head sizes) are refused: one deep token cannot fit them all."""
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        raw = cfg.to_dict()
-        if raw.get("per_layer_config") or raw.get("global_head_dim"):
-            raise UsageError(
-                f"{cfg.model_type} layers differ in key/value shape, which deep prompts do not support; "
-                "use prompt_kind=input"
-            )
-        layers = getattr(cfg, "num_hidden_layers", None)
-        heads = getattr(cfg, "num_attention_heads", None)
-        if not layers or not heads:
-            raise UsageError(f"{cfg.model_type}'s config gives no layer or head count; use prompt_kind=input")
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(int(layers), int(kv_heads), int(head_dim))
+        """The shape of the keys and values ``model``'s cache holds, from its config (models whose
+        layers differ in shape are refused: one deep token cannot fit them all)."""
+        return cls(*kv_cache_shape(model.config))
 
 
 def layers_of(weight: torch.Tensor, shape: KVShape) -> list[tuple[torch.Tensor, torch.Tensor]]:

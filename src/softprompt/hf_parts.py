@@ -150,6 +150,24 @@ def config_shape(config, dtype_bytes: int) -> ModelShape:
     )
 
 
+def kv_cache_shape(config) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of the keys and values a model's cache holds, from its config.
+    Configs whose layers differ in key/value shape (per-layer head sizes) are refused."""
+    cfg = config.get_text_config()
+    raw = cfg.to_dict()
+    if raw.get("per_layer_config") or raw.get("global_head_dim"):
+        raise UsageError(
+            f"{cfg.model_type} layers differ in key/value shape, which deep prompts do not support; "
+            "use prompt_kind=input"
+        )
+    layers, heads = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None)
+    if not layers or not heads:
+        raise UsageError(f"{cfg.model_type}'s config gives no layer or head count; use prompt_kind=input")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return int(layers), int(kv_heads), int(head_dim)
+
+
 def saved_model_shape(name_or_path: str, dtype_bytes: int) -> ModelShape | None:
     """The shape of the model saved at ``name_or_path`` (a folder, or a hub id in the local cache),
     read from its config alone; None where no config can be read (e.g. a bare .gguf file)."""

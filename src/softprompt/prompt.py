@@ -14,7 +14,7 @@ from softprompt.deep import DeepPrompt, KVShape
 from softprompt.errors import ModelMismatchError, UsageError
 from softprompt.meta import PromptMeta
 from softprompt.peft_format import check_finite, read_prompt_folder, write_prompt_folder
-from softprompt.prompt_init import initial_weight, tile_to_length
+from softprompt.prompt_init import initial_weight
 
 
 class SoftPrompt(nn.Module):
@@ -70,7 +70,7 @@ class SoftPrompt(nn.Module):
         return copy
 
     @classmethod
-    def initialize(cls, config: PromptConfig, model: nn.Module, tokenizer=None) -> AnyPrompt:
+    def initialize(cls, config: PromptConfig, model: nn.Module, tokenizer=None) -> SoftPrompt:
         """Build a prompt for ``model`` as ``config`` says (see :class:`InitMethod`).
 
         ``tokenizer`` is needed for the text, vocab and labels inits. Seeded: the same config, model
@@ -78,7 +78,10 @@ class SoftPrompt(nn.Module):
         the metadata so the init can be rebuilt later (``softprompt inspect``).
         """
         if config.prompt_kind == PromptKind.DEEP:
-            return initial_deep_prompt(config, model, tokenizer)
+            raise UsageError(
+                "prompt_kind=deep: a deep prompt is made by running its init through the model; use "
+                "softprompt.initialize_prompt(config, model, tokenizer), which makes either kind"
+            )
         weight = initial_weight(config, model, tokenizer)
         return cls(weight, init_meta(config))
 
@@ -95,33 +98,6 @@ def init_meta(config: PromptConfig) -> PromptMeta:
         vocab_top_k=config.vocab_top_k if sampled else None,
         init_file=config.init_file if method == InitMethod.FILE else None,
     )
-
-
-def initial_deep_prompt(config: PromptConfig, model: nn.Module, tokenizer=None) -> DeepPrompt:
-    """A deep prompt started from the keys and values the model makes of the init's vectors (a text's
-    tokens, sampled vocabulary, label words, random vectors or another input prompt: run once through
-    the model, so the rows start out computing what they compute after that input prompt). init=file
-    from a deep prompt copies its keys and values."""
-    from softprompt.model import PromptedLM  # the model module imports this one
-
-    shape = KVShape.of_model(model)
-    if config.init == InitMethod.FILE:
-        source = load_prompt(config.init_file or "", model)
-        if isinstance(source, DeepPrompt):
-            weight = source.weight.detach()
-            if weight.shape[0] != config.num_virtual_tokens:
-                weight = weight[tile_to_length(list(range(weight.shape[0])), config.num_virtual_tokens)]
-            return DeepPrompt(weight, shape, init_meta(config))
-    weight = initial_weight(config, model, tokenizer)
-    prompted = PromptedLM(model)
-    prefix = prompted.prefix_cache(weight)
-    deep = DeepPrompt.from_prefix(prefix, init_meta(config))
-    if deep.shape != shape:
-        raise UsageError(
-            f"{model.config.model_type}: its cache holds {deep.shape} but its config says {shape}; deep prompts "
-            "need the two to agree (PEFT reads the config): use prompt_kind=input"
-        )
-    return deep
 
 
 def save_prompt(prompt: AnyPrompt, path: str | os.PathLike, model: nn.Module | None = None) -> Path:

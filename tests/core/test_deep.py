@@ -15,6 +15,7 @@ from helpers.tiny import MODEL_FACTORIES, make_tokenizer, tiny_llama
 from softprompt.config import PromptConfig
 from softprompt.deep import DeepPrompt, KVShape, layers_of, weight_of
 from softprompt.errors import ModelMismatchError, PromptFormatError, UsageError
+from softprompt.initialize import initialize_prompt
 from softprompt.meta import PromptMeta
 from softprompt.model import PromptedLM
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
@@ -98,7 +99,7 @@ def test_deep_init_gives_what_the_input_prompt_it_was_made_from_gives(arch, init
         "init": init,
         "init_text": "classify the review" if init == "text" else None,
     }
-    deep = SoftPrompt.initialize(PromptConfig(**settings, prompt_kind="deep"), model, tok)
+    deep = initialize_prompt(PromptConfig(**settings, prompt_kind="deep"), model, tok)
     plain = SoftPrompt.initialize(PromptConfig(**settings), model, tok)
     assert isinstance(deep, DeepPrompt) and deep.shape == KVShape.of_model(model)
     prompted = PromptedLM(model)

@@ -10,7 +10,7 @@ import torch
 
 import softprompt.training.tasks as tasks_mod
 from helpers.training import config
-from softprompt import load_prompt
+from softprompt import initialize_prompt, load_prompt
 from softprompt.cli import main
 from softprompt.deep import DeepPrompt
 from softprompt.errors import ConfigError
@@ -35,12 +35,11 @@ def test_deep_prompt_fits_a_batch():
     from helpers.tiny import make_tokenizer, tiny_llama
     from softprompt.config import PromptConfig
     from softprompt.model import PromptedLM
-    from softprompt.prompt import SoftPrompt
     from softprompt.scoring import class_scores
     from softprompt.verbalizer import LabelSpace
 
     tok, model = make_tokenizer(), tiny_llama(initializer_range=0.3)
-    deep = SoftPrompt.initialize(
+    deep = initialize_prompt(
         PromptConfig(num_virtual_tokens=4, init="random", prompt_kind="deep"), model, tok
     )
     prompted = PromptedLM(model)
@@ -118,3 +117,5 @@ def test_cli_with_a_deep_prompt(tiny_model_dir, data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export-embeds", str(out / "prompt"), "the food", "--model", tiny_model_dir])
     assert "vLLM takes input embeddings" in capsys.readouterr().err
+    main(["init", str(tmp_path / "made"), "--prompt_kind", "deep", "--init", "random", "--model", tiny_model_dir])
+    assert isinstance(load_prompt(tmp_path / "made"), DeepPrompt)

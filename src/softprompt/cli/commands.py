@@ -167,13 +167,14 @@ def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: s
 
 
 def cmd_init(output: str, model: str, dtype: str, prompt) -> None:
+    from softprompt.initialize import initialize_prompt
     from softprompt.loading import load_model
     from softprompt.locking import folder_lock
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompt import save_prompt
 
     with folder_lock(output, "choose another output folder"):  # one writer of the folder at a time
         base, tokenizer = load_model(model, dtype=dtype, device="cpu")
-        sp = SoftPrompt.initialize(prompt, base, tokenizer)
+        sp = initialize_prompt(prompt, base, tokenizer)
         path = save_prompt(sp, output, base)
     print(f"saved a {sp.num_virtual_tokens}-token prompt ({prompt.init.value} init) to {path}")
 

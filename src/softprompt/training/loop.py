@@ -32,10 +32,11 @@ from softprompt.batching import length_grouped_batches
 from softprompt.config import Optimizer, PromptConfig, Reparam, Schedule
 from softprompt.errors import SoftpromptError, TrainingInterrupted
 from softprompt.hf_parts import enable_activation_checkpointing
+from softprompt.initialize import initialize_prompt
 from softprompt.loading import load_model
 from softprompt.locking import folder_lock
 from softprompt.model import PromptedLM
-from softprompt.prompt import AnyPrompt, SoftPrompt, load_prompt, save_prompt
+from softprompt.prompt import AnyPrompt, load_prompt, save_prompt
 from softprompt.training.checkpoint import (
     check_run_folder,
     clear_run,
@@ -221,7 +222,7 @@ class Run:
     task: Task
     model: torch.nn.Module
     prompted: PromptedLM
-    prompt: SoftPrompt
+    prompt: AnyPrompt
     initial: AnyPrompt  # the prompt before training (the "untrained prompt" baseline)
     optimizer: torch.optim.Optimizer
     state: dict
@@ -238,11 +239,11 @@ class Run:
         """Every tensor the optimizer updates: the prompt's weight, and the MLP's with ``reparam``."""
         return self.reparam.trainable() if self.reparam is not None else [self.prompt.weight]
 
-    def trained(self) -> torch.Tensor | SoftPrompt:
+    def trained(self) -> torch.Tensor | AnyPrompt:
         """What each micro-batch's loss uses: the prompt, or the MLP's (P, D) output (with its graph)."""
         return self.reparam() if self.reparam is not None else self.prompt
 
-    def current(self) -> SoftPrompt:
+    def current(self) -> AnyPrompt:
         """The prompt as the model sees it now: what validation scores and what is saved."""
         return self.reparam.collapsed() if self.reparam is not None else self.prompt
 
@@ -324,12 +325,12 @@ def make_prompt(cfg: TrainConfig, task: Task, model, tokenizer) -> AnyPrompt:
         prompt_kind=cfg.prompt_kind,
     )
     try:
-        prompt = SoftPrompt.initialize(prompt_cfg, model, tokenizer)
+        prompt = initialize_prompt(prompt_cfg, model, tokenizer)
     except SoftpromptError:
         if init == cfg.init and init_text == cfg.init_text:
             raise  # the user's own choice: say what is wrong with it
         log.info("init: the template's words do not suit text init here; using vocab init instead")
-        prompt = SoftPrompt.initialize(replace(prompt_cfg, init="vocab", init_text=None), model, tokenizer)
+        prompt = initialize_prompt(replace(prompt_cfg, init="vocab", init_text=None), model, tokenizer)
     task.annotate(prompt.meta)  # template, label words, verbalizer: what using the prompt needs
     return prompt
 
