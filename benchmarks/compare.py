@@ -3,8 +3,11 @@
 
     python benchmarks/compare.py            # the full comparison: about 40 min on 2 idle cores
     python benchmarks/compare.py --smoke    # seconds-to-a-minute: tiny random model, SmolLM2's tokenizer
+    python benchmarks/compare.py --methods prompt,residual,deep,lora,full --seeds 3   # every method, 3 seeds
 
-Any other option is passed to ``softprompt compare`` (e.g. ``--max_steps 300``).
+Any other option is passed to ``softprompt compare`` (e.g. ``--max_steps 300``). With ``--seeds N``
+the figures per method are the mean and standard deviation of test accuracy over the seeds
+(``<method>_test_accuracy_mean``, ``_std``, ``_seeds``: every seed's) and medians of time and memory.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ SST2_ARGS = [
 ]  # fmt: skip
 
 
+def _numbers(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, int | float) for x in value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
@@ -53,7 +60,8 @@ def main() -> None:
     cli_main(argv)
     out = Path([argv[i + 1] for i, a in enumerate(argv) if a == "--output_dir"][-1])  # the last one wins
     figures = json.loads((out / "compare.json").read_text())
-    flat = {k: v for k, v in figures.items() if not isinstance(v, dict | list)}
+    # flat figures, and lists of numbers (each seed's accuracy); not the nested copies of the same figures
+    flat = {k: v for k, v in figures.items() if not isinstance(v, dict | list) or _numbers(v)}
     flat |= {"command": command, "date": figures.get("date") or utc_now()}
     if args.smoke:
         print("smoke run: figures not saved to benchmarks/results")

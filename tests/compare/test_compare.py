@@ -183,3 +183,112 @@ def test_every_run_optimises_alike_but_for_its_lr(tiny_model_dir, data, tmp_path
     assert (short.optimizer, short.schedule, short.weight_decay) == ("adamw", "linear", 0.0)
     assert (short.lr, short.max_steps, short.warmup_steps) == (0.1, 2, 1)  # warmup fits the short run
     assert (final.lr, final.max_steps, final.warmup_steps, final.batch_size) == (3e-4, 4, 3, 4)
+
+
+def test_seeds_give_mean_and_std_of_the_per_seed_runs(tiny_model_dir, data, tmp_path):
+    """--seeds 3: each method's final run three times (seeds 0, 1, 2: other init and row order, the
+    same lr); the row is the mean and sample std of the runs' accuracies and the median of their times;
+    full fine-tuning stops at full_seeds."""
+    import statistics
+
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, data, out, methods="prompt,lora,full", seeds=3, isolate=False, baselines=False,
+                   prompt_lrs="0.3", lora_lrs="3e-3", init="vocab")  # fmt: skip
+    final = compare(cfg)["final"]
+    assert final["prompt"]["seeds"] == final["lora"]["seeds"] == [0, 1, 2] and final["full"]["seeds"] == [0]
+    for method in ("prompt", "lora"):
+        r = final[method]
+        accs = [run["test_accuracy"] for run in r["runs"]]
+        assert [run["seed"] for run in r["runs"]] == [0, 1, 2] and all(
+            run["lr"] == r["lr"] for run in r["runs"]
+        )
+        assert r["test_accuracy"] == r["test_accuracy_mean"] == pytest.approx(statistics.fmean(accs))
+        assert r["test_accuracy_std"] == pytest.approx(statistics.stdev(accs))
+        assert r["step_seconds_median"] == statistics.median(run["step_seconds_median"] for run in r["runs"])
+        # the seed changes what is trained: three different losses
+        assert len({run["final_loss"] for run in r["runs"]}) == 3, method
+    assert final["full"]["test_accuracy_std"] is None and len(final["full"]["runs"]) == 1
+
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["prompt_test_accuracy_seeds"] == [run["test_accuracy"] for run in final["prompt"]["runs"]]
+    assert (
+        saved["prompt_test_accuracy_mean"]
+        == saved["prompt_test_accuracy"]
+        == final["prompt"]["test_accuracy"]
+    )
+    assert saved["lora_test_accuracy_std"] == final["lora"]["test_accuracy_std"] and saved["lora_seeds"] == 3
+    assert saved["full_test_accuracy_std"] is None and saved["full_seeds"] == 1
+    md = (out / "compare.md").read_text()
+    mean, std = final["prompt"]["test_accuracy"], final["prompt"]["test_accuracy_std"]
+    assert f"**{mean:.4f} ± {std:.4f}** (3 seeds)" in md
+    assert md.count("| prompt tuning (ours) | ") == 4  # the results row and one row per seed
+
+
+def test_one_seed_is_the_run_itself(tiny_model_dir, data, tmp_path):
+    """seeds=1 (the default): the summary's figures are the one run's, and no ± is shown."""
+    cfg = make_cfg(
+        tiny_model_dir, data, tmp_path, methods="prompt", sweep_steps=0, isolate=False, baselines=False
+    )
+    r = compare(cfg)["final"]["prompt"]
+    (run,) = r["runs"]
+    assert (
+        r["test_accuracy"] == run["test_accuracy"] and r["step_seconds_median"] == run["step_seconds_median"]
+    )
+    assert r["test_accuracy_std"] is None and "±" not in (tmp_path / "compare.md").read_text().split("##")[0]
+
+
+def test_residual_method_trains_exactly_as_softprompt_train(tiny_model_dir, data, tmp_path):
+    """residual is `softprompt train --reparam residual`: the same saved prompt, bit for bit, and the
+    MLP counted in the trainable parameters."""
+    from softprompt.compare.run import prepare_data, train_config
+    from softprompt.prompt import load_prompt
+    from softprompt.training import train
+
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "cmp", methods="residual", sweep_steps=0, isolate=False,
+                   baselines=False, residual_lrs="0.03", reparam_hidden=8)  # fmt: skip
+    r = compare(cfg)["final"]["residual"]
+    assert r["trainable_parameters"] == 4 * 32 + (32 * 8 + 8) + (8 * 32 + 32) + 2 * 32
+    ours = load_prompt(tmp_path / "cmp" / "residual").weight
+    tcfg = train_config(cfg, 0.03, cfg.max_steps, prepare_data(cfg, tmp_path / "data"))
+    tcfg.eval_every, tcfg.baselines, tcfg.output_dir = 10**6, False, str(tmp_path / "train")
+    tcfg.reparam, tcfg.reparam_hidden = "residual", 8
+    train(tcfg)
+    assert ours.shape == (4, 32)
+    torch.testing.assert_close(ours, load_prompt(tmp_path / "train" / "prompt").weight, atol=0, rtol=0)
+
+
+def test_deep_method_trains_a_deep_prompt_as_softprompt_train(tiny_model_dir, data, tmp_path):
+    """deep is `softprompt train --prompt_kind deep`: a DeepPrompt (keys and values at every layer of the
+    tiny Llama: 2 layers x 2 x 2 kv heads x 8 dims per virtual token), saved as train saves it."""
+    from softprompt.compare.run import prepare_data, train_config
+    from softprompt.deep import DeepPrompt
+    from softprompt.prompt import load_prompt
+    from softprompt.training import train
+
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "cmp", methods="deep", sweep_steps=0, isolate=False,
+                   baselines=False, deep_lrs="0.01")  # fmt: skip
+    r = compare(cfg)["final"]["deep"]
+    ours = load_prompt(tmp_path / "cmp" / "deep")
+    assert (
+        isinstance(ours, DeepPrompt) and r["trainable_parameters"] == ours.weight.numel() == 4 * 2 * 2 * 2 * 8
+    )
+    tcfg = train_config(cfg, 0.01, cfg.max_steps, prepare_data(cfg, tmp_path / "data"))
+    tcfg.eval_every, tcfg.baselines, tcfg.output_dir, tcfg.prompt_kind = (
+        10**6,
+        False,
+        str(tmp_path / "train"),
+        "deep",
+    )
+    train(tcfg)
+    torch.testing.assert_close(ours.weight, load_prompt(tmp_path / "train" / "prompt").weight, atol=0, rtol=0)
+
+
+def test_new_settings_are_checked(data):
+    with pytest.raises(ConfigError) as e:
+        CompareConfig(train_file=data[0], test_file=data[1], methods="prompt,deep", prompt_kind="deep", seeds=0,
+                      residual_lrs="x", full_seeds=0)  # fmt: skip
+    msg = str(e.value)
+    assert len(e.value.problems) == 4 and "--methods" in msg and "seeds must be >= 1" in msg
+    assert "residual_lrs" in msg and "full_seeds must be >= 1" in msg
+    assert CompareConfig(seed=5, seeds=3, full_seeds=2).seed_list("full") == [5, 6]
+    assert CompareConfig(seed=5, seeds=3).seed_list("deep") == [5, 6, 7]

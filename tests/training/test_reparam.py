@@ -67,7 +67,7 @@ def test_saved_prompt_is_the_modules_output(tiny_model_dir, data, tmp_path):
     cfg = config(tiny_model_dir, data, out, reparam="residual", reparam_hidden=16, max_steps=1, eval_every=1)
     run = setup(cfg)
     initial = run.prompt.weight.detach().clone()
-    assert torch.equal(run.initial, initial) and torch.equal(run.reparam(), initial)
+    assert torch.equal(run.initial.weight, initial) and torch.equal(run.reparam(), initial)
     assert len(run.optimizer.param_groups[0]["params"]) == 7
     train_prompt(run)
     output = run.reparam().detach()

@@ -1,9 +1,10 @@
-"""Settings of ``softprompt compare`` (prompt tuning vs LoRA vs full fine-tuning), validated at once.
+"""Settings of ``softprompt compare`` (prompt tuning, residual and deep prompts vs LoRA vs full
+fine-tuning), validated at once.
 
 Made of training's data, input and prompt groups (the same options as ``softprompt train``, so
 every method reads the same rows and inputs), plus what only a comparison has: the methods, the
-subsamples, one budget for all methods, a learning-rate list per method, LoRA's shape and the
-measurements. The optimisation of each run is :meth:`CompareConfig.optim_args`.
+subsamples, one budget for all methods, a learning-rate list per method, LoRA's shape, the seeds
+and the measurements. The optimisation of each run is :meth:`CompareConfig.optim_args`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from softprompt.config import PromptArgs, at_least
+from softprompt.config import PromptArgs, PromptKind, at_least
 from softprompt.training.config import DataArgs, InputArgs, OptimArgs
 
-METHODS = ("prompt", "lora", "full")
+METHODS = ("prompt", "residual", "deep", "lora", "full")
+
+# The prompt methods: the training loop's prompt with these settings (`softprompt train` takes the same).
+PROMPT_METHODS = {
+    "prompt": {"prompt_kind": "input", "reparam": "none"},
+    "residual": {"prompt_kind": "input", "reparam": "residual"},
+    "deep": {"prompt_kind": "deep", "reparam": "none"},
+}
 
 
 # A dataclass takes its bases' fields from the last base to the first: data, input, prompt, then these.
@@ -27,7 +35,8 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
     device: str = "cpu"
     """cpu, cuda or auto (peak memory is process RSS, so it is meaningful on cpu only)."""
     methods: str = "prompt,lora,full"
-    """Comma-separated methods to compare: prompt, lora, full."""
+    """Comma-separated methods to compare: prompt (prompt tuning), residual (prompt tuning through a
+    residual MLP, reparam=residual), deep (prefix tuning, prompt_kind=deep), lora, full."""
     train_rows: int = 0
     """Subsample the training set to this many rows (fixed seed; 0: all). The same rows for every method."""
     validation_rows: int = 0
@@ -46,6 +55,11 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
     """Steps of each lr-sweep run (same schedule shape); 0: no sweep, use the first lr of each list."""
     prompt_lrs: str = "0.03,0.1,0.3"
     """Learning rates tried for prompt tuning."""
+    residual_lrs: str = "0.01,0.03,0.1,0.3"
+    """Learning rates tried for residual prompt tuning (the base vectors and the MLP share one rate)."""
+    deep_lrs: str = "0.003,0.01,0.03,0.1"
+    """Learning rates tried for deep prompts (their keys and values are about 10x an input prompt's
+    numbers in SmolLM2: std 1.5 against 0.14)."""
     lora_lrs: str = "3e-4,1e-3,3e-3"
     """Learning rates tried for LoRA."""
     full_lrs: str = "1e-5,3e-5,1e-4"
@@ -56,6 +70,8 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
     """LoRA alpha (scale = alpha / r)."""
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
     """Comma-separated module names LoRA adapts (GPT-2: c_attn,c_proj)."""
+    reparam_hidden: int = 256
+    """residual: width of the MLP's hidden layer."""
     eval_batch_size: int = 32
     """Rows per evaluation batch."""
     switch_repeats: int = 5
@@ -70,6 +86,12 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
     """torch threads (0: torch's default)."""
     seed: int = 0
     """Seed for subsampling, data order and initialisation."""
+    seeds: int = 1
+    """Repeat each method's final run with seeds seed, seed+1, ... (init and row order change; the
+    subsample and the lr, chosen once by the sweep at seed, do not); the report gives mean and standard
+    deviation of test accuracy and medians of time and memory."""
+    full_seeds: int = 1
+    """At most this many of the seeds for full fine-tuning (the slowest run by far)."""
     output_dir: str = "runs/compare"
     """Run folder."""
 
@@ -81,8 +103,16 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
                 f"methods={self.methods!r}; choose a comma-separated subset of {', '.join(METHODS)}"
             )
         problems += at_least(
-            self, 1, ("max_steps", "batch_size", "eval_batch_size", "switch_repeats", "lora_r")
-        )
+            self,
+            1,
+            ("max_steps", "batch_size", "eval_batch_size", "switch_repeats", "lora_r", "reparam_hidden", "seeds",
+             "full_seeds"),
+        )  # fmt: skip
+        if self.prompt_kind != PromptKind.INPUT:
+            problems.append(
+                f"prompt_kind={self.prompt_kind!r}: compare sets each prompt method's kind itself; leave "
+                "prompt_kind at input and add deep to --methods to compare deep prompts"
+            )
         names = ("train_rows", "validation_rows", "test_rows", "sweep_steps", "warmup_steps", "threads")
         problems += at_least(self, 0, (*names, "max_grad_norm"))
         for method in METHODS:
@@ -103,6 +133,11 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
 
     def lrs(self, method: str) -> list[float]:
         return [float(x) for x in getattr(self, f"{method}_lrs").split(",") if x.strip()]
+
+    def seed_list(self, method: str) -> list[int]:
+        """The seeds of ``method``'s final runs: seed, seed+1, ... (full fine-tuning: at most full_seeds)."""
+        count = min(self.seeds, self.full_seeds) if method == "full" else self.seeds
+        return [self.seed + i for i in range(count)]
 
     def optim_args(self, lr: float, steps: int) -> OptimArgs:
         """The optimisation of one run, the same for every method but its ``lr``: AdamW without weight

@@ -1,8 +1,10 @@
-"""Prompt tuning vs LoRA vs full fine-tuning, measured on the same data, budget and evaluation.
+"""Prompt tuning (plain, residual, deep) vs LoRA vs full fine-tuning, measured on the same data,
+budget and evaluation.
 
-    data (one fixed-seed subsample, written to <run>/data/) -> per method: lr sweep (short runs,
-    validation accuracy) -> final run at the best lr (a fresh process per method, so its peak
-    memory is its own) -> test accuracy, time per step, bytes on disk -> task-switch time
+    data (one fixed-seed subsample, written to <run>/data/) -> per method: lr sweep (short runs at
+    the first seed, validation accuracy) -> final runs at the best lr, one per seed (each in a fresh
+    process, so its peak memory is its own) -> test accuracy (mean and standard deviation over
+    seeds), time per step, peak memory (medians over seeds), bytes on disk -> task-switch time
     -> <run>/compare.md (tables), compare.png + sweep.png (charts), compare.json (all figures)
 
 What is the same for every method: the model, template, verbalizer, data rows and their order
@@ -10,7 +12,9 @@ What is the same for every method: the model, template, verbalizer, data rows an
 ``softprompt train`` with ``loss=class``), AdamW with no weight decay, warmup then linear decay,
 gradient clipping, steps x batch, and the evaluation: every method is trained by the training
 loop itself (:func:`softprompt.training.fit`) on :class:`~softprompt.training.tasks.ClassificationTask`.
-The base model runs in eval mode for all three (no dropout), so only *which* weights train differs.
+The base model runs in eval mode for every method (no dropout), so only *which* weights train differs.
+The prompt methods are `softprompt train`'s prompt with the method's settings (:data:`PROMPT_METHODS`):
+residual = ``reparam=residual``, deep = ``prompt_kind=deep``.
 """
 
 from __future__ import annotations
@@ -31,15 +35,16 @@ from pathlib import Path
 
 import torch
 
-from softprompt.compare.config import CompareConfig
+from softprompt.compare.config import PROMPT_METHODS, CompareConfig
 from softprompt.compare.report import write_report
-from softprompt.config import PromptArgs
+from softprompt.config import PromptArgs, Reparam
 from softprompt.hf_parts import forget_quantization
 from softprompt.loading import load_model, load_saved_model
 from softprompt.model import PromptedLM
 from softprompt.prompt import load_prompt, save_prompt
 from softprompt.training.config import DataArgs, InputArgs, OptimArgs, TrainConfig
 from softprompt.training.loop import fit, make_optimizer, make_prompt, new_state
+from softprompt.training.reparam import ResidualPrompt
 from softprompt.training.tasks import ClassificationTask, load_splits, make_verbalizer
 
 log = logging.getLogger(__name__)
@@ -115,11 +120,32 @@ def load_workbench(cfg: CompareConfig, data: dict) -> Workbench:
 
 
 # ----------------------------------------------------------------------------- methods
+def prompt_settings(method: str, settings: TrainConfig, cfg: CompareConfig) -> TrainConfig:
+    """What `softprompt train` runs for the prompt method ``method``: ``settings`` with compare's
+    prompt options, the method's prompt kind and reparameterisation, and ``cfg``'s seed."""
+    prompt = asdict(PromptArgs.of(cfg)) | PROMPT_METHODS[method]
+    return replace(settings, **prompt, reparam_hidden=cfg.reparam_hidden, seed=cfg.seed)
+
+
+def seen(prompt):
+    """What a micro-batch's loss uses: the prompt, or a residual prompt's (P, D) output (with its graph)."""
+    return prompt() if isinstance(prompt, ResidualPrompt) else prompt
+
+
+def plain(prompt):
+    """The prompt as evaluated and saved: a residual prompt collapsed to its output; others as they are."""
+    return prompt.collapsed() if isinstance(prompt, ResidualPrompt) else prompt
+
+
 def build_method(method: str, bench: Workbench, cfg: CompareConfig):
-    """Make ``method``'s trainable parameters. Returns (prompt or None, trainable params, peft model or None)."""
-    if method == "prompt":  # initialised and annotated as `softprompt train` does
-        settings = replace(bench.task.cfg, **asdict(PromptArgs.of(cfg)), seed=cfg.seed)
+    """Make ``method``'s trainable parameters. Returns (prompt, residual prompt or None; trainable
+    params; peft model or None)."""
+    if method in PROMPT_METHODS:  # initialised and annotated as `softprompt train` does
+        settings = prompt_settings(method, bench.task.cfg, cfg)
         prompt = make_prompt(settings, bench.task, bench.model, bench.tokenizer)
+        if settings.reparam == Reparam.RESIDUAL:
+            residual = ResidualPrompt(prompt, settings.reparam_hidden, settings.seed)
+            return residual, residual.trainable(), None
         return prompt, [prompt.weight], None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -137,8 +163,8 @@ def build_method(method: str, bench: Workbench, cfg: CompareConfig):
 
 def save_artifact(method: str, folder: Path, bench: Workbench, prompt, peft_model) -> None:
     """What one more task costs on disk: the prompt folder, the LoRA adapter, or a whole model copy."""
-    if method == "prompt":
-        save_prompt(prompt, folder, bench.model)
+    if method in PROMPT_METHODS:
+        save_prompt(plain(prompt), folder, bench.model)
     elif method == "lora":
         peft_model.save_pretrained(str(folder))
     else:
@@ -182,7 +208,7 @@ def train_steps(bench: Workbench, prompt, params: list, optim: OptimArgs, desc: 
         losses.append(record["loss"])
 
     def batch_loss(idx: list[int]):
-        return bench.task.batch_loss(bench.prompted, prompt, idx)
+        return bench.task.batch_loss(bench.prompted, seen(prompt), idx)
 
     rss0 = reset_peak_rss()  # after set-up: model, method and optimizer exist (AdamW moments come at step 1)
     # No rollback: a copy of every weight per step would distort full fine-tuning's memory and time.
@@ -221,7 +247,7 @@ def run_method(cfg: CompareConfig, data: dict, method: str, lr: float, steps: in
     result |= train_steps(bench, prompt, params, cfg.optim_args(lr, steps), desc=f"{method} lr {lr:g}")
     for split in splits:
         with torch.no_grad():
-            report = bench.task.evaluate(bench.prompted, prompt, split, desc=f"{method} {split}")
+            report = bench.task.evaluate(bench.prompted, plain(prompt), split, desc=f"{method} {split}")
         result[f"{split}_accuracy"], result[f"{split}_macro_f1"] = report["accuracy"], report["macro_f1"]
     if save_dir:
         save_artifact(method, Path(save_dir), bench, prompt, peft_model)
@@ -255,7 +281,7 @@ def _isolated(cfg: CompareConfig, *args) -> dict:
 def switch_seconds(method: str, artifact: str, cfg: CompareConfig) -> float:
     """Median seconds to make a saved task active on an already-loaded base model.
 
-    prompt: read the prompt folder (PromptedLM takes the prompt per call, nothing else changes);
+    prompt methods: read the prompt folder (PromptedLM takes the prompt per call, nothing else changes);
     lora: load_adapter + set_adapter into a PeftModel; full: load the fine-tuned model copy.
     Files were just written, so all three read from the page cache: this is the software cost.
     """
@@ -268,7 +294,7 @@ def switch_seconds(method: str, artifact: str, cfg: CompareConfig) -> float:
         peft_model = PeftModel.from_pretrained(model, artifact, adapter_name="resident")
     for i in range(cfg.switch_repeats):
         t0 = time.perf_counter()
-        if method == "prompt":
+        if method in PROMPT_METHODS:
             load_prompt(artifact, model)
         elif method == "lora":
             peft_model.load_adapter(artifact, adapter_name=f"task{i}")
@@ -285,6 +311,68 @@ def switch_seconds(method: str, artifact: str, cfg: CompareConfig) -> float:
 
 
 # ----------------------------------------------------------------------------- the comparison
+def sweep(cfg: CompareConfig, data: dict, method: str, into: list[dict]) -> float:
+    """Short runs of ``method`` at each of its lrs (at the first seed), appended to ``into``; returns the
+    lr with the best validation accuracy (on a tie, the lower final loss). One lr, or no sweep: that lr."""
+    lrs = cfg.lrs(method)
+    if not (cfg.sweep_steps and len(lrs) > 1):
+        return lrs[0]
+    tried = []
+    for lr in lrs:
+        r = run_method(cfg, data, method, lr, cfg.sweep_steps, ("validation",))
+        log.info(
+            "sweep %s lr %g: validation accuracy %.4f (%s)", method, lr, r["validation_accuracy"], r["status"]
+        )
+        tried.append(r)
+    into += tried
+    return max(tried, key=lambda r: (r["validation_accuracy"], -(r["final_loss"] or math.inf)))["lr"]
+
+
+def final_runs(cfg: CompareConfig, data: dict, method: str, lr: float, out: Path) -> dict:
+    """``method`` at ``lr`` for the full budget, once per seed of :meth:`CompareConfig.seed_list`, summed
+    up by :func:`summarize_seeds`. The first seed's artifact is saved, measured on disk and switched to."""
+    save_dir = str(out / method)
+    shutil.rmtree(save_dir, ignore_errors=True)
+    runs = []
+    for i, seed in enumerate(cfg.seed_list(method)):
+        args = (replace(cfg, seed=seed), data, method, lr, cfg.max_steps, ("validation", "test"), save_dir if i == 0 else None)  # fmt: skip
+        run = _isolated(*args) if cfg.isolate else run_method(*args)
+        runs.append(run | {"seed": seed})
+        log.info("%s seed %d: test accuracy %.4f at lr %g", method, seed, run["test_accuracy"], lr)
+    final = summarize_seeds(runs)
+    final["memory_isolated"] = cfg.isolate
+    final["trainable_state_mib"] = final["trainable_parameters"] * ADAM_BYTES_PER_PARAM / 2**20
+    final["switch_seconds"] = switch_seconds(method, save_dir, cfg)
+    if method == "full" and not cfg.keep_full_model:
+        shutil.rmtree(save_dir, ignore_errors=True)  # its size is recorded; a model copy per run is litter
+    return final
+
+
+def summarize_seeds(runs: list[dict]) -> dict:
+    """One method's final runs (one per seed) as one row: what every seed shares (lr, parameter counts,
+    bytes on disk: the first run's), the mean of each accuracy with the sample standard deviation of
+    test accuracy (None for one seed), the median of time and memory figures, and every run."""
+    first = runs[0]
+    summary = {
+        k: first.get(k)
+        for k in ("method", "lr", "trainable_parameters", "model_parameters", "steps", "disk_bytes")
+    }
+    summary["status"] = next((r["status"] for r in runs if r["status"] != "completed"), "completed")
+    summary["seeds"] = [r["seed"] for r in runs]
+    for key in ("test_accuracy", "test_macro_f1", "validation_accuracy", "validation_macro_f1", "final_loss"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        summary[key] = statistics.fmean(values) if values else None
+    tests = [r["test_accuracy"] for r in runs]
+    summary["test_accuracy_mean"] = summary["test_accuracy"]
+    summary["test_accuracy_std"] = statistics.stdev(tests) if len(tests) > 1 else None
+    summary["test_accuracy_seeds"] = tests
+    for key in ("step_seconds_median", "train_seconds", "peak_rss_mib", "peak_rss_increase_mib"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        summary[key] = statistics.median(values) if values else None
+    summary["runs"] = runs
+    return summary
+
+
 def compare(cfg: CompareConfig, command: str | None = None) -> dict:
     """Sweep, train, measure and report every method. Returns the figures (also in compare.json)."""
     out = Path(cfg.output_dir)
@@ -294,38 +382,9 @@ def compare(cfg: CompareConfig, command: str | None = None) -> dict:
     log.info("data: %d train, %d validation, %d test rows (written to %s)", data["train_rows"],
              data["validation_rows"], data["test_rows"], out / "data")  # fmt: skip
     figures: dict = {"data": data, "sweep": [], "final": {}}
-    methods = cfg.method_list()
-    for method in methods:
-        lrs = cfg.lrs(method)
-        if cfg.sweep_steps and len(lrs) > 1:
-            for lr in lrs:
-                r = run_method(cfg, data, method, lr, cfg.sweep_steps, ("validation",))
-                log.info(
-                    "sweep %s lr %g: validation accuracy %.4f (%s)",
-                    method,
-                    lr,
-                    r["validation_accuracy"],
-                    r["status"],
-                )
-                figures["sweep"].append(r)
-            tried = [r for r in figures["sweep"] if r["method"] == method]
-            # Best validation accuracy; on a tie, the lower final loss.
-            best = max(tried, key=lambda r: (r["validation_accuracy"], -(r["final_loss"] or math.inf)))["lr"]
-        else:
-            best = lrs[0]
-        save_dir = str(out / method)
-        shutil.rmtree(save_dir, ignore_errors=True)
-        args = (cfg, data, method, best, cfg.max_steps, ("validation", "test"), save_dir)
-        final = _isolated(*args) if cfg.isolate else run_method(*args)
-        final["memory_isolated"] = cfg.isolate
-        final["trainable_state_mib"] = final["trainable_parameters"] * ADAM_BYTES_PER_PARAM / 2**20
-        final["switch_seconds"] = switch_seconds(method, save_dir, cfg)
-        if method == "full" and not cfg.keep_full_model:
-            shutil.rmtree(
-                save_dir, ignore_errors=True
-            )  # its size is recorded; a model copy per run is litter
-        log.info("%s: test accuracy %.4f at lr %g", method, final["test_accuracy"], best)
-        figures["final"][method] = final
+    for method in cfg.method_list():
+        lr = sweep(cfg, data, method, figures["sweep"])  # chosen once, at the first seed
+        figures["final"][method] = final_runs(cfg, data, method, lr, out)
     if cfg.baselines:
         figures["zero_shot_test_accuracy"] = zero_shot(cfg, data)
     write_report(figures, cfg, out, command)
