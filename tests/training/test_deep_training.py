@@ -117,5 +117,5 @@ def test_cli_with_a_deep_prompt(tiny_model_dir, data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export-embeds", str(out / "prompt"), "the food", "--model", tiny_model_dir])
     assert "vLLM takes input embeddings" in capsys.readouterr().err
-    main(["init", str(tmp_path / "made"), "--prompt_kind", "deep", "--init", "random", "--model", tiny_model_dir])
+    main(["init", str(tmp_path / "made"), "--prompt_kind", "deep", "--init", "random", "--model", tiny_model_dir])  # fmt: skip
     assert isinstance(load_prompt(tmp_path / "made"), DeepPrompt)
