@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from results_io import write_results
+from sst2 import kind_slug  # same folder
 
 from softprompt.training import TrainConfig, train
 
@@ -37,12 +38,14 @@ TEMPLATE = "Describe the restaurant in one sentence.\nData: {text}\nSentence:"
 DEFAULT_MODEL = "smollm2"
 
 
-def results_path(model: str) -> Path:
-    """results/e2e.json for the default model, results/e2e_<model's last path part>.json otherwise."""
+def results_path(model: str, prompt_kind: str = "input", reparam: str = "none") -> Path:
+    """results/e2e.json for the default model and input prompt; otherwise with _<model's last path
+    part>, _deep and _residual as they apply."""
+    kind = kind_slug(prompt_kind, reparam)
     if model == DEFAULT_MODEL:
-        return RESULTS
+        return RESULTS.with_name(f"e2e{kind}.json")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name.removesuffix(".gguf"))
-    return RESULTS.with_name(f"e2e_{name}.json")
+    return RESULTS.with_name(f"e2e_{name}{kind}.json")
 
 
 def split_by_input(
@@ -88,6 +91,8 @@ def main() -> None:
     )
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-kind", default="input", choices=["input", "deep"])
+    ap.add_argument("--reparam", default="none", choices=["none", "residual"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--smoke", action="store_true", help="a few steps on a few inputs, to check the script runs"
@@ -107,7 +112,7 @@ def main() -> None:
         template=TEMPLATE, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         num_virtual_tokens=args.num_virtual_tokens, eval_every=max(1, args.steps // 3), max_eval_inputs=60,
         max_new_tokens=args.max_new_tokens, eval_batch_size=16, seed=args.seed, output_dir=str(work / "run"),
-        model=args.model,
+        model=args.model, prompt_kind=args.prompt_kind, reparam=args.reparam,
     )  # fmt: skip
     t0 = time.perf_counter()
     results = train(cfg)
@@ -140,7 +145,7 @@ def main() -> None:
         f"training: {train_seconds / 60:.1f} min for {args.steps} steps of {args.batch_size}; whole run {total / 60:.1f} min"
     )
     if not args.smoke:
-        write_results(results_path(args.model), res)
+        write_results(results_path(args.model, args.prompt_kind, args.reparam), res)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,12 @@ def subsample(src: Path, n: int, seed: int, dest: Path, strip: bool) -> str:
     return str(dest)
 
 
+def kind_slug(prompt_kind: str, reparam: str) -> str:
+    """``""`` for the default input prompt, else ``_deep`` or ``_residual`` (its own result file)."""
+    kind = "" if prompt_kind == "input" else f"_{prompt_kind}"
+    return kind + ("" if reparam == "none" else f"_{reparam}")
+
+
 def model_slug(model: str) -> str:
     """``""`` for the default model (its result files keep their names), else ``_<name>`` made of
     the model's last path part, e.g. ``_gemma3-270m``."""
@@ -93,6 +99,8 @@ def main() -> None:
     ap.add_argument("--test_rows", type=int, default=0, help="subsample the test set (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt_kind", default="input", choices=["input", "deep"])
+    ap.add_argument("--reparam", default="none", choices=["none", "residual"])
     ap.add_argument("--output_dir", default=None)
     ap.add_argument(
         "--sweep", default=None, help="optimizer:lr pairs, e.g. adamw:0.03,adamw:0.3 (no baselines)"
@@ -125,7 +133,7 @@ def main() -> None:
             template=task["template"], verbalizer=task["verbalizer"], num_virtual_tokens=args.num_virtual_tokens,
             init=args.init, optimizer=optimizer, lr=lr, max_steps=args.max_steps, batch_size=args.batch_size,
             eval_every=args.eval_every, loss=args.loss, seed=args.seed, output_dir=out, device="cpu",
-            baselines=baselines, model=args.model,
+            baselines=baselines, model=args.model, prompt_kind=args.prompt_kind, reparam=args.reparam,
         )  # fmt: skip
         start = time.perf_counter()
         results = train(cfg)
@@ -150,7 +158,7 @@ def main() -> None:
             "examples_seen": results["steps"] * args.batch_size,
             "optimizer": optimizer,
             "lr": lr,
-            **{k: getattr(args, k) for k in ("num_virtual_tokens", "init", "max_steps", "batch_size", "loss", "seed", "threads")},
+            **{k: getattr(args, k) for k in ("num_virtual_tokens", "init", "max_steps", "batch_size", "loss", "seed", "threads", "prompt_kind", "reparam")},
             "template": task["template"],
             "verbalizer": task["verbalizer"],
             "command": command,
@@ -160,7 +168,7 @@ def main() -> None:
         return figures
 
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    slug = model_slug(args.model)
+    slug = model_slug(args.model) + kind_slug(args.prompt_kind, args.reparam)
     if args.sweep:
         runs = []
         for item in args.sweep.split(","):
