@@ -170,3 +170,28 @@ def test_chat_template_inputs_on_smollm2_equal_apply_chat_template(smollm2):
     assert (
         cut and len(ids) <= 64 and tok.decode(ids).endswith("\nSentiment:<|im_end|>\n<|im_start|>assistant\n")
     )
+
+
+def test_deep_prompt_from_text_equals_the_text_and_loads_in_peft(smollm2, tmp_path):
+    """A deep prompt made from a text gives the plain model's logits on text + input, and its saved
+    folder gives the same logits through PEFT's prefix tuning."""
+    from peft import PeftModel
+
+    from softprompt import DeepPrompt, initialize_prompt
+
+    model, tok = smollm2
+    text = "Classify the sentiment of this review:"
+    t = tok(text, add_special_tokens=False)["input_ids"]
+    deep = initialize_prompt(PromptConfig(num_virtual_tokens=len(t), init="text", init_text=text, prompt_kind="deep"),
+                             model, tok)  # fmt: skip
+    assert isinstance(deep, DeepPrompt)
+    x = tok("Review: a wonderful, moving film\nSentiment:", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ours = PromptedLM(model)(torch.tensor([x]), prompt=deep, positions="all")[0]
+        ref = model(input_ids=torch.tensor([t + x])).logits[0, len(t) :]
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+        save_prompt(deep, tmp_path / "deep", model)
+        theirs = PeftModel.from_pretrained(model, str(tmp_path / "deep"))(input_ids=torch.tensor([x])).logits[
+            0
+        ]
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
