@@ -136,9 +136,11 @@ def post_in_thread(url: str, max_tokens: int, results: dict, key: str) -> thread
 
 
 def refuses_connections(url: str) -> bool:
+    """No new request is served: the connection is refused, or (a connection the kernel accepted in
+    the instant the listening socket closed) dropped without a response."""
     try:
         httpx.get(url + "/health", timeout=2)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):
         return True
     return False
 
