@@ -12,3 +12,22 @@ def config(tiny_model_dir, data, out, **kw) -> TrainConfig:
         num_virtual_tokens=4, max_steps=6, eval_every=2, batch_size=4, lr=0.3, warmup_steps=1, output_dir=str(out),
     )  # fmt: skip
     return TrainConfig(**{**base, **kw})
+
+
+def crash_at_step(monkeypatch, step: int) -> None:
+    """Make the ``step``-th training forward pass (1-based) raise KeyboardInterrupt, as a power cut
+    would; passes without gradients (evaluation) run as usual."""
+    import torch
+
+    import softprompt.training.tasks as tasks_mod
+
+    real, calls = tasks_mod.class_scores, {"n": 0}
+
+    def crash(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise KeyboardInterrupt("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks_mod, "class_scores", crash)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import softprompt.training.tasks as tasks_mod
-from helpers.training import config
+from helpers.training import config, crash_at_step
 from softprompt import initialize_prompt, load_prompt
 from softprompt.cli import main
 from softprompt.deep import DeepPrompt
@@ -63,16 +63,8 @@ def test_deep_prompt_fits_a_batch():
 def test_deep_resume_equals_uninterrupted_run(tiny_model_dir, data, tmp_path, monkeypatch):
     settings = {"prompt_kind": "deep", "lr": 0.05, "baselines": False}
     train(config(tiny_model_dir, data, tmp_path / "full", **settings))
-    real, calls = tasks_mod.class_scores, {"n": 0}
-
-    def crash_on_fifth_step(*args, **kwargs):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt("power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tasks_mod, "class_scores", crash_on_fifth_step)
+    real = tasks_mod.class_scores
+    crash_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train(config(tiny_model_dir, data, tmp_path / "cut", **settings))
     monkeypatch.setattr(tasks_mod, "class_scores", real)

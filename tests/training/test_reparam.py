@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import softprompt.training.tasks as tasks_mod
 from helpers import free_port
-from helpers.training import config
+from helpers.training import config, crash_at_step
 from softprompt import SoftPrompt, load_prompt
 from softprompt.cli import main
 from softprompt.errors import ConfigError
@@ -88,16 +88,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, data
     kw = {"reparam": "residual", "reparam_hidden": 16}
     full = train(config(tiny_model_dir, data, tmp_path / "full", **kw))
     real = tasks_mod.class_scores
-    calls = {"n": 0}
-
-    def crash_on_fifth_step(*args, **kwargs):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt("power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tasks_mod, "class_scores", crash_on_fifth_step)
+    crash_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train(config(tiny_model_dir, data, tmp_path / "cut", **kw))
     monkeypatch.setattr(tasks_mod, "class_scores", real)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import softprompt.training.tasks as tasks_mod
-from helpers.training import config
+from helpers.training import config, crash_at_step
 from softprompt import load_prompt
 from softprompt.cli import main
 from softprompt.errors import ConfigError
@@ -59,16 +59,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
 ):
     full = train(config(tiny_model_dir, data, tmp_path / "full", optimizer=optimizer))
     real = tasks_mod.class_scores
-    calls = {"n": 0}
-
-    def crash_on_fifth_step(*args, **kwargs):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt("power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tasks_mod, "class_scores", crash_on_fifth_step)
+    crash_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train(config(tiny_model_dir, data, tmp_path / "cut", optimizer=optimizer))
     monkeypatch.setattr(tasks_mod, "class_scores", real)
