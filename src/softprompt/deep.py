@@ -120,8 +120,13 @@ class DeepPrompt(nn.Module):
             f"head_dim={s.head_dim}, init={self.meta.init}"
         )
 
-    def check_model(self, model: nn.Module, where: str = "deep prompt") -> None:
-        """Refuse a model whose layers' keys and values have another shape."""
+    def check_model(self, model: nn.Module, where: str = "deep prompt", prompt_lengths=None) -> None:
+        """Refuse a model whose layers' keys and values have another shape, and ``prompt_lengths``
+        (a bank's per-prompt lengths: a deep prompt is used whole)."""
+        if prompt_lengths is not None:
+            raise ValueError(
+                "prompt_lengths is for banks of input prompts; a deep prompt is used whole, pass None"
+            )
         theirs = KVShape.of_model(model)
         if theirs != self.shape:
             raise ModelMismatchError(

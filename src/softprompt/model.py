@@ -358,7 +358,7 @@ class PromptedLM(nn.Module):
         running ``tokens + input`` with the plain prompt prefix, with fewer tokens per forward pass.
         """
         if isinstance(prompt, DeepPrompt):  # its keys and values, and the tokens' after them
-            prompt.check_model(self.model)
+            prompt.check_model(self.model, prompt_lengths=prompt_lengths)
             return prompt.as_prefix(self.dtype, self.device, tokens, self)
         inputs = prefix_inputs(self.embed_tokens, prompt, prompt_lengths, tokens)
         return self._run_prefix(inputs, DynamicCache)
@@ -384,7 +384,7 @@ class PromptedLM(nn.Module):
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
         if isinstance(prompt, DeepPrompt):  # its keys and values are the rows' prefix: no prompt token runs
-            prompt.check_model(self.model)
+            prompt.check_model(self.model, prompt_lengths=prompt_lengths)
             prefix, prompt, head = prompt.as_prefix(self.dtype, self.device, head, self), None, None
         plan = plan_inputs(
             prompt_tokens=None if prompt is None else as_bank(prompt).shape[1],

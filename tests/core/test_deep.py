@@ -211,3 +211,10 @@ def test_mixed_generation_with_deep_and_input_prompts_equals_separate_runs(tmp_p
     for e, t, got in zip(entries, texts, mixed, strict=True):
         alone = Generator(store.prompted, store.tokenizer, e.prompt).generate([t], max_new_tokens=5)
         assert got.tokens == alone.tokens[0]
+
+
+def test_prompt_lengths_with_a_deep_prompt_are_refused(llama):
+    with pytest.raises(ValueError, match="used whole"):
+        PromptedLM(llama)(
+            LEFT, (LEFT != 0).long(), prompt=random_deep(llama), prompt_lengths=torch.tensor([2, 2, 2])
+        )
