@@ -118,7 +118,9 @@ def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str 
         examples = sample_inputs(examples, max_inputs, seed)
         clf = _classifier(prompt, model, dtype, template, verbalizer, batch_size)
         report = clf.evaluate(examples, desc="evaluating")
-        print(format_report(report, title=f"{data} with {prompt}:"))
+        # with many classes the terminal gets a summary: say where the whole matrix is (or can be)
+        details = f"in {output}" if output else "not saved (add --output FILE.json to keep them)"
+        print(format_report(report, title=f"{data} with {prompt}:", details_at=details))
     if output:
         with open(output, "w") as f:
             json.dump(report, f, indent=2)
