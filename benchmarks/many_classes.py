@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--speed_rows", type=int, default=32, help="test rows scored the old way and the new")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scoring", default="sequence", help="sequence, learned, first_token or auto")
+    ap.add_argument("--label_samples", type=int, default=16)
+    ap.add_argument("--verbalizer_lr", type=float, default=0.001)
     args = ap.parse_args()
     if not (DATA / "train.txt").is_file():
         print(f"skipped: {DATA / 'train.txt'} not found (the shared datasets live in ../shared/data)")
@@ -136,7 +139,8 @@ def main() -> None:
         test_file=write_jsonl(test_rows, work / "test.jsonl"),
         model=model_name, template=TEMPLATE, verbalizer=verbalizer, num_virtual_tokens=args.num_virtual_tokens,
         lr=args.lr, max_steps=args.max_steps, eval_every=args.eval_every, batch_size=args.batch_size,
-        seed=args.seed, device="cpu", output_dir=str(work / "run"),
+        seed=args.seed, device="cpu", output_dir=str(work / "run"), scoring=args.scoring,
+        label_samples=args.label_samples, verbalizer_lr=args.verbalizer_lr,
     )  # fmt: skip
     start = time.perf_counter()
     results = train(cfg)

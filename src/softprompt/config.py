@@ -60,6 +60,7 @@ class ScoringMode(str, Enum):
     AUTO = "auto"  # first_token where the words' first tokens differ, else sequence
     FIRST_TOKEN = "first_token"  # one forward pass: each word's first token at the last position
     SEQUENCE = "sequence"  # rank classification: each word's whole token sequence
+    LEARNED = "learned"  # a trainable vector per class against the last hidden state (one pass)
 
 
 class Loss(str, Enum):

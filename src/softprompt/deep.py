@@ -28,6 +28,7 @@ from torch import nn
 
 from softprompt.errors import ModelMismatchError, UsageError
 from softprompt.hf_parts import OnePassCache, cache_layers, kv_cache_shape
+from softprompt.learned import ClassHead
 from softprompt.meta import PromptMeta
 from softprompt.peft_format import check_finite
 from softprompt.prefix import PromptPrefix
@@ -101,6 +102,7 @@ class DeepPrompt(nn.Module):
         self.shape = shape
         self.meta = meta or PromptMeta()
         self.meta.deep = shape.as_dict()
+        self.classes: ClassHead | None = None  # a learned verbalizer's class vectors (scoring=learned)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -157,6 +159,7 @@ class DeepPrompt(nn.Module):
     def frozen_copy(self, device: torch.device | str) -> DeepPrompt:
         """A detached copy on ``device`` that takes no gradient (what the prompt store keeps)."""
         copy = DeepPrompt(self.weight.detach().to(device), self.shape, self.meta)
+        copy.classes = None if self.classes is None else self.classes.frozen_copy(device)
         copy.requires_grad_(False)
         return copy
 

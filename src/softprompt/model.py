@@ -166,9 +166,8 @@ class PromptedLM(nn.Module):
         *,
         head: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Final hidden states at the caller's input positions: (B, T, D). No LM head.
-
-        ``prompt=None`` runs the plain model (positions still follow the padding), for baselines.
+        """Final hidden states at the caller's input positions: (B, T, D). No LM head. ``prompt=None``
+        runs the plain model (positions still follow the padding), for baselines.
         ``prefix`` (from :meth:`prefix_cache`) replaces ``prompt``: only the input tokens are run.
         ``head``: token ids every row starts with, left out of ``input_ids``; they run once, after the
         prompt, in the batch's prefix (with gradients: a training step's template head).
@@ -196,6 +195,7 @@ class PromptedLM(nn.Module):
         return_context: bool = False,
         *,
         head: Sequence[int] | None = None,
+        output=None,
     ) -> torch.Tensor | tuple[torch.Tensor, InputContext]:
         """Logits at the requested input positions.
 
@@ -206,6 +206,7 @@ class PromptedLM(nn.Module):
             return_context: also return the keys and values of prompt + input (any padding side), to
                 continue the rows with :meth:`continue_rows`; differentiable w.r.t. the prompt.
             head: token ids every row starts with, left out of ``input_ids`` (as :meth:`hidden_states`).
+            output: applied at ``positions`` instead of the LM head (a class head; ``lambda h: h``: hidden states).
         """
         hidden, state = self._run(
             input_ids,
@@ -217,29 +218,28 @@ class PromptedLM(nn.Module):
             head=head,
             keep_cache=return_context,
         )
-        logits = self._logits_at(hidden, input_ids, attention_mask, positions)
+        logits = self._logits_at(hidden, input_ids, attention_mask, positions, output)
         if not return_context:
             return logits
         return logits, InputContext(cache_layers(state.cache), state.mask, state.next_position)
 
-    def _logits_at(self, hidden, input_ids, attention_mask, positions) -> torch.Tensor:
+    def _logits_at(self, hidden, input_ids, attention_mask, positions, output=None) -> torch.Tensor:
+        output = output or self.logits_from_hidden
         if isinstance(positions, str):
             if positions == "all":
-                return self.logits_from_hidden(hidden)
+                return output(hidden)
             if positions == "last":
                 idx = last_token_index(input_ids, attention_mask).to(hidden.device)
-                return self.logits_from_hidden(
-                    hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-                )
+                return output(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
             raise ValueError(f"positions must be 'last', 'all' or a (B, K) tensor, got {positions!r}")
         idx = positions.to(hidden.device)
         picked = torch.gather(hidden, 1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, K, D)
-        return self.logits_from_hidden(picked)
+        return output(picked)
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Apply the LM head (and the scaling or soft-capping the model's own head code adds) to
-        selected hidden states."""
-        logits = self.lm_head(hidden)
+    def logits_from_hidden(self, hidden: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+        """Apply the LM head (or output vectors ``weight`` (C, D) and ``bias``, e.g. a learned
+        verbalizer's) and the scaling or soft-capping the model's own head code adds."""
+        logits = self.lm_head(hidden) if weight is None else F.linear(hidden, weight, bias)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.logit_divisor is not None:

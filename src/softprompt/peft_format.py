@@ -40,7 +40,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "softprompt.json"
 TENSOR_KEY = "prompt_embeddings"
-OUR_FILES = {CONFIG_NAME, WEIGHTS_NAME, META_NAME}
+CLASSES_NAME = "verbalizer.safetensors"  # a learned verbalizer's class vectors (softprompt's own file)
+OUR_FILES = {CONFIG_NAME, WEIGHTS_NAME, META_NAME, CLASSES_NAME}
 
 # Relative difference of embedding row norms below which two models count as the same weights
 # in another precision or quantisation (GGUF Q4_1 vs fp32 differ by ~1e-2); other models differ by far more.
@@ -188,9 +189,14 @@ def deep_adapter_config(weight: torch.Tensor, shape: dict, base: str | None) -> 
 
 
 def write_prompt_folder(
-    weight: torch.Tensor, meta: PromptMeta, path: str | os.PathLike, model: torch.nn.Module | None = None
+    weight: torch.Tensor,
+    meta: PromptMeta,
+    path: str | os.PathLike,
+    model: torch.nn.Module | None = None,
+    classes: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a ``(P, D)`` prompt and its metadata to the folder ``path`` in PEFT's format, atomically.
+    """Write a ``(P, D)`` prompt and its metadata to the folder ``path`` in PEFT's format, atomically
+    (with ``classes``, a learned verbalizer's tensors, in ``verbalizer.safetensors`` beside them).
 
     The files are written to a temporary folder beside ``path`` and swapped in with renames
     (:func:`write_folder_atomically`), so a crash leaves the old prompt or the new one, never a torn mix. With ``model`` given, its
@@ -219,6 +225,10 @@ def write_prompt_folder(
         save_file({TENSOR_KEY: weight}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _write_json(tmp / CONFIG_NAME, adapter_config(weight, meta, model))
         _write_json(tmp / META_NAME, meta.to_json())
+        if classes is not None:
+            for name, tensor in classes.items():
+                check_finite(tensor, f"learned verbalizer's {name} to save")
+            save_file(classes, str(tmp / CLASSES_NAME), metadata={"format": "pt"})
 
     return write_folder_atomically(dest, fill)
 
@@ -254,10 +264,18 @@ def read_prompt_folder(
     process may rename the folder while it is read: the read then starts again on the copy the save
     leaves (a few times), so a reader never fails on a prompt that is there.
     """
+    return read_prompt_files(path, model, check_model)[:2]
+
+
+def read_prompt_files(
+    path: str | os.PathLike, model: torch.nn.Module | None = None, check_model: bool = True
+) -> tuple[torch.Tensor, PromptMeta, dict[str, torch.Tensor] | None]:
+    """:func:`read_prompt_folder`, and a learned verbalizer's tensors when the folder has them."""
     for attempt in range(5):
         folder = complete_copy(path)
         try:
-            return _read_folder(folder, model, check_model)
+            weight, meta = _read_folder(folder, model, check_model)
+            return weight, meta, _read_classes(folder, meta, model)
         except (MissingFileError, PromptFormatError):
             if attempt == 4 or not _moved_during_read(folder, Path(path)):
                 raise
@@ -366,6 +384,47 @@ def _read_folder(
         if check_model:
             check_fingerprint(meta.embedding_fingerprint, model, f"prompt at {folder}")
     return weight.float(), meta
+
+
+def _read_classes(
+    folder: Path, meta: PromptMeta, model: torch.nn.Module | None
+) -> dict[str, torch.Tensor] | None:
+    """The learned verbalizer's class vectors and biases (``verbalizer.safetensors``), checked against
+    the metadata's labels and the model's hidden size; None when the prompt has none."""
+    path = folder / CLASSES_NAME
+    if not path.is_file():
+        if meta.scoring == "learned":
+            raise MissingFileError(
+                f"{folder / META_NAME} says scoring=learned but {path} is missing: the class vectors were not "
+                "copied with the prompt. Copy the whole prompt folder, or restore it from the run's checkpoint."
+            )
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PromptFormatError(
+            f"{path} cannot be read as safetensors ({e}); the file is corrupt or truncated"
+        ) from e
+    vectors, bias = tensors.get("class_vectors"), tensors.get("class_bias")
+    labels = meta.verbalizer or meta.label_words or []
+    problems = []
+    if vectors is None or vectors.dim() != 2 or not vectors.is_floating_point():
+        problems.append("'class_vectors' must be a floating-point (classes, hidden) tensor")
+    elif labels and vectors.shape[0] != len(labels):
+        problems.append(f"{vectors.shape[0]} class vectors for {len(labels)} labels in {META_NAME}")
+    elif model is not None and vectors.shape[1] != model.get_input_embeddings().weight.shape[1]:
+        problems.append(
+            f"{vectors.shape[1]}-dimensional class vectors, but the model's hidden size is "
+            f"{model.get_input_embeddings().weight.shape[1]} (made for another model)"
+        )
+    if bias is not None and (vectors is None or bias.shape != vectors.shape[:1]):
+        problems.append(f"'class_bias' has shape {tuple(bias.shape)}, expected one number per class vector")
+    if problems:
+        raise PromptFormatError(
+            f"{path}: " + "; ".join(problems) + ". Re-save the prompt or restore it from a checkpoint."
+        )
+    check_finite(vectors, f"class vectors at {path}")
+    return {k: v.float() for k, v in tensors.items()}
 
 
 # A trained prompt's vectors stay within a few times the model's token vectors (high learning rates

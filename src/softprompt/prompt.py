@@ -12,8 +12,9 @@ from torch import nn
 from softprompt.config import InitMethod, PromptConfig, PromptKind
 from softprompt.deep import DeepPrompt, KVShape
 from softprompt.errors import ModelMismatchError, UsageError
+from softprompt.learned import ClassHead
 from softprompt.meta import PromptMeta
-from softprompt.peft_format import check_finite, read_prompt_folder, write_prompt_folder
+from softprompt.peft_format import check_finite, read_prompt_files, write_prompt_folder
 from softprompt.prompt_init import initial_weight
 
 
@@ -37,6 +38,7 @@ class SoftPrompt(nn.Module):
         # fp32 master copy: a bf16 prompt trained at lr ~0.1-1 loses most of each update to rounding.
         self.weight = nn.Parameter(weight.detach().to(torch.float32).clone())
         self.meta = meta or PromptMeta()
+        self.classes: ClassHead | None = None  # a learned verbalizer's class vectors (scoring=learned)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -66,6 +68,7 @@ class SoftPrompt(nn.Module):
     def frozen_copy(self, device: torch.device | str) -> SoftPrompt:
         """A detached copy on ``device`` that takes no gradient (what the prompt store keeps)."""
         copy = SoftPrompt(self.weight.detach().to(device), self.meta)
+        copy.classes = None if self.classes is None else self.classes.frozen_copy(device)
         copy.requires_grad_(False)
         return copy
 
@@ -106,7 +109,10 @@ def save_prompt(prompt: AnyPrompt, path: str | os.PathLike, model: nn.Module | N
     With ``model`` given, its dimensions and embedding fingerprint are recorded so that loading on
     the wrong model is refused. See :func:`softprompt.peft_format.write_prompt_folder`.
     """
-    return write_prompt_folder(prompt.weight.detach(), prompt.meta, path, model)
+    classes = getattr(prompt, "classes", None)
+    return write_prompt_folder(
+        prompt.weight.detach(), prompt.meta, path, model, None if classes is None else classes.tensors()
+    )
 
 
 def load_prompt(
@@ -119,12 +125,15 @@ def load_prompt(
     and, where the prompt carries a fingerprint, the base model too (``check_model=False`` skips the
     fingerprint check).
     """
-    weight, meta = read_prompt_folder(path, model, check_model)
+    weight, meta, classes = read_prompt_files(path, model, check_model)
     if meta.deep is None:
-        return SoftPrompt(weight, meta)
-    prompt = DeepPrompt(weight, KVShape.from_dict(meta.deep, str(path)), meta)
-    if model is not None:
-        prompt.check_model(model, f"prompt at {path}")
+        prompt: AnyPrompt = SoftPrompt(weight, meta)
+    else:
+        prompt = DeepPrompt(weight, KVShape.from_dict(meta.deep, str(path)), meta)
+        if model is not None:
+            prompt.check_model(model, f"prompt at {path}")
+    if classes is not None:
+        prompt.classes = ClassHead.from_tensors(classes)
     return prompt
 
 

@@ -47,7 +47,7 @@ from softprompt.batching import (
     pass_bytes,
 )
 from softprompt.deep import DeepPrompt
-from softprompt.errors import ConfigError
+from softprompt.errors import ConfigError, UsageError
 from softprompt.model import PromptedLM
 from softprompt.prefix import InputContext, PromptPrefix
 from softprompt.prompt import SoftPrompt
@@ -130,17 +130,50 @@ def label_scores(
             "prompt_lengths": None if lengths is None else lengths[batch],
         }
         if any(t.num_nodes for t in tries):  # labels continue the inputs: keep their keys and values
-            logits, context = prompted(ids, mask, positions="last", return_context=True, **kwargs)
+            hidden, context = prompted(
+                ids, mask, positions="last", return_context=True, output=_same, **kwargs
+            )
         else:
-            logits, context = prompted(ids, mask, positions="last", **kwargs), None  # (B, V)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        got = [logp[b, torch.tensor(t.first_tokens, device=logp.device)] for b, t in enumerate(tries)]
+            hidden, context = prompted(ids, mask, positions="last", output=_same, **kwargs), None  # (B, D)
+        got = last_position_scores(prompted, hidden, [spaces[i] for i in batch])
         if context is not None:
             rest = continuation_scores(prompted, context, tries, budget)
-            got = [g + r for g, r in zip(got, rest, strict=True)]
+            got = [g if spaces[i].learned else g + r for i, g, r in zip(batch, got, rest, strict=True)]
         for i, s in zip(batch, got, strict=True):
             scores[i] = s
     return scores
+
+
+def _same(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+def last_position_scores(
+    prompted: PromptedLM, hidden: torch.Tensor, spaces: Sequence[LabelSpace]
+) -> list[torch.Tensor]:
+    """Per row, what its last position's final hidden state ``hidden[b]`` scores: each label's first
+    token's log-probability (the LM head, once for all such rows), or a ``learned`` space's class
+    log-softmax (its class vectors, once per distinct head)."""
+    got: list[torch.Tensor] = [torch.empty(0)] * len(spaces)
+    words = [b for b, sp in enumerate(spaces) if not sp.learned]
+    if words:
+        logp = F.log_softmax(prompted.logits_from_hidden(hidden[words]).float(), dim=-1)
+        for k, b in enumerate(words):
+            got[b] = logp[k, torch.tensor(spaces[b].trie.first_tokens, device=logp.device)]
+    by_head: dict[int, list[int]] = {}
+    for b, sp in enumerate(spaces):
+        if sp.learned:
+            if sp.head is None:
+                raise UsageError(
+                    "scoring=learned needs the class vectors saved with the prompt (verbalizer.safetensors); "
+                    "this label space has none"
+                )
+            by_head.setdefault(id(sp.head), []).append(b)
+    for rows in by_head.values():
+        scores = spaces[rows[0]].head.scores(prompted, hidden[rows])
+        for k, b in enumerate(rows):
+            got[b] = scores[k]
+    return got
 
 
 # ---------------------------------------------------------------------------- the label trie
@@ -324,7 +357,7 @@ def check_training_memory(
 def scoring_rows(ids: list[int], space: LabelSpace) -> list[tuple[list[int], list[int], tuple | None]]:
     """The rows that score one input in the plain form: ``(token ids, scored positions, target
     tokens or None)``; a ``sequence`` input gets one row per class."""
-    if space.mode == "first_token":
+    if space.mode in ("first_token", "learned"):
         return [(ids, [len(ids) - 1], None)]
     n = len(ids)
     return [(ids + list(word), list(range(n - 1, n + len(word) - 1)), word) for word in space.label_ids]
@@ -349,18 +382,21 @@ def _row_scores(prompted, inputs, spaces, pad_id, prompts, index, lengths, batch
         # (B, K) scored positions; short rows repeat their last position (ignored below).
         pos = torch.tensor([rows[r][2] + rows[r][2][-1:] * (K - len(rows[r][2])) for r in chunk])
         items = torch.tensor([rows[r][0] for r in chunk])
-        logits = prompted(
+        hidden = prompted(
             ids,
             mask,
             positions=pos,
             prompt_index=None if index is None else index[items],
             prompt_lengths=None if lengths is None else lengths[items],
+            output=_same,
             **prompts,
-        )  # (B, K, V)
-        logp = F.log_softmax(logits.float(), dim=-1)
+        )  # (B, K, D)
+        logp = F.log_softmax(prompted.logits_from_hidden(hidden).float(), dim=-1)  # (B, K, V)
         for b, r in enumerate(chunk):
             item, _, positions, targets = rows[r]
-            if targets is None:  # first_token: every class's first token at the last input position
+            if spaces[item].learned:
+                per_row[r] = last_position_scores(prompted, hidden[b, :1], [spaces[item]])[0]
+            elif targets is None:  # first_token: every class's first token at the last input position
                 firsts = torch.tensor([w[0] for w in spaces[item].label_ids], device=logp.device)
                 per_row[r] = logp[b, 0, firsts]
             else:

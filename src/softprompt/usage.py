@@ -76,6 +76,7 @@ class PromptUsage:
         verbalizer: str | dict | list | None = None,
         chat: bool | None = None,
         read_labels: bool = True,
+        classes=None,
     ) -> PromptUsage:
         """The usage a prompt's ``meta`` (a :class:`~softprompt.meta.PromptMeta`, or None) records.
 
@@ -87,6 +88,8 @@ class PromptUsage:
             verbalizer: overrides the recorded label words (``"0=negative,1=positive"``, a dict or a list).
             chat: overrides the recorded chat flag (e.g. ``softprompt export-embeds --chat_template true``).
             read_labels: read (and check) the label words; False for generation, which needs none.
+            classes: the prompt's learned verbalizer (a :class:`~softprompt.learned.ClassHead`), which
+                a ``scoring: learned`` prompt is scored by.
         """
         chat = trained_on_chat_template(meta) if chat is None else chat
         if isinstance(template, Template):
@@ -98,14 +101,22 @@ class PromptUsage:
         if not spec or tokenizer is None or not read_labels:
             return cls(used, None, None, (), tokenizer)
         words = Verbalizer.parse(spec)
-        labels = words.label_space(tokenizer, getattr(meta, "scoring", None) or "auto")
+        scoring = getattr(meta, "scoring", None) or "auto"
+        if scoring == "learned" and classes is None:
+            raise UsageError(
+                "this prompt was trained with a learned verbalizer (scoring=learned) but its class vectors "
+                "are not loaded; load the prompt with softprompt.load_prompt (it reads verbalizer.safetensors)"
+            )
+        labels = words.label_space(tokenizer, scoring).with_head(classes if scoring == "learned" else None)
         head = used.head_ids(tokenizer) if used is not None else ()
         return cls(used, words, labels, head, tokenizer)
 
     @classmethod
     def from_prompt(cls, prompt, tokenizer, **overrides) -> PromptUsage:
         """:meth:`from_meta` of a :class:`~softprompt.prompt.SoftPrompt` (a tensor or None has no meta)."""
-        return cls.from_meta(getattr(prompt, "meta", None), tokenizer, **overrides)
+        return cls.from_meta(
+            getattr(prompt, "meta", None), tokenizer, classes=getattr(prompt, "classes", None), **overrides
+        )
 
     # ------------------------------------------------------------------ reading
     @property

@@ -9,15 +9,20 @@ picks words whose first tokens differ, so one forward pass scores every class.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from softprompt.config import ScoringMode, allowed
 from softprompt.errors import UsageError
+
+if TYPE_CHECKING:
+    from softprompt.learned import ClassHead
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +36,42 @@ class LabelSpace:
       input position. Needs words whose first tokens differ.
     * ``sequence``: rank classification; the summed log-probability of each word's full token
       sequence appended to the input (one row per class). Works for any words.
+    * ``learned``: one pass; a trainable vector per class (``head``, a
+      :class:`~softprompt.learned.ClassHead`) against the last hidden state, log-softmax over the
+      classes. The words only initialise the vectors.
     """
 
     label_ids: tuple[tuple[int, ...], ...]
     mode: str
+    head: ClassHead | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.label_ids)
 
+    @property
+    def learned(self) -> bool:
+        return self.mode == "learned"
+
+    def with_head(self, head: ClassHead | None) -> LabelSpace:
+        """This space scored by ``head``'s class vectors (a ``learned`` space needs one)."""
+        if head is not None and head.num_classes != self.num_classes:
+            raise UsageError(
+                f"the learned verbalizer has {head.num_classes} class vectors but the labels are "
+                f"{self.num_classes}; a learned verbalizer is used with the labels it was trained on"
+            )
+        return dataclasses.replace(self, head=head)
+
+    def subset(self, classes: list[int]) -> LabelSpace:
+        """The space of the classes ``classes`` only, in that order (sampled label sets)."""
+        return LabelSpace(tuple(self.label_ids[c] for c in classes), self.mode)
+
     @functools.cached_property
     def trie(self) -> LabelTrie:
-        """The scored token sequences as a prefix tree (first tokens only in ``first_token`` mode)."""
+        """The scored token sequences as a prefix tree (first tokens only in ``first_token`` mode;
+        empty for ``learned``, which scores no label token)."""
+        if self.mode == "learned":
+            return LabelTrie(())
         return LabelTrie(
             tuple(w[:1] for w in self.label_ids) if self.mode == "first_token" else self.label_ids
         )
@@ -223,7 +252,7 @@ class Verbalizer:
             )
         if requested == "auto":
             return "first_token" if distinct else "sequence"
-        return requested
+        return requested  # sequence or learned: any words
 
     def label_space(self, tokenizer, scoring: str = "auto") -> LabelSpace:
         """The words as token ids with the scoring mode (``auto``: first_token where it can tell them apart)."""

@@ -189,3 +189,40 @@ def test_mixed_generation_equals_separate_runs(llama, tmp_path, use_prefix):
         alone = Generator(store.prompted, store.tokenizer, e.prompt).generate([t], max_new_tokens=6)
         assert got.tokens == alone.tokens[0] and got.finish_reason == alone.finish_reasons[0]
         assert got.prompt_tokens == len(make_tokenizer()(e.usage.template.render(t))["input_ids"])
+
+
+def test_a_learned_verbalizer_serves_in_mixed_batches_as_the_plain_model_scores_it(llama, tmp_path):
+    """A prompt with class vectors (scoring=learned) beside word-scored tasks: each of its rows equals
+    the plain HF model with its LM head replaced by the class vectors and biases."""
+    import copy
+
+    from softprompt import save_prompt
+    from softprompt.learned import ClassHead
+
+    prompt = task_prompt("topic", P=6, seed=7)
+    prompt.meta.scoring = "learned"
+    g = torch.Generator().manual_seed(3)
+    prompt.classes = ClassHead(torch.randn(3, 32, generator=g), torch.randn(3, generator=g))
+    save_prompt(prompt, tmp_path / "store" / "learned", llama)
+    store = make_store(tmp_path / "store", llama)
+    names = ["learned", "sentiment", "quality", "learned"]
+    pairs = [(n, t) for t in TEXTS for n in names]
+    logps = score_mixed(store, [store.get(n) for n, _ in pairs], [t for _, t in pairs], batch_size=5)
+    plain = copy.deepcopy(llama)
+    plain.lm_head = torch.nn.Linear(32, 3)
+    plain.lm_head.weight.data, plain.lm_head.bias.data = prompt.classes.vectors.clone(), prompt.classes.bias.clone()
+    clf = Classifier(store.prompted.model, store.tokenizer, store.get("learned").prompt)
+    emb = llama.get_input_embeddings()
+    for (name, text), logp in zip(pairs, logps, strict=True):
+        if name != "learned":
+            continue
+        row = encode_text(store.tokenizer, clf.template, text, 256)[0]
+        x = torch.cat([prompt.weight, emb(torch.tensor(row))])
+        with torch.no_grad():
+            want = plain(inputs_embeds=x[None]).logits[0, -1].log_softmax(-1)
+        torch.testing.assert_close(logp, want, atol=ATOL, rtol=0)
+    for name in ["sentiment", "quality"]:
+        ours = torch.stack([lp.softmax(0) for (n, _), lp in zip(pairs, logps, strict=True) if n == name])
+        torch.testing.assert_close(ours, separate_probs(store, name, TEXTS), atol=ATOL, rtol=0)
+    out = classify_mixed(store, ["learned"], TEXTS[:1])
+    assert sorted(out[0]["scores"]) == ["b", "s", "t"]

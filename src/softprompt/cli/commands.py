@@ -200,6 +200,13 @@ def cmd_info(path: str, as_json: bool) -> None:
                    "layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim}  # fmt: skip
     else:
         summary = {"kind": "input (vectors before the input embeddings; PEFT PROMPT_TUNING)", **summary}
+    summary["scoring"] = meta.scoring
+    if prompt.classes is not None:  # a learned verbalizer: one vector and bias per class, beside the prompt
+        c = prompt.classes
+        summary["learned_verbalizer"] = (
+            f"{c.num_classes} classes x ({c.dim} + 1) numbers (verbalizer.safetensors)"
+        )
+        summary["trainable_parameters"] += c.vectors.numel() + c.num_classes
     if as_json:
         print(json.dumps(summary, indent=2))
         return

@@ -82,10 +82,20 @@ def load_checkpoint(
                 f"resume with --reparam {made}, or use a new output_dir"
             ]  # fmt: skip
         )
+    saved = load_prompt(folder / "prompt", model)
+    if (saved.classes is None) != (prompt.classes is None):
+        raise ConfigError(
+            [
+                f"the checkpoint in {folder} was trained {'with' if saved.classes is not None else 'without'} a "
+                "learned verbalizer but this run has the other; resume with the run's original --scoring, or "
+                "use a new output_dir"
+            ]  # fmt: skip
+        )
+    if prompt.classes is not None:
+        prompt.classes.copy_(saved.classes)
     if reparam is not None:
         reparam.load(folder / REPARAM_FILE)  # the base vectors and the MLP; prompt/ is their output
     else:
-        saved = load_prompt(folder / "prompt", model)
         if saved.weight.shape != prompt.weight.shape:
             raise ConfigError(
                 [

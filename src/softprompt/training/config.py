@@ -132,11 +132,16 @@ class OptimArgs(Settings):
     sensitive to lr and init); the saved prompt is its output, a plain P x D prompt. Input prompts only."""
     reparam_hidden: int = 256
     """reparam=residual: width of the MLP's hidden layer."""
+    verbalizer_lr: float = 0.001
+    """scoring=learned: learning rate of the class vectors and biases (same schedule as lr). Far below a
+    prompt's: a class vector's change moves its logit directly, by about lr x the hidden state's size."""
 
     def check(self) -> list[str]:
         problems = at_least(self, 1, ("max_steps", "batch_size", "grad_accum", "reparam_hidden"))
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"lr must be a positive number, got {self.lr}")
+        for name in ("lr", "verbalizer_lr"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                problems.append(f"{name} must be a positive number, got {value}")
         return problems + at_least(self, 0, ("warmup_steps", "max_grad_norm"))
 
 
@@ -152,14 +157,21 @@ class TaskArgs(Settings):
     loss: str = one_of(Loss, "class")
     """class: cross-entropy over the label words only; lm: next-token loss over the full vocabulary."""
     scoring: str = one_of(ScoringMode, "auto")
-    """How label words are scored: first_token (one pass), sequence (rank classification) or auto."""
+    """How label words are scored: first_token (one pass), sequence (rank classification), learned (a
+    trainable vector per class, initialised from the words: one pass at any number of classes) or auto
+    (first_token where the words' first tokens differ; else learned with 10+ classes and 8+ training
+    rows per class, sequence otherwise; the log says which and why)."""
+    label_samples: int = 16
+    """scoring=sequence, training: each step scores the batch's gold labels plus this many others,
+    sampled, with the correction that keeps the loss an estimate of the full one (0: every label,
+    the exact loss). Evaluation always scores every label."""
     target_column: str | None = None
     """task=generation: the target text column; default: target/output/ref/response/... in the file."""
     max_target_length: int = 64
     """task=generation: longest target in tokens; longer ones are truncated (without EOS) and counted."""
 
     def check(self) -> list[str]:
-        return at_least(self, 1, ("max_target_length",))
+        return at_least(self, 1, ("max_target_length",)) + at_least(self, 0, ("label_samples",))
 
 
 @dataclass

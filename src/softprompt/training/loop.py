@@ -33,6 +33,7 @@ from softprompt.config import Optimizer, PromptConfig, Reparam, Schedule
 from softprompt.errors import SoftpromptError, TrainingInterrupted
 from softprompt.hf_parts import enable_activation_checkpointing
 from softprompt.initialize import initialize_prompt
+from softprompt.learned import ClassHead
 from softprompt.loading import load_model
 from softprompt.locking import folder_lock
 from softprompt.model import PromptedLM
@@ -67,7 +68,9 @@ def lr_at(step: int, optim: OptimArgs) -> float:
     return optim.lr
 
 
-def make_optimizer(params: list[torch.Tensor], optim: OptimArgs) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.Tensor] | list[dict], optim: OptimArgs) -> torch.optim.Optimizer:
+    """AdamW or Adafactor over ``params`` (tensors, or param groups; a group's ``lr_scale`` multiplies
+    the scheduled lr for it)."""
     if optim.optimizer == Optimizer.ADAFACTOR:
         return torch.optim.Adafactor(params, lr=optim.lr, weight_decay=optim.weight_decay)
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
@@ -153,7 +156,7 @@ def fit(
         t0 = time.perf_counter()
         lr = lr_at(step, optim)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss_sum, tokens = 0.0, 0
         accum = optim.grad_accum
@@ -236,8 +239,9 @@ class Run:
 
     @property
     def params(self) -> list[torch.Tensor]:
-        """Every tensor the optimizer updates: the prompt's weight, and the MLP's with ``reparam``."""
-        return self.reparam.trainable() if self.reparam is not None else [self.prompt.weight]
+        """Every tensor the optimizer updates: the prompt's weight (and the MLP's with ``reparam``), and a
+        learned verbalizer's class vectors and biases."""
+        return trainable_tensors(self.prompt, self.reparam)
 
     def trained(self) -> torch.Tensor | AnyPrompt:
         """What each micro-batch's loss uses: the prompt, or the MLP's (P, D) output (with its graph)."""
@@ -245,7 +249,25 @@ class Run:
 
     def current(self) -> AnyPrompt:
         """The prompt as the model sees it now: what validation scores and what is saved."""
-        return self.reparam.collapsed() if self.reparam is not None else self.prompt
+        if self.reparam is None:
+            return self.prompt
+        collapsed = self.reparam.collapsed()
+        collapsed.classes = self.prompt.classes
+        return collapsed
+
+
+def param_groups(trainable: list[torch.Tensor], prompt: AnyPrompt, cfg: TrainConfig) -> list[dict]:
+    """The optimizer's groups: the prompt (or its MLP) at ``lr``, class vectors at ``verbalizer_lr``."""
+    if prompt.classes is None:
+        return [{"params": trainable}]
+    return [{"params": trainable[:-2]}, {"params": trainable[-2:], "lr_scale": cfg.verbalizer_lr / cfg.lr}]
+
+
+def trainable_tensors(prompt: AnyPrompt, reparam: ResidualPrompt | None) -> list[torch.Tensor]:
+    """What a run trains, in the optimizer's (and checkpoints') order: the prompt or its MLP, then a
+    learned verbalizer's class vectors and biases."""
+    tensors = reparam.trainable() if reparam is not None else [prompt.weight]
+    return tensors + ([] if prompt.classes is None else [prompt.classes.vectors, prompt.classes.bias])
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -264,7 +286,7 @@ def setup(cfg: TrainConfig) -> Run:
     reparam = (
         ResidualPrompt(prompt, cfg.reparam_hidden, cfg.seed) if cfg.reparam == Reparam.RESIDUAL else None
     )
-    trainable = reparam.trainable() if reparam is not None else [prompt.weight]
+    trainable = trainable_tensors(prompt, reparam)
     for p in trainable:
         ctx.broadcast_(p.data)  # seeded, so already equal; rank 0's copy is the reference
     initial = prompt.frozen_copy(prompt.weight.device)  # before any step: the untrained baseline
@@ -281,7 +303,7 @@ def setup(cfg: TrainConfig) -> Run:
         log.info("fsdp with %s attention: the prompt runs in front of every row (the shared prompt "
                  "prefix needs eager or sdpa attention)", prompted.attention_implementation)  # fmt: skip
         prompted.shared_prefix = False
-    optimizer = make_optimizer(trainable, cfg.optim)
+    optimizer = make_optimizer(param_groups(trainable, prompt, cfg), cfg.optim)
     if ctx.is_main:  # the first write: settings, data, model and prompt are all good by now
         if cfg.overwrite:
             gone = clear_run(out)
@@ -292,7 +314,14 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg, out, ctx, task, model, prompted, prompt, initial, optimizer, new_state(), settings,
               reparam=reparam)  # fmt: skip
     n_base, n_trained = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable)
-    mlp = f" + {n_trained - prompt.weight.numel()} residual MLP (h={cfg.reparam_hidden})" if reparam else ""
+    classes = 0 if prompt.classes is None else prompt.classes.vectors.numel() + prompt.classes.num_classes
+    mlp = (
+        f" + {n_trained - prompt.weight.numel() - classes} residual MLP (h={cfg.reparam_hidden})"
+        if reparam
+        else ""
+    )
+    if classes:
+        mlp += f" + {classes} learned verbalizer ({prompt.classes.num_classes} classes x ({prompt.classes.dim} + 1))"
     log.info("trainable parameters: %d (%d x %d prompt%s) of %d in the model (%.4f%%); %s",
              n_trained, prompt.num_virtual_tokens, prompt.token_dim, mlp, n_base, 100 * n_trained / n_base,
              task.describe())  # fmt: skip
@@ -332,6 +361,9 @@ def make_prompt(cfg: TrainConfig, task: Task, model, tokenizer) -> AnyPrompt:
         log.info("init: the template's words do not suit text init here; using vocab init instead")
         prompt = initialize_prompt(replace(prompt_cfg, init="vocab", init_text=None), model, tokenizer)
     task.annotate(prompt.meta)  # template, label words, verbalizer: what using the prompt needs
+    if getattr(task, "mode", None) == "learned":  # class vectors from the label words' output embeddings
+        prompt.classes = ClassHead.from_label_ids(model, task.space.label_ids).to(prompt.weight.device)
+        task.bind_head(prompt.classes)
     return prompt
 
 

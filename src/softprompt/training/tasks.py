@@ -12,6 +12,9 @@ prompt). Two tasks exist:
 from __future__ import annotations
 
 import logging
+import math
+import random
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
@@ -175,6 +178,59 @@ def encode(
     return Encoded(rows, [verbalizer.index(ex.label) for ex in examples], examples)
 
 
+# scoring=auto picks a learned verbalizer (over sequence scoring) from this many classes with this
+# many training rows per class (median): fewer classes are cheap to score by their words, and fewer
+# rows cannot train C x D class vectors.
+LEARNED_MIN_CLASSES = 10
+LEARNED_MIN_ROWS = 8
+
+
+def choose_scoring(requested: str, verbalizer: Verbalizer, tokenizer, counts: Counter, samples: int) -> str:
+    """The scoring mode of a training run (``auto``: decided from the words and the data, and logged)."""
+    mode = verbalizer.scoring_mode(tokenizer, "sequence" if requested == "learned" else requested)
+    if requested != "auto":
+        return requested
+    C = len(verbalizer.labels)
+    if mode == "first_token":
+        log.info("scoring auto: first_token (the %d label words' first tokens differ: one pass per row)", C)
+        return mode
+    rows = statistics.median(counts[lab] for lab in verbalizer.labels)
+    if C >= LEARNED_MIN_CLASSES and rows >= LEARNED_MIN_ROWS:
+        log.info(
+            "scoring auto: learned. The %d label words share first tokens, so first_token cannot tell them "
+            "apart, and sequence scoring runs every label's tokens after every row; with %g training rows per "
+            "class (median) a learned verbalizer is trained instead: one vector per class, initialised from "
+            "its words, scored in one pass per row (%d x %s more numbers to save). --scoring sequence keeps "
+            "rank classification by the words", C, rows, C, "hidden",
+        )  # fmt: skip
+        return "learned"
+    why = (
+        f"only {C} classes" if C < LEARNED_MIN_CLASSES
+        else f"only {rows:g} training rows per class (median), too few to train class vectors"
+    )  # fmt: skip
+    sampled = (
+        f"; training scores each batch's labels plus {samples} sampled others" if 0 < samples < C else ""
+    )
+    log.info("scoring auto: sequence (the label words share first tokens; %s, so rank classification by "
+             "the words%s)", why, sampled)  # fmt: skip
+    return "sequence"
+
+
+def sample_classes(gold: list[int], num_classes: int, k: int, seed: str) -> tuple[list[int], list[float]]:
+    """The classes a step scores: the batch's gold classes, then ``k`` others drawn uniformly without
+    replacement, and each one's log inclusion probability (0 for the gold ones, always included).
+
+    Subtracting those from the scores before the softmax weighs each sampled class by 1 / its chance of
+    being drawn, so the sum of exponentials estimates the full one's (the loss is then an estimate of
+    the full cross-entropy; exact when ``k`` covers every other class)."""
+    kept = sorted(set(gold))
+    others = [c for c in range(num_classes) if c not in set(kept)]
+    if k <= 0 or k >= len(others):
+        return kept + others, [0.0] * num_classes
+    drawn = sorted(random.Random(seed).sample(others, k))
+    return kept + drawn, [0.0] * len(kept) + [math.log(k / len(others))] * k
+
+
 def evaluate_split(prompted, prompt, data: Encoded, space: LabelSpace, pad_id: int, verbalizer: Verbalizer,
                    batch_size: int, desc: str | None = None) -> dict:  # fmt: skip
     """Accuracy, macro-F1, per-class figures and confusion matrix of ``prompt`` on encoded rows."""
@@ -215,7 +271,10 @@ class ClassificationTask:
         if cfg.verbalizer == "auto":  # words with distinct first tokens where possible (logged)
             self.verbalizer = v = auto_verbalizer(v.labels, tokenizer)
         self.pad_id = tokenizer.pad_token_id
-        self.space = v.label_space(tokenizer, cfg.scoring)
+        self.space = v.label_space(
+            tokenizer, choose_scoring(cfg.scoring, v, tokenizer, self.counts, cfg.label_samples)
+        )
+        self.start_head = None  # scoring=learned: the class vectors before training (set by bind_head)
         self.train_set = encode(self.train_ex, tokenizer, self.template, v, cfg, "train")
         self.val_set = encode(self.val_ex, tokenizer, self.template, v, cfg, "validation")
         self.test_set = (
@@ -239,7 +298,23 @@ class ClassificationTask:
     def mode(self) -> str:
         return self.space.mode
 
+    def bind_head(self, head) -> None:
+        """Train ``head`` (a :class:`~softprompt.learned.ClassHead`, scoring=learned): the loss uses it,
+        and a prompt without class vectors of its own (zero-shot) is scored by its values now."""
+        self.space = self.space.with_head(head)
+        self.start_head = head.frozen_copy()
+
+    def space_for(self, prompt) -> LabelSpace:
+        """The label space ``prompt`` is scored in: its own class vectors where it has them."""
+        if not self.space.learned:
+            return self.space
+        classes = getattr(prompt, "classes", None)
+        return self.space.with_head(classes if classes is not None else self.start_head)
+
     def describe(self) -> str:
+        if self.mode == "sequence" and 0 < self.cfg.label_samples < self.space.num_classes - 1:
+            return (f"scoring sequence (training: each batch's labels + {self.cfg.label_samples} sampled), "
+                    f"loss {self.cfg.loss}")  # fmt: skip
         return f"scoring {self.mode}, loss {self.cfg.loss}"
 
     def annotate(self, meta: PromptMeta) -> None:
@@ -263,11 +338,21 @@ class ClassificationTask:
         if not self.memory_checked:  # before the first step's forward pass
             self.memory_checked = self.check_memory(prompted.shape(), prompted.device)
         rows = [self.train_set.rows[i] for i in idx]
-        gold = torch.tensor([self.train_set.gold[i] for i in idx], device=prompted.device)
-        scores = class_scores(prompted, rows, self.space, self.pad_id, prompt)  # (B, C) log-probs
+        gold_ids = [self.train_set.gold[i] for i in idx]
+        space, weight = self.space, self.class_weight
+        if space.mode == "sequence" and self.cfg.label_samples:  # the batch's labels + sampled others
+            k = 0 if self.cfg.loss == "lm" else self.cfg.label_samples  # lm: the gold words alone
+            classes, log_q = sample_classes(gold_ids, space.num_classes, k, f"{self.cfg.seed}:{idx}")
+            space, where = space.subset(classes), {c: j for j, c in enumerate(classes)}
+            gold_ids = [where[g] for g in gold_ids]
+            weight = None if weight is None else weight[classes]
+        gold = torch.tensor(gold_ids, device=prompted.device)
+        scores = class_scores(prompted, rows, space, self.pad_id, prompt)  # (B, C) log-probs
         # class: softmax over the label words only; lm: the gold word's log-prob over the vocabulary
-        weight = None if self.class_weight is None else self.class_weight.to(scores.device)
+        weight = None if weight is None else weight.to(scores.device)
         if self.cfg.loss == "class":
+            if space is not self.space and any(log_q):  # sampled: each drawn class counts 1 / its chance
+                scores = scores - torch.tensor(log_q, device=scores.device)
             loss = F.cross_entropy(scores, gold, weight=weight)
         else:
             nll = -scores.gather(1, gold[:, None])[:, 0]
@@ -276,7 +361,7 @@ class ClassificationTask:
 
     def evaluate(self, prompted: PromptedLM, prompt, split: str, desc: str | None = None) -> dict:
         data = self.val_set if split == "validation" else self.test_set
-        return evaluate_split(prompted, prompt, data, self.space, self.pad_id, self.verbalizer,
+        return evaluate_split(prompted, prompt, data, self.space_for(prompt), self.pad_id, self.verbalizer,
                               self.cfg.eval_batch_size, desc)  # fmt: skip
 
     @staticmethod

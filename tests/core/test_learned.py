@@ -1,0 +1,156 @@
+"""The learned verbalizer (scoring=learned): its start equals first-token scoring, its scores equal an
+independent reference, mixed batches equal separate runs, and its class vectors are saved beside the
+prompt (which PEFT still loads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from helpers.scoring import SHARED, rows_of
+from helpers.tiny import tiny_gpt2, tiny_llama
+from softprompt import PromptedLM, SoftPrompt, load_prompt, save_prompt
+from softprompt.errors import MissingFileError, PromptFormatError, UsageError
+from softprompt.learned import ClassHead
+from softprompt.peft_format import CLASSES_NAME
+from softprompt.scoring import class_scores, label_scores, predict_scores
+from softprompt.usage import PromptUsage
+from softprompt.verbalizer import LabelSpace
+
+ONE_TOKEN = ((11,), (17,), (23,), (40,))
+MULTI = ((10, 11), (10, 13), (20, 5, 6), (7,), (30, 5))
+
+
+def learned(label_ids, model) -> LabelSpace:
+    return LabelSpace(label_ids, "learned").with_head(ClassHead.from_label_ids(model, label_ids))
+
+
+def reference(model, prompt: torch.Tensor | None, row: list[int], label_ids) -> torch.Tensor:
+    """Class log-softmax of the plain HF model's logits, each class the mean of its tokens' logits
+    (for a tied head without bias, h . mean(E[t]) = mean(h . E[t]))."""
+    x = model.get_input_embeddings()(torch.tensor(row))
+    if prompt is not None:
+        x = torch.cat([prompt, x])
+    with torch.no_grad():
+        logits = model(inputs_embeds=x[None]).logits[0, -1].float()
+    return F.log_softmax(torch.stack([logits[list(ids)].mean() for ids in label_ids]), dim=-1)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("labels", [ONE_TOKEN, MULTI], ids=["one-token", "multi-token"])
+def test_untrained_class_vectors_score_as_the_model_does(factory, labels):
+    model = factory()
+    prompted, space = PromptedLM(model), learned(labels, model)
+    prompt = torch.randn(3, model.config.hidden_size) * 0.1
+    rows = rows_of(5, seed=1)
+    got = class_scores(prompted, rows, space, 0, prompt)
+    want = torch.stack([reference(model, prompt, r, labels) for r in rows])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # one-token labels: the class softmax is first-token scoring's, renormalised over the classes
+    if labels is ONE_TOKEN:
+        first = class_scores(prompted, rows, LabelSpace(labels, "first_token"), 0, prompt)
+        torch.testing.assert_close(got, F.log_softmax(first, dim=-1), atol=1e-5, rtol=1e-5)
+    # the cached-prefix path (predict, evaluation) and the plain form agree with the training path
+    cached = predict_scores(prompted, SoftPrompt(prompt), rows, space, 0, batch_size=2)
+    torch.testing.assert_close(cached, got, atol=1e-5, rtol=1e-5)
+    plain = label_scores(prompted, rows, space, 0, prompt=prompt, method="rows", batch_size=3)
+    torch.testing.assert_close(torch.stack(plain), got, atol=1e-5, rtol=1e-5)
+
+
+def test_class_vectors_start_as_the_mean_output_embedding_and_take_gradients():
+    model = tiny_llama()
+    head = ClassHead.from_label_ids(model, MULTI)
+    E = model.get_output_embeddings().weight
+    torch.testing.assert_close(head.vectors[2], E[[20, 5, 6]].mean(0))
+    assert head.bias.abs().max() == 0  # the tiny Llama's head has no bias
+    prompt = torch.nn.Parameter(torch.randn(3, 32) * 0.1)
+    space = LabelSpace(MULTI, "learned").with_head(head)
+    scores = class_scores(PromptedLM(model), rows_of(4, 2), space, 0, prompt)
+    F.cross_entropy(scores, torch.tensor([0, 1, 2, 3])).backward()
+    assert head.vectors.grad.abs().sum() > 0 and head.bias.grad.abs().sum() > 0
+    assert prompt.grad.abs().sum() > 0
+
+
+def test_a_mixed_batch_of_learned_first_token_and_sequence_spaces_equals_separate_runs():
+    model = tiny_llama()
+    prompted = PromptedLM(model)
+    a, b = learned(MULTI, model), learned(ONE_TOKEN, model)
+    b.head.vectors.data += 0.05 * torch.randn_like(b.head.vectors)  # two different heads
+    spaces = [a, LabelSpace(ONE_TOKEN, "first_token"), SHARED, b, a]
+    bank = torch.randn(5, 3, 32) * 0.1
+    rows = rows_of(5, seed=3)
+    mixed = label_scores(prompted, rows, spaces, 0, prompt=bank, prompt_index=list(range(5)))
+    for i, (row, space) in enumerate(zip(rows, spaces, strict=True)):
+        alone = label_scores(prompted, [row], space, 0, prompt=bank[i])[0]
+        torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_class_vectors_are_saved_beside_the_prompt_and_peft_still_loads_it(tmp_path):
+    from peft import PeftModel
+
+    model = tiny_llama()
+    prompt = SoftPrompt(torch.randn(4, 32) * 0.1)
+    prompt.meta.verbalizer = {str(i): f"w{i}" for i in range(len(MULTI))}
+    prompt.meta.scoring = "learned"
+    prompt.classes = ClassHead(torch.randn(len(MULTI), 32), torch.randn(len(MULTI)))
+    save_prompt(prompt, tmp_path / "p", model)
+    assert (tmp_path / "p" / CLASSES_NAME).is_file()
+    back = load_prompt(tmp_path / "p", model)
+    assert torch.equal(back.classes.vectors, prompt.classes.vectors)
+    assert torch.equal(back.classes.bias, prompt.classes.bias)
+    frozen = back.frozen_copy("cpu")
+    assert (
+        torch.equal(frozen.classes.vectors, prompt.classes.vectors)
+        and not frozen.classes.vectors.requires_grad
+    )
+    peft = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "p"))  # the prompt's own files are PEFT's
+    assert torch.equal(peft.prompt_encoder["default"].embedding.weight.detach(), prompt.weight.detach())
+    # the usage of a loaded prompt scores by its class vectors
+    from helpers.tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    prompt.meta.verbalizer = {"a": "film good", "b": "film bad", "c": "food", "d": "good", "e": "bad"}
+    save_prompt(prompt, tmp_path / "q", model)
+    usage = PromptUsage.from_prompt(load_prompt(tmp_path / "q", model), tok)
+    assert usage.labels.learned and torch.equal(usage.labels.head.vectors, prompt.classes.vectors)
+
+
+def test_a_learned_prompt_without_its_class_vectors_is_refused_with_what_to_do(tmp_path):
+    model = tiny_llama()
+    prompt = SoftPrompt(torch.randn(4, 32) * 0.1)
+    prompt.meta.verbalizer, prompt.meta.scoring = {"a": "x", "b": "y"}, "learned"
+    prompt.classes = ClassHead(torch.randn(2, 32))
+    save_prompt(prompt, tmp_path / "p", model)
+    (tmp_path / "p" / CLASSES_NAME).unlink()
+    with pytest.raises(MissingFileError, match="scoring=learned.*Copy the whole prompt folder"):
+        load_prompt(tmp_path / "p", model)
+    prompt.classes = ClassHead(torch.randn(3, 32))  # three vectors for two labels
+    save_prompt(prompt, tmp_path / "q", model)
+    with pytest.raises(PromptFormatError, match="3 class vectors for 2 labels"):
+        load_prompt(tmp_path / "q", model)
+    from helpers.tiny import make_tokenizer
+
+    bare = SoftPrompt(torch.randn(4, 32) * 0.1, prompt.meta)  # made in code, class vectors never set
+    with pytest.raises(UsageError, match="class vectors"):
+        PromptUsage.from_prompt(bare, make_tokenizer())
+    space = LabelSpace(((5,), (6,)), "learned")
+    with pytest.raises(UsageError, match="verbalizer.safetensors"):
+        label_scores(PromptedLM(model), [[3, 4]], space, 0)
+    with pytest.raises(UsageError, match="3 class vectors but the labels are 2"):
+        space.with_head(ClassHead(torch.randn(3, 32)))
+
+
+def test_info_shows_the_learned_verbalizer_and_counts_its_numbers(tmp_path, capsys):
+    import json
+
+    from softprompt.cli.commands import cmd_info
+
+    prompt = SoftPrompt(torch.randn(4, 32) * 0.1)
+    prompt.meta.verbalizer, prompt.meta.scoring = {"a": "x", "b": "y", "c": "z"}, "learned"
+    prompt.classes = ClassHead(torch.randn(3, 32))
+    save_prompt(prompt, tmp_path / "p")
+    cmd_info(str(tmp_path / "p"), as_json=True)
+    info = json.loads(capsys.readouterr().out)
+    assert info["scoring"] == "learned" and info["learned_verbalizer"].startswith("3 classes x (32 + 1)")
+    assert info["trainable_parameters"] == 4 * 32 + 3 * 33
