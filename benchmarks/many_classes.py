@@ -1,23 +1,21 @@
-"""Many classes: TREC's 50 fine-grained question types as multi-word labels, on SmolLM2-135M (CPU).
+"""Many classes at the cost of two: training-step cost against the number of classes, and TREC-50
+accuracy, on SmolLM2-135M (CPU). One run measures, side by side:
 
-Labels such as NUM:dist or HUM:desc are written as words by a table below ("distance",
-"description of a person"); phrases share their first token ("other entity" / "other location"),
-so classes are scored by their whole token sequence (``scoring sequence``). This used to cost one pass
-of input + label per class: training at batch 16 was killed for memory and scoring took seconds per
-row. The label trie (``softprompt.scoring``) runs each input once and each distinct label prefix
-once. One run measures, side by side:
+* **the cost curve.** The same training rows (TREC questions, batch 16, P = 20) labelled four ways:
+  2 classes (NUM or not) and 6 (TREC's coarse types), scored by distinct first tokens; TREC's 50
+  fine types as words ("distance", "description of a person", ...: shared first tokens); and a
+  synthetic 150-class task (each fine type x the question's opening: what / how / other, e.g.
+  "distance, a how question"). Each labelling is trained for ``--cost_steps`` steps with every
+  scoring that applies: ``first_token``, ``learned`` (a class vector per class), ``sequence`` over
+  every label, and ``sequence`` with sampled label sets (``--label_samples``). Each point runs in a
+  process of its own: median step time (forward, backward, optimizer step) and the memory the steps
+  add above the loaded model (peak RSS minus RSS before the first step), plus that peak RSS.
+* **TREC-50 accuracy** with ``train()`` at a fixed step budget, for each of ``--accuracy_scorings``:
+  zero-shot, untrained and trained accuracy and macro-F1 on the 500 test rows, the time of one full
+  test pass with the trained prompt, and the run's peak RSS.
 
-* training with ``softprompt.training.train`` at batch 16: its peak RSS (the process's high-water
-  mark over the whole call: training, validation and the three test evaluations), step time,
-  zero-shot vs trained accuracy and macro-F1 on the test set (500 rows);
-* one full test pass with the trained prompt (seconds);
-* the same ``--speed_rows`` test rows scored the old way (one row per input and class,
-  ``method="rows"``) and through the trie: rows/s of each, the ratio, and the largest difference
-  between their scores;
-* what ``--verbalizer auto`` would choose for the 50 labels (its scoring mode).
-
-    python benchmarks/many_classes.py            # ~20-30 min on 2 cores; writes results/many_classes.json
-    python benchmarks/many_classes.py --smoke    # tiny random model with SmolLM2's tokenizer, well under a minute
+    python benchmarks/many_classes.py           # ~30-40 min on 2 cores; results/many_classes.json and .png
+    python benchmarks/many_classes.py --smoke   # tiny random model with SmolLM2's tokenizer, about a minute
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import json
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from results_io import run_command, utc_now, write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "trec"
 RESULTS = ROOT / "benchmarks" / "results" / "many_classes.json"
+PLOT = ROOT / "benchmarks" / "results" / "many_classes.png"
 TEMPLATE = "Question: {text}\nThe answer is a"
 
 # TREC's fine labels (coarse:fine) as the words that complete "The answer is a ...": one word where one
@@ -65,7 +65,7 @@ WORDS = {
 
 
 def read_trec(path: Path) -> list[dict]:
-    """``fine question...\\tCOARSE`` lines -> ``{"text": question, "label": "COARSE:fine"}``."""
+    """``fine question...\tCOARSE`` lines -> ``{"text": question, "label": "COARSE:fine"}``."""
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -74,6 +74,39 @@ def read_trec(path: Path) -> list[dict]:
         fine, question = head.split(" ", 1)
         rows.append({"text": question.strip(), "label": f"{coarse.strip()}:{fine}"})
     return rows
+
+
+COARSE = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "person", "LOC": "location",
+          "NUM": "number"}  # fmt: skip
+OPENINGS = ("what", "how", "other")
+
+
+def opening(text: str) -> str:
+    first = text.split()[0].lower() if text.split() else ""
+    return "what" if first in ("what", "which") else "how" if first == "how" else "other"
+
+
+def labelling(name: str) -> tuple[dict[str, str], callable]:
+    """A labelling of the TREC rows: ``(label -> words, row -> label)``."""
+    if name == "2":
+        return {
+            "NUM": "number",
+            "other": "thing",
+        }, lambda r: "NUM" if r["label"].startswith("NUM") else "other"
+    if name == "6":
+        return dict(COARSE), lambda r: r["label"].split(":")[0]
+    if name == "50":
+        return dict(WORDS), lambda r: r["label"]
+    words = {f"{fine}|{o}": f"{WORDS[fine]}, a {o} question" for fine in WORDS for o in OPENINGS}
+    return words, lambda r: f"{r['label']}|{opening(r['text'])}"
+
+
+# (labelling, scoring, label_samples) of each point of the cost curve
+POINTS = [
+    ("2", "first_token", 0), ("2", "learned", 0), ("6", "first_token", 0), ("6", "learned", 0),
+    ("50", "sequence", 0), ("50", "sequence", 16), ("50", "learned", 0),
+    ("150", "sequence", 0), ("150", "sequence", 16), ("150", "learned", 0),
+]  # fmt: skip
 
 
 def write_jsonl(rows: list[dict], path: Path) -> str:
@@ -85,136 +118,229 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def cost_point(args) -> dict:
+    """One point of the curve, in this process: ``args.point`` = "labelling,scoring,samples"."""
+    from softprompt.learned import ClassHead
+    from softprompt.loading import load_model
+    from softprompt.model import PromptedLM
+    from softprompt.training import TrainConfig
+    from softprompt.training.tasks import ClassificationTask
+
+    name, scoring, samples = args.point.split(",")
+    words, label_of = labelling(name)
+    rows = read_trec(DATA / "train.txt")
+    random.Random(args.seed).shuffle(rows)
+    rows = [
+        {"text": r["text"], "label": label_of(r)}
+        for r in rows[: args.batch_size * (args.cost_steps + 2) + 40]
+    ]
+    work = Path(tempfile.mkdtemp(prefix="bench-cost-"))
+    cfg = TrainConfig(
+        train_file=write_jsonl(rows[40:], work / "train.jsonl"), validation_file=write_jsonl(rows[:40], work / "v.jsonl"),
+        model=args.model, template=TEMPLATE, verbalizer=words, scoring=scoring, label_samples=int(samples),
+        batch_size=args.batch_size, num_virtual_tokens=args.num_virtual_tokens, device="cpu", output_dir=str(work / "run"),
+    )  # fmt: skip
+    task = ClassificationTask(cfg)
+    model, tokenizer = load_model(args.model, device="cpu")
+    task.prepare(tokenizer)
+    prompted = PromptedLM(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prompt = torch.nn.Parameter(
+        model.get_input_embeddings().weight[1000 : 1000 + args.num_virtual_tokens].detach().clone()
+    )
+    params = [prompt]
+    if scoring == "learned":
+        head = ClassHead.from_label_ids(model, task.space.label_ids)
+        task.bind_head(head)
+        params += [head.vectors, head.bias]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    before = rss_mib()
+    times = []
+    for step in range(args.cost_steps + 2):  # two warm-up steps
+        idx = list(range(step * args.batch_size, (step + 1) * args.batch_size))
+        t0 = time.perf_counter()
+        loss, _ = task.batch_loss(prompted, prompt, idx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return {
+        "labelling": name, "classes": len(words), "scoring": scoring, "label_samples": int(samples),
+        "trie_nodes": task.space.trie.num_nodes,
+        "step_seconds_median": statistics.median(times[2:]), "step_seconds": times[2:],
+        "step_memory_mib": round(peak_rss_mib() - before), "peak_rss_mib": round(peak_rss_mib()),
+    }  # fmt: skip
+
+
+def cost_curve(args) -> list[dict]:
+    points = []
+    for name, scoring, samples in POINTS:
+        cmd = [sys.executable, __file__, "--point", f"{name},{scoring},{samples}", "--model", args.model,
+               "--cost_steps", str(args.cost_steps), "--batch_size", str(args.batch_size),
+               "--num_virtual_tokens", str(args.num_virtual_tokens), "--threads", str(args.threads)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"cost point {name},{scoring},{samples} failed:\n{out.stderr[-3000:]}")
+        point = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {point['classes']:>3} classes, {scoring:<11} samples {samples:>2}: "
+              f"{point['step_seconds_median']:.2f} s/step, +{point['step_memory_mib']} MiB", flush=True)  # fmt: skip
+        points.append(point)
+    base = next(p for p in points if p["classes"] == 2 and p["scoring"] == "first_token")
+    for p in points:
+        p["step_vs_two_class"] = p["step_seconds_median"] / base["step_seconds_median"]
+        p["peak_rss_vs_two_class"] = p["peak_rss_mib"] / base["peak_rss_mib"]
+    return points
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, scoring, samples in [("first token", "first_token", 0), ("learned verbalizer", "learned", 0),
+                                    ("sequence, every label", "sequence", 0), ("sequence, sampled labels", "sequence", 16)]:  # fmt: skip
+        pts = sorted((p for p in points if p["scoring"] == scoring and p["label_samples"] == samples),
+                     key=lambda p: p["classes"])  # fmt: skip
+        if pts:
+            xs = [p["classes"] for p in pts]
+            ax1.plot(xs, [p["step_seconds_median"] for p in pts], "o-", label=label)
+            ax2.plot(xs, [p["peak_rss_mib"] for p in pts], "o-", label=label)
+    for ax, title in ((ax1, "training step (s, median)"), (ax2, "peak RSS (MiB)")):
+        ax.set_xscale("log")
+        ax.set_xticks([2, 6, 50, 150], ["2", "6", "50", "150"])
+        ax.set_xlabel("classes")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    ax1.legend()
+    fig.suptitle("SmolLM2-135M, CPU, batch 16: cost of a training step against the number of classes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def accuracy_run(args, scoring: str, work: Path) -> dict:
+    """TREC-50 with ``train()`` at the step budget; the figures of its three test evaluations."""
+    from softprompt.loading import load_model
+    from softprompt.model import PromptedLM
+    from softprompt.prompt import load_prompt
+    from softprompt.scoring import predict_scores
+    from softprompt.text import Template, encode_text
+    from softprompt.training import TrainConfig, train
+    from softprompt.usage import PromptUsage
+
+    train_rows, dev_rows, test_rows = (read_trec(DATA / f"{s}.txt") for s in ("train", "dev", "test"))
+    random.Random(args.seed).shuffle(dev_rows)
+    dev_rows = dev_rows[: args.val_rows]
+    if args.smoke:
+        random.Random(args.seed).shuffle(train_rows)
+        train_rows, dev_rows, test_rows = train_rows[:200], dev_rows[:20], test_rows[:40]
+    out = work / scoring
+    cfg = TrainConfig(
+        train_file=write_jsonl(train_rows, work / "train.jsonl"), validation_file=write_jsonl(dev_rows, work / "dev.jsonl"),
+        test_file=write_jsonl(test_rows, work / "test.jsonl"), model=args.model, template=TEMPLATE,
+        verbalizer=dict(WORDS), scoring=scoring, label_samples=args.label_samples, num_virtual_tokens=args.num_virtual_tokens,
+        lr=args.lr, verbalizer_lr=args.verbalizer_lr, max_steps=args.max_steps, eval_every=args.eval_every,
+        batch_size=args.batch_size, seed=args.seed, device="cpu", output_dir=str(out),
+    )  # fmt: skip
+    start = time.perf_counter()
+    results = train(cfg)
+    seconds = time.perf_counter() - start
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    model, tokenizer = load_model(args.model, device="cpu")
+    prompt = load_prompt(out / "prompt", model)
+    usage = PromptUsage.from_prompt(prompt, tokenizer)
+    rows = [encode_text(tokenizer, Template(TEMPLATE), r["text"], 256)[0] for r in test_rows]
+    t0 = time.perf_counter()
+    predict_scores(PromptedLM(model), prompt, rows, usage.labels, tokenizer.pad_token_id, batch_size=32)
+    test_pass = time.perf_counter() - t0
+    zero, initial, trained = (results[f"test_{k}"] for k in ("zero_shot", "initial_prompt", "trained"))
+    return {
+        "scoring": results["scoring"],
+        "label_samples": args.label_samples if scoring == "sequence" else None,
+        "zero_shot_accuracy": zero["accuracy"],
+        "zero_shot_macro_f1": zero["macro_f1"],
+        "initial_prompt_accuracy": initial["accuracy"],
+        "initial_prompt_macro_f1": initial["macro_f1"],
+        "trained_accuracy": trained["accuracy"],
+        "trained_macro_f1": trained["macro_f1"],
+        "validation_score": results["validation_score"],
+        "best_step": results["best_step"],
+        "trainable_parameters": results["trainable_parameters"],
+        "step_seconds_median": statistics.median(r["step_seconds"] for r in steps),
+        "train_call_seconds": seconds,
+        "test_pass_seconds": test_pass,
+        "test_rows": len(rows),
+        "weakest_classes": sorted(
+            ((lab, f["f1"]) for lab, f in trained["per_class"].items() if f["support"]), key=lambda x: x[1]
+        )[:5],  # fmt: skip
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--smoke", action="store_true", help="tiny random model, few rows and steps: checks the script"
     )
-    ap.add_argument("--max_steps", type=int, default=150)
+    ap.add_argument("--max_steps", type=int, default=100, help="accuracy runs: optimizer steps")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--eval_every", type=int, default=50)
     ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--verbalizer_lr", type=float, default=0.001)
+    ap.add_argument("--label_samples", type=int, default=16)
     ap.add_argument("--num_virtual_tokens", type=int, default=20)
-    ap.add_argument("--val_rows", type=int, default=300, help="fixed-seed sample of dev.txt for validation")
-    ap.add_argument("--speed_rows", type=int, default=32, help="test rows scored the old way and the new")
+    ap.add_argument("--val_rows", type=int, default=200, help="fixed-seed sample of dev.txt for validation")
+    ap.add_argument("--cost_steps", type=int, default=8, help="timed steps per point of the cost curve")
+    ap.add_argument("--accuracy_scorings", default="learned,sequence", help="comma-separated; empty: none")
+    ap.add_argument("--skip_cost", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scoring", default="sequence", help="sequence, learned, first_token or auto")
-    ap.add_argument("--label_samples", type=int, default=16)
-    ap.add_argument("--verbalizer_lr", type=float, default=0.001)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--point", help=argparse.SUPPRESS)  # one cost point, run in a child process
     args = ap.parse_args()
     if not (DATA / "train.txt").is_file():
         print(f"skipped: {DATA / 'train.txt'} not found (the shared datasets live in ../shared/data)")
         return
     torch.set_num_threads(args.threads)
-    from softprompt.loading import load_model
-    from softprompt.prompt import load_prompt
-    from softprompt.scoring import predict_scores
-    from softprompt.text import Template, encode_text
-    from softprompt.training import TrainConfig, train
-    from softprompt.verbalizer import Verbalizer, auto_verbalizer
-
+    if args.point:
+        print(json.dumps(cost_point(args)))
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-many-classes-"))
-    train_rows, dev_rows, test_rows = (read_trec(DATA / f"{s}.txt") for s in ("train", "dev", "test"))
-    rng = random.Random(args.seed)
-    rng.shuffle(dev_rows)
-    dev_rows = dev_rows[: args.val_rows]
-    model_name = "smollm2"
     if args.smoke:
         from init_ablation import tiny_smollm2_dir
 
-        model_name = tiny_smollm2_dir(work / "tiny")
-        rng.shuffle(train_rows)
-        train_rows, dev_rows, test_rows = train_rows[:200], dev_rows[:20], test_rows[:40]
-        args.max_steps, args.eval_every, args.speed_rows = 4, 2, 4
-    labels = sorted({r["label"] for r in train_rows + dev_rows + test_rows})
-    missing = [lab for lab in labels if lab not in WORDS]
-    if missing:
-        raise SystemExit(f"labels without words in the table: {missing}")
-    verbalizer = {lab: WORDS[lab] for lab in sorted(WORDS) if lab in labels or not args.smoke}
-
-    cfg = TrainConfig(
-        train_file=write_jsonl(train_rows, work / "train.jsonl"),
-        validation_file=write_jsonl(dev_rows, work / "dev.jsonl"),
-        test_file=write_jsonl(test_rows, work / "test.jsonl"),
-        model=model_name, template=TEMPLATE, verbalizer=verbalizer, num_virtual_tokens=args.num_virtual_tokens,
-        lr=args.lr, max_steps=args.max_steps, eval_every=args.eval_every, batch_size=args.batch_size,
-        seed=args.seed, device="cpu", output_dir=str(work / "run"), scoring=args.scoring,
-        label_samples=args.label_samples, verbalizer_lr=args.verbalizer_lr,
-    )  # fmt: skip
-    start = time.perf_counter()
-    results = train(cfg)
-    train_call_seconds = time.perf_counter() - start
-    peak_mib = peak_rss_mib()  # training, validation and the three test passes (nothing else ran yet)
-    steps = [
-        json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
-    ]
-
-    # ---- one full test pass, and old vs new scoring on the same rows, with the trained prompt
-    model, tokenizer = load_model(model_name, device="cpu")
-    prompt = load_prompt(work / "run" / "prompt", model)
-    v = Verbalizer.parse(verbalizer)
-    space = v.label_space(tokenizer)
-    template = Template(TEMPLATE)
-    rows = [encode_text(tokenizer, template, r["text"], 256)[0] for r in test_rows]
-    from softprompt.model import PromptedLM
-
-    prompted = PromptedLM(model)
-    t0 = time.perf_counter()
-    full = predict_scores(prompted, prompt, rows, space, tokenizer.pad_token_id, batch_size=32)
-    test_pass_seconds = time.perf_counter() - t0
-    few = rows[: args.speed_rows]
-    timings: dict[str, float] = {}
-    scores: dict[str, torch.Tensor] = {}
-    for method in ("trie", "rows", "trie"):  # trie twice: the first call also warms up
-        t0 = time.perf_counter()
-        scores[method] = predict_scores(prompted, prompt, few, space, tokenizer.pad_token_id, batch_size=32,
-                                        method=method)  # fmt: skip
-        timings[method] = time.perf_counter() - t0
-    agree = (scores["trie"] - scores["rows"]).abs().max().item()
-    auto = auto_verbalizer(list(verbalizer), tokenizer)
-
-    zero, trained = results["test_zero_shot"], results["test_trained"]
-    figures = {
+        args.model = tiny_smollm2_dir(work / "tiny")
+        args.max_steps, args.eval_every, args.cost_steps = 4, 2, 2
+    figures: dict = {
         "model": "tiny random Llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (fp32)",
-        "classes": len(verbalizer),
-        "scoring": results["scoring"],
-        "label_tokens_max": max(len(w) for w in space.label_ids),
-        "trie_nodes_per_input": space.trie.num_nodes,
-        "test_rows": trained["num_rows"],
-        "zero_shot_accuracy": zero["accuracy"],
-        "zero_shot_macro_f1": zero["macro_f1"],
-        "initial_prompt_accuracy": results["test_initial_prompt"]["accuracy"],
-        "trained_accuracy": trained["accuracy"],
-        "trained_macro_f1": trained["macro_f1"],
-        "validation_score": results["validation_score"],
-        "best_step": results["best_step"],
-        "peak_rss_mib": round(peak_mib),
-        "batch_size": args.batch_size,
-        "steps": results["steps"],
-        "step_seconds_median": statistics.median(r["step_seconds"] for r in steps),
-        "train_seconds": sum(r["step_seconds"] for r in steps),
-        "train_call_seconds": train_call_seconds,
-        "test_pass_seconds": test_pass_seconds,
-        "test_pass_rows": len(rows),
-        "speed_rows": len(few),
-        "old_rows_per_s": len(few) / timings["rows"],
-        "trie_rows_per_s": len(few) / timings["trie"],
-        "trie_speedup_vs_old": timings["rows"] / timings["trie"],
-        "max_score_difference_old_vs_trie": agree,
-        "auto_verbalizer_scoring": auto.label_space(tokenizer).mode,
-        "test_pass_accuracy_check": float((full.argmax(1) == torch.tensor(
-            [v.index(r["label"]) for r in test_rows])).float().mean()),  # fmt: skip
-        "max_steps": args.max_steps, "lr": args.lr, "num_virtual_tokens": args.num_virtual_tokens,
-        "val_rows": len(dev_rows), "threads": args.threads, "template": TEMPLATE,
-        "command": run_command(), "date": utc_now(),
+        "batch_size": args.batch_size, "num_virtual_tokens": args.num_virtual_tokens, "threads": args.threads,
+        "template": TEMPLATE, "command": run_command(), "date": utc_now(),
     }  # fmt: skip
-    print(json.dumps(figures, indent=2))
-    print("auto verbalizer:", auto.as_dict())
+    if not args.skip_cost:
+        print("cost curve (each point in its own process):", flush=True)
+        figures["cost"] = cost_curve(args)
+    figures["accuracy"] = {}
+    for scoring in filter(None, args.accuracy_scorings.split(",")):
+        print(f"TREC-50 accuracy, scoring {scoring}:", flush=True)
+        figures["accuracy"][scoring] = accuracy_run(args, scoring, work)
+        print(json.dumps(figures["accuracy"][scoring], indent=2), flush=True)
+    figures.update(max_steps=args.max_steps, lr=args.lr, verbalizer_lr=args.verbalizer_lr,
+                   label_samples=args.label_samples, val_rows=args.val_rows)  # fmt: skip
     if args.smoke:
+        print(json.dumps(figures.get("cost", []), indent=2))
         print("smoke run: figures not saved to benchmarks/results")
         return
     write_results(RESULTS, figures)
+    if "cost" in figures:
+        plot(figures["cost"], PLOT)
 
 
 if __name__ == "__main__":

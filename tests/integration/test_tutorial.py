@@ -6,6 +6,7 @@ blocks run in-process with the model name swapped for the tiny model's folder.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -61,6 +62,9 @@ def test_tutorial_runs_top_to_bottom(tiny_model_dir, tmp_path, monkeypatch):
         assert done.returncode == 0, f"tutorial block failed:\n{block}\n--- stderr ---\n{done.stderr[-3000:]}"
     assert (tmp_path / "runs/reviews/prompt/adapter_model.safetensors").is_file()
     assert (tmp_path / "runs/reviews/curves.png").is_file()
+    # section 13's twelve classes: no distinct first tokens, enough rows: a learned verbalizer
+    assert json.loads((tmp_path / "runs/twelve/metrics.json").read_text())["scoring"] == "learned"
+    assert (tmp_path / "runs/twelve/prompt/verbalizer.safetensors").is_file()
 
     monkeypatch.chdir(tmp_path)
     for block in blocks("python"):
