@@ -10,7 +10,8 @@ accuracy, on SmolLM2-135M (CPU). One run measures, side by side:
   every label, and ``sequence`` with sampled label sets (``--label_samples``). Each point runs in a
   process of its own: median step time (forward, backward, optimizer step) and the memory the steps
   add above the loaded model (peak RSS minus RSS before the first step), plus that peak RSS.
-* **TREC-50 accuracy** with ``train()`` at a fixed step budget, for each of ``--accuracy_scorings``:
+* **TREC-50 accuracy** with ``train()`` at a fixed step budget, for each of ``--accuracy_scorings``
+  (a scoring, and ``:deep`` for a deep prompt at ``--deep_lr``):
   zero-shot, untrained and trained accuracy and macro-F1 on the 500 test rows, the time of one full
   test pass with the trained prompt, and the run's peak RSS.
 
@@ -227,8 +228,11 @@ def plot(points: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def accuracy_run(args, scoring: str, work: Path) -> dict:
-    """TREC-50 with ``train()`` at the step budget; the figures of its three test evaluations."""
+def accuracy_run(args, spec: str, work: Path) -> dict:
+    """TREC-50 with ``train()`` at the step budget (``spec``: "scoring" or "scoring:deep"); the figures
+    of its three test evaluations."""
+    scoring, _, kind = spec.partition(":")
+    kind = kind or "input"
     from softprompt.loading import load_model
     from softprompt.model import PromptedLM
     from softprompt.prompt import load_prompt
@@ -243,12 +247,13 @@ def accuracy_run(args, scoring: str, work: Path) -> dict:
     if args.smoke:
         random.Random(args.seed).shuffle(train_rows)
         train_rows, dev_rows, test_rows = train_rows[:200], dev_rows[:20], test_rows[:40]
-    out = work / scoring
+    out = work / spec.replace(":", "-")
     cfg = TrainConfig(
         train_file=write_jsonl(train_rows, work / "train.jsonl"), validation_file=write_jsonl(dev_rows, work / "dev.jsonl"),
         test_file=write_jsonl(test_rows, work / "test.jsonl"), model=args.model, template=TEMPLATE,
         verbalizer=dict(WORDS), scoring=scoring, label_samples=args.label_samples, num_virtual_tokens=args.num_virtual_tokens,
-        lr=args.lr, verbalizer_lr=args.verbalizer_lr, max_steps=args.max_steps, eval_every=args.eval_every,
+        lr=args.deep_lr if kind == "deep" else args.lr, prompt_kind=kind, verbalizer_lr=args.verbalizer_lr,
+        max_steps=args.max_steps, eval_every=args.eval_every,
         batch_size=args.batch_size, seed=args.seed, device="cpu", output_dir=str(out),
     )  # fmt: skip
     start = time.perf_counter()
@@ -265,6 +270,8 @@ def accuracy_run(args, scoring: str, work: Path) -> dict:
     zero, initial, trained = (results[f"test_{k}"] for k in ("zero_shot", "initial_prompt", "trained"))
     return {
         "scoring": results["scoring"],
+        "prompt_kind": kind,
+        "lr": cfg.lr,
         "label_samples": args.label_samples if scoring == "sequence" else None,
         "zero_shot_accuracy": zero["accuracy"],
         "zero_shot_macro_f1": zero["macro_f1"],
@@ -299,7 +306,9 @@ def main() -> None:
     ap.add_argument("--num_virtual_tokens", type=int, default=20)
     ap.add_argument("--val_rows", type=int, default=200, help="fixed-seed sample of dev.txt for validation")
     ap.add_argument("--cost_steps", type=int, default=8, help="timed steps per point of the cost curve")
-    ap.add_argument("--accuracy_scorings", default="learned,sequence", help="comma-separated; empty: none")
+    ap.add_argument("--deep_lr", type=float, default=0.03, help="lr of the deep-prompt accuracy run")
+    ap.add_argument("--accuracy_scorings", default="learned,learned:deep,sequence",
+                    help="comma-separated scoring[:prompt kind]; empty: none")  # fmt: skip
     ap.add_argument("--skip_cost", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
