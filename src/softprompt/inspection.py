@@ -152,6 +152,43 @@ def inspect_prompt(prompt: SoftPrompt, model, tokenizer, top_k: int = 5, path: s
     }
 
 
+def inspect_classes(prompt, model, tokenizer, top_k: int = 5) -> list[dict] | None:
+    """A learned verbalizer's class vectors: per class its label and words, norm, cosine to its start
+    (the mean of its words' LM-head vectors) and nearest tokens in the LM head's space, where the
+    vectors live. None for a prompt without class vectors."""
+    classes = getattr(prompt, "classes", None)
+    if classes is None:
+        return None
+    head = model.get_output_embeddings().weight.detach().float().cpu()  # (V, D)
+    V = min(head.shape[0], len(tokenizer))
+    vectors = classes.vectors.detach().float().cpu()
+    cos = F.normalize(vectors, dim=1) @ F.normalize(head[:V], dim=1).T  # (C, V)
+    values, ids = cos.topk(min(top_k, V), dim=1)
+    words = prompt.meta.verbalizer or {str(i): w for i, w in enumerate(prompt.meta.label_words or [])}
+    rows = []
+    for c, (label, word) in enumerate(list(words.items())[: classes.num_classes]):
+        start = head[tokenizer(" " + word, add_special_tokens=False)["input_ids"]].mean(0)
+        rows.append({
+            "label": label, "word": word, "norm": float(vectors[c].norm()), "bias": float(classes.bias[c]),
+            "cosine_to_start": float(F.cosine_similarity(vectors[c], start, dim=0)),
+            "nearest": [{"token": token_text(tokenizer, int(t)), "id": int(t), "cosine": float(v)}
+                        for v, t in zip(values[c], ids[c], strict=True)],
+        })  # fmt: skip
+    return rows
+
+
+def format_classes(rows: list[dict]) -> list[str]:
+    lines = ["  learned verbalizer (class vectors in the LM head's space; cos0: cosine to the words' start):",
+             "  label / word                      norm   bias   cos0  nearest tokens (cosine)"]  # fmt: skip
+    for r in rows:
+        name = f"{r['label']} / {r['word']}"
+        near = ", ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in r["nearest"])
+        lines.append(
+            f"  {name[:32]:<32}  {r['norm']:5.2f}  {r['bias']:5.2f}  {r['cosine_to_start']:5.2f}  {near}"
+        )
+    return lines
+
+
 def prompt_similarity(prompts: list[SoftPrompt], model) -> dict:
     """Cosine similarity of prompts as task embeddings: each prompt mean-pooled over its tokens
     (prompts of different lengths compare), raw and centred on the vocabulary's mean vector (as the
@@ -188,6 +225,8 @@ def inspect_paths(
             for p, path in zip(prompts, paths, strict=True)
         ],
     }  # fmt: skip
+    for p, r in zip(prompts, result["prompts"], strict=True):
+        r["classes"] = inspect_classes(p, model, tokenizer, top_k)
     inputs = [(p, path) for p, path in zip(prompts, paths, strict=True) if not isinstance(p, DeepPrompt)]
     if len(inputs) > 1:  # deep prompts are keys and values, not vectors in the token space
         result["similarity"] = {
@@ -250,6 +289,7 @@ def format_inspection(result: dict) -> str:
     for r in result["prompts"]:
         if r.get("kind") == "deep":
             lines += format_deep(r)
+            lines += format_classes(r["classes"]) + [""] if r.get("classes") else []
             continue
         lines.append(
             f"{r['path']}: {r['num_virtual_tokens']} virtual tokens x {r['token_dim']}, init {r['init']}"
@@ -276,6 +316,8 @@ def format_inspection(result: dict) -> str:
             lines.append(
                 f"  {t['index']:>2}  {t['norm']:6.2f}  {100 * t['norm_percentile']:3.0f}%{move}  {near}"
             )
+        if r.get("classes"):
+            lines += format_classes(r["classes"])
         lines.append("")
     if "similarity" in result:
         paths = result["similarity"]["paths"]

@@ -93,7 +93,7 @@ def test_help_lists_the_choices_of_each_closed_option(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "Choices: adamw, adafactor." in shown and "Choices: auto, first_token, sequence." in shown
+    assert "Choices: adamw, adafactor." in shown and "Choices: auto, first_token, sequence, learned." in shown
     with pytest.raises(SystemExit):
         cli.main(["init", "--help"])
     assert "Choices: text, vocab, labels, random, file." in " ".join(capsys.readouterr().out.split())

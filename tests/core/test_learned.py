@@ -154,3 +154,27 @@ def test_info_shows_the_learned_verbalizer_and_counts_its_numbers(tmp_path, caps
     info = json.loads(capsys.readouterr().out)
     assert info["scoring"] == "learned" and info["learned_verbalizer"].startswith("3 classes x (32 + 1)")
     assert info["trainable_parameters"] == 4 * 32 + 3 * 33
+
+
+def test_inspect_shows_each_class_vectors_start_and_nearest_tokens():
+    from helpers.tiny import make_tokenizer
+    from softprompt.inspection import format_inspection, inspect_classes
+
+    model, tok = tiny_llama(), make_tokenizer()
+    words = {"pos": "good film", "neg": "bad", "mid": "fine"}
+    ids = tuple(tuple(tok(" " + w, add_special_tokens=False)["input_ids"]) for w in words.values())
+    prompt = SoftPrompt(torch.randn(4, 32) * 0.1)
+    prompt.meta.verbalizer, prompt.meta.scoring = words, "learned"
+    prompt.classes = ClassHead.from_label_ids(model, ids)
+    head = model.get_output_embeddings().weight.detach()
+    prompt.classes.vectors.data[2] = head[ids[1][0]]  # "mid" now points at the token "bad"
+    rows = inspect_classes(prompt, model, tok, top_k=3)
+    assert [r["label"] for r in rows] == ["pos", "neg", "mid"]
+    assert rows[0]["cosine_to_start"] > 0.9999 and rows[1]["cosine_to_start"] > 0.9999
+    assert rows[1]["nearest"][0]["token"].strip() == "bad" and rows[1]["nearest"][0]["cosine"] > 0.9999
+    assert rows[2]["nearest"][0]["token"].strip() == "bad" and rows[2]["cosine_to_start"] < 0.9
+    text = format_inspection({"prompts": [{"kind": "deep", "shape": {"layers": 1, "kv_heads": 1, "head_dim": 1},
+                              "path": "p", "num_virtual_tokens": 1, "init": "random", "note": "", "layers": [],
+                              "classes": rows}]})  # fmt: skip
+    assert "learned verbalizer" in text and "mid / fine" in text
+    assert inspect_classes(SoftPrompt(torch.randn(2, 32)), model, tok) is None

@@ -58,8 +58,13 @@ def test_scoring_auto_trains_a_learned_verbalizer_for_many_classes_with_enough_r
     assert results["trainable_parameters"] == 4 * 32 + len(CLASSES) * 33
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
-    ids = tuple(tuple(tok(" " + w, add_special_tokens=False)["input_ids"]) for w in saved.meta.verbalizer.values())
+    model, tok = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    ids = tuple(
+        tuple(tok(" " + w, add_special_tokens=False)["input_ids"]) for w in saved.meta.verbalizer.values()
+    )
     start = ClassHead.from_label_ids(model, ids)
     moved = (saved.classes.vectors - start.vectors).abs().max().item()
     assert 0 < moved < 4 * 0.001 * 1.5  # trained at verbalizer_lr (Adam: about lr per step), not at lr
@@ -98,9 +103,7 @@ def test_sampled_classes_keep_the_gold_ones_and_estimate_the_full_sum_without_bi
     scores = torch.randn(8)
     others = [c for c in range(8) if c not in (1, 3)]
     draws = list(itertools.combinations(others, 2))
-    mean = sum(
-        scores[[1, 3]].exp().sum() + scores[list(d)].exp().sum() * 6 / 2 for d in draws
-    ) / len(draws)
+    mean = sum(scores[[1, 3]].exp().sum() + scores[list(d)].exp().sum() * 6 / 2 for d in draws) / len(draws)
     torch.testing.assert_close(mean, scores.exp().sum())
     assert sample_classes([0], 5, 4, "s") == ([0, 1, 2, 3, 4], [0.0] * 5)  # k covers every other class: exact
 
@@ -128,3 +131,25 @@ def test_sampled_label_sets_score_fewer_labels_and_equal_the_full_loss_when_they
     torch.testing.assert_close(losses[11], losses[0])  # every other class drawn: the exact loss
     torch.testing.assert_close(losses[50], losses[0])
     assert not torch.isclose(losses[3], losses[0])
+
+
+def test_the_lm_loss_scores_only_the_batchs_own_labels_and_is_unchanged(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from softprompt import PromptedLM
+    from softprompt.loading import load_model
+
+    model, tok = load_model(tiny_model_dir)
+    prompted, prompt = PromptedLM(model), torch.randn(4, 32) * 0.1
+    sizes, real = [], tasks_mod.class_scores
+    monkeypatch.setattr(tasks_mod, "class_scores", lambda p, rows, space, *a: sizes.append(space.num_classes)
+                        or real(p, rows, space, *a))  # fmt: skip
+    losses = []
+    for k in (0, 3):
+        task = ClassificationTask(
+            many_config(tiny_model_dir, tmp_path, scoring="sequence", loss="lm", label_samples=k)
+        )
+        task.prepare(tok)
+        losses.append(task.batch_loss(prompted, prompt, list(range(6)))[0])
+    assert sizes == [len(CLASSES), len({task.train_set.gold[i] for i in range(6)})]
+    torch.testing.assert_close(losses[0], losses[1])

@@ -364,6 +364,9 @@ def make_prompt(cfg: TrainConfig, task: Task, model, tokenizer) -> AnyPrompt:
     if getattr(task, "mode", None) == "learned":  # class vectors from the label words' output embeddings
         prompt.classes = ClassHead.from_label_ids(model, task.space.label_ids).to(prompt.weight.device)
         task.bind_head(prompt.classes)
+        log.info("learned verbalizer: %d class vectors start as the mean LM-head vector of each label's words "
+                 "(a one-token word scores exactly as first_token does); the zero-shot and untrained-prompt "
+                 "baselines are scored with these starting vectors", prompt.classes.num_classes)  # fmt: skip
     return prompt
 
 

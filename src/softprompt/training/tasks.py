@@ -200,8 +200,8 @@ def choose_scoring(requested: str, verbalizer: Verbalizer, tokenizer, counts: Co
             "scoring auto: learned. The %d label words share first tokens, so first_token cannot tell them "
             "apart, and sequence scoring runs every label's tokens after every row; with %g training rows per "
             "class (median) a learned verbalizer is trained instead: one vector per class, initialised from "
-            "its words, scored in one pass per row (%d x %s more numbers to save). --scoring sequence keeps "
-            "rank classification by the words", C, rows, C, "hidden",
+            "its words, scored in one pass per row (C x (hidden + 1) numbers saved beside the prompt). "
+            "--scoring sequence keeps rank classification by the words", C, rows,
         )  # fmt: skip
         return "learned"
     why = (
@@ -341,8 +341,11 @@ class ClassificationTask:
         gold_ids = [self.train_set.gold[i] for i in idx]
         space, weight = self.space, self.class_weight
         if space.mode == "sequence" and self.cfg.label_samples:  # the batch's labels + sampled others
-            k = 0 if self.cfg.loss == "lm" else self.cfg.label_samples  # lm: the gold words alone
-            classes, log_q = sample_classes(gold_ids, space.num_classes, k, f"{self.cfg.seed}:{idx}")
+            if self.cfg.loss == "lm":  # the gold words' log-probabilities alone
+                classes, log_q = sorted(set(gold_ids)), []
+            else:
+                classes, log_q = sample_classes(gold_ids, space.num_classes, self.cfg.label_samples,
+                                                f"{self.cfg.seed}:{idx}")  # fmt: skip
             space, where = space.subset(classes), {c: j for j, c in enumerate(classes)}
             gold_ids = [where[g] for g in gold_ids]
             weight = None if weight is None else weight[classes]
