@@ -210,7 +210,10 @@ def test_a_learned_verbalizer_serves_in_mixed_batches_as_the_plain_model_scores_
     logps = score_mixed(store, [store.get(n) for n, _ in pairs], [t for _, t in pairs], batch_size=5)
     plain = copy.deepcopy(llama)
     plain.lm_head = torch.nn.Linear(32, 3)
-    plain.lm_head.weight.data, plain.lm_head.bias.data = prompt.classes.vectors.clone(), prompt.classes.bias.clone()
+    plain.lm_head.weight.data, plain.lm_head.bias.data = (
+        prompt.classes.vectors.clone(),
+        prompt.classes.bias.clone(),
+    )
     clf = Classifier(store.prompted.model, store.tokenizer, store.get("learned").prompt)
     emb = llama.get_input_embeddings()
     for (name, text), logp in zip(pairs, logps, strict=True):
