@@ -68,6 +68,13 @@ def test_scoring_auto_trains_a_learned_verbalizer_for_many_classes_with_enough_r
     start = ClassHead.from_label_ids(model, ids)
     moved = (saved.classes.vectors - start.vectors).abs().max().item()
     assert 0 < moved < 4 * 0.001 * 1.5  # trained at verbalizer_lr (Adam: about lr per step), not at lr
+    # the saved prompt classifies as the run's own test evaluation did (Classifier: eval, predict)
+    from softprompt.classifier import Classifier
+    from softprompt.data import read_examples
+
+    report = Classifier(model, tok, saved).evaluate(read_examples(str(tmp_path / "test.jsonl")))
+    assert report["accuracy"] == results["test_trained"]["accuracy"]
+    assert report["confusion"] == results["test_trained"]["confusion"]
 
 
 def test_scoring_auto_keeps_rank_classification_with_few_rows_per_class(tiny_model_dir, tmp_path, caplog):
