@@ -63,7 +63,9 @@ def _cli_args(options: dict) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "extra", [{}, {"fsdp": True}, {"prompt_kind": "deep", "lr": 0.03}], ids=["data_parallel", "fsdp", "deep"]
+    "extra",
+    [{}, {"fsdp": True}, {"prompt_kind": "deep", "lr": 0.03}, {"scoring": "learned", "verbalizer_lr": 0.01}],
+    ids=["data_parallel", "fsdp", "deep", "learned"],
 )
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, data, tmp_path, extra):
     kind = {k: v for k, v in extra.items() if k != "fsdp"}
@@ -71,9 +73,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_d
     two_opts = _options(tiny_model_dir, data, tmp_path / "two", per_process_batch=2, **extra)
     done = _torchrun(["-m", "softprompt.cli", "train", *_cli_args(two_opts)], cwd=tmp_path)
 
-    a = load_prompt(tmp_path / "one/checkpoint/prompt").weight
-    b = load_prompt(tmp_path / "two/checkpoint/prompt").weight
+    saved_one, saved_two = (load_prompt(tmp_path / f"{n}/checkpoint/prompt") for n in ("one", "two"))
+    a, b = saved_one.weight, saved_two.weight
     assert (a - b).abs().max().item() < ATOL, f"prompts differ by {(a - b).abs().max().item():.2e}"
+    if "scoring" in extra:  # the class vectors' gradients are summed over the processes too
+        assert torch.allclose(saved_one.classes.vectors, saved_two.classes.vectors, atol=ATOL)
     assert torch.allclose(
         load_prompt(tmp_path / "one/prompt").weight, load_prompt(tmp_path / "two/prompt").weight, atol=ATOL
     )
