@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import logging
@@ -15,10 +14,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from safetensors.torch import save_model
 
 from softprompt.errors import MissingFileError, ModelLoadError, UsageError
-from softprompt.hf_parts import forget_quantization, refuse_unsupported
+from softprompt.hf_parts import refuse_unsupported
+from softprompt.model_folder import repair_tied_names, save_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +156,9 @@ def gguf_source(gguf: Path) -> tuple[str, dict]:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
         # save_pretrained refuses GGUF-loaded models; the weights are plain fp32 tensors by now, so
-        # write them with safetensors and a config without the GGUF quantisation entry.
-        config = copy.deepcopy(model.config)
-        forget_quantization(config)
-        config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
+        # write them with safetensors (tied ones under their canonical name: vLLM reads them by name)
+        # and a config without the GGUF quantisation entry.
+        save_model_folder(model, tmp, tokenizer)
         os.rename(tmp, folder)  # complete folder or none: a crash mid-write leaves only a temp folder
     except OSError as e:
         if tmp is not None:
@@ -272,6 +268,9 @@ def load_model(
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
     refuse_unsupported(model)  # a family softprompt cannot run exactly: refused now, with the reason
+    root = cache_root()
+    if root is not None and Path(source).parent == root:  # our converted copy, maybe from an older version
+        repair_tied_names(source, model)
     model.config.name_or_path = identity
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

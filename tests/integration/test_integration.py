@@ -195,3 +195,21 @@ def test_deep_prompt_from_text_equals_the_text_and_loads_in_peft(smollm2, tmp_pa
             0
         ]
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_the_converted_model_folder_keeps_the_tied_embedding_under_its_own_name(smollm2):
+    """vLLM reads weights by name and skips lm_head for a tied model: the cached conversion must hold
+    model.embed_tokens.weight (older caches held only lm_head.weight and are repaired on load)."""
+    from softprompt.loading import gguf_source, packaged_gguf
+    from softprompt.model_folder import ties_embeddings, weight_names
+
+    model, _ = smollm2
+    folder, kwargs = gguf_source(packaged_gguf())
+    if kwargs:
+        pytest.skip("no writable cache here: the model loads from the GGUF each time")
+    names = weight_names(folder)
+    assert ties_embeddings(folder) and "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    from safetensors import safe_open
+
+    with safe_open(f"{folder}/model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), model.get_input_embeddings().weight)

@@ -16,6 +16,7 @@ from softprompt.cli.commands import (
     cmd_compare,
     cmd_eval,
     cmd_export_embeds,
+    cmd_export_model,
     cmd_generate,
     cmd_info,
     cmd_init,
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                 "info": cmd_info,
                 "serve": cmd_serve,
                 "export-embeds": cmd_export_embeds,
+                "export-model": cmd_export_model,
                 "inspect": cmd_inspect,
             }
             commands[name](**options)

@@ -300,6 +300,32 @@ def cmd_export_embeds(prompt: str, texts: list[str], file: str | None, text_colu
     _write_jsonl((request(t) for t in texts), output)
 
 
+def cmd_export_model(output: str, prompt: str | None, model: str | None, dtype: str) -> None:
+    from pathlib import Path
+
+    from softprompt.loading import load_model
+    from softprompt.model_folder import save_model_folder, tied_names, weight_names
+
+    dest = Path(output)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UsageError(
+            f"{dest} already exists and is not an empty folder; choose a new folder for the model"
+        )
+    if prompt is not None:
+        loaded, base, tokenizer = _prompt_and_model(prompt, model, dtype)
+        name = model or loaded.meta.base_model or "smollm2"
+    else:
+        name = model or "smollm2"
+        base, tokenizer = load_model(name, dtype=dtype)
+    save_model_folder(base, dest, tokenizer)
+    tied = tied_names(base)
+    if tied is not None and tied[0] not in weight_names(dest):  # what vLLM would leave unset
+        raise UsageError(f"{dest}: the tied embedding was not written as {tied[0]}; please report this")
+    print(f"wrote {name} to {dest} ({sum(p.numel() for p in base.parameters()):,} parameters, {dtype})")
+    print(f"serve it: python -m vllm.entrypoints.openai.api_server --model {dest} --enable-prompt-embeds "
+          f"--dtype {dtype}; requests: softprompt export-embeds PROMPT TEXT --served_model {dest}")  # fmt: skip
+
+
 def cmd_compare(cfg) -> None:
     import shlex
 

@@ -200,6 +200,23 @@ def _add_export_embeds(sub) -> None:
     sub.add_subcommand("export-embeds", p, help="vLLM requests with prompt_embeds for a trained prompt.")
 
 
+def _add_export_model(sub) -> None:
+    p = _parser(
+        description="Write a base model as a standard Hugging Face folder (config, weights under the names the "
+        "model's own code gives them, tokenizer) that vLLM and transformers both load: the model a prompt was "
+        "trained on (--prompt), or --model. Serve it with vLLM and send it export-embeds requests."
+    )
+    p.add_argument("output", type=str, help="New (or empty) folder to write.")
+    p.add_argument("--prompt", type=str | None, default=None, help="A trained prompt: write its base model.")
+    p.add_argument(
+        "--model", type=str | None, default=None, help="The model to write (default: the prompt's)."
+    )
+    p.add_argument(
+        "--dtype", type=str, default="float32", help="Weights' dtype: float32, bfloat16 or float16."
+    )
+    sub.add_subcommand("export-model", p, help="Write the base model as a folder vLLM reads.")
+
+
 def _add_compare(sub) -> None:
     """``softprompt compare``: every field of :class:`CompareConfig` as an option of the same name."""
     from softprompt.compare import CompareConfig
@@ -251,6 +268,7 @@ def build_parser() -> ArgumentParser:
         _add_info,
         _add_serve,
         _add_export_embeds,
+        _add_export_model,
         _add_compare,
         _add_inspect,
     ):
