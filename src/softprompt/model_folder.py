@@ -66,6 +66,9 @@ def save_model_folder(model: torch.nn.Module, folder: str | os.PathLike, tokeniz
     folder.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     forget_quantization(config)
+    # what save_pretrained records and engines pick their model class by (a GGUF-converted config has
+    # none: vLLM then took Gemma 3 for its embedding model and refused the LM head's weights)
+    config.architectures = [type(model).__name__]
     config.save_pretrained(folder)
     save_file(standard_state(model), str(folder / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:

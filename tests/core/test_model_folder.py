@@ -54,6 +54,11 @@ def test_a_tied_embedding_is_saved_under_the_input_embeddings_name_and_vllm_styl
     save_model_folder(model, tmp_path / "m", make_tokenizer())
     names = weight_names(tmp_path / "m")
     assert embed in names and head not in names
+    model.config.architectures = None  # as a GGUF-converted config has it: engines pick their class by it
+    save_model_folder(model, tmp_path / "again")
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "again").architectures == [type(model).__name__]
     ids = torch.tensor([[5, 9, 3, 17]])
     with torch.no_grad():
         want = model(ids).logits
