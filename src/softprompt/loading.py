@@ -17,7 +17,7 @@ import torch
 
 from softprompt.errors import MissingFileError, ModelLoadError, UsageError
 from softprompt.hf_parts import refuse_unsupported
-from softprompt.model_folder import repair_tied_names, save_model_folder
+from softprompt.model_folder import repair_architectures, repair_tied_names, save_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,7 @@ def load_model(
     root = cache_root()
     if root is not None and Path(source).parent == root:  # our converted copy, maybe from an older version
         repair_tied_names(source, model)
+        repair_architectures(source, model)
     model.config.name_or_path = identity
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

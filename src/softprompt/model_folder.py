@@ -104,6 +104,23 @@ def repair_tied_names(folder: str | os.PathLike, model: torch.nn.Module) -> bool
     return True
 
 
+def repair_architectures(folder: str | os.PathLike, model: torch.nn.Module) -> bool:
+    """Record ``model``'s class in a ``config.json`` that names none (a GGUF conversion's), atomically.
+    True when the file was rewritten."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("architectures"):
+        return False
+    config["architectures"] = [type(model).__name__]
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    log.info("%s: recorded the model class %s (engines such as vLLM pick their model by it)", path,
+             type(model).__name__)  # fmt: skip
+    return True
+
+
 def weight_names(folder: str | os.PathLike) -> set[str]:
     """The tensor names in ``folder``'s weights file."""
     with safe_open(str(Path(folder) / WEIGHTS), "pt") as f:

@@ -59,6 +59,16 @@ def test_a_tied_embedding_is_saved_under_the_input_embeddings_name_and_vllm_styl
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(tmp_path / "again").architectures == [type(model).__name__]
+    import json
+
+    from softprompt.model_folder import repair_architectures
+
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    (tmp_path / "again" / "config.json").write_text(json.dumps({**config, "architectures": None}))
+    assert repair_architectures(tmp_path / "again", model) and not repair_architectures(
+        tmp_path / "again", model
+    )
+    assert AutoConfig.from_pretrained(tmp_path / "again").architectures == [type(model).__name__]
     ids = torch.tensor([[5, 9, 3, 17]])
     with torch.no_grad():
         want = model(ids).logits

@@ -209,6 +209,10 @@ def test_the_converted_model_folder_keeps_the_tied_embedding_under_its_own_name(
         pytest.skip("no writable cache here: the model loads from the GGUF each time")
     names = weight_names(folder)
     assert ties_embeddings(folder) and "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    import json
+    from pathlib import Path
+
+    assert json.loads(Path(folder, "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     from safetensors import safe_open
 
     with safe_open(f"{folder}/model.safetensors", "pt") as f:
