@@ -17,6 +17,7 @@ from softprompt.config import InitMethod, PromptConfig
 from softprompt.deep import DeepPrompt
 from softprompt.embedding import token_vectors, vocabulary_chunks, vocabulary_mean_std, vocabulary_size
 from softprompt.errors import SoftpromptError, UsageError
+from softprompt.learned import ClassHead
 from softprompt.loading import load_model
 from softprompt.prompt import SoftPrompt, load_prompt
 
@@ -166,8 +167,10 @@ def inspect_classes(prompt, model, tokenizer, top_k: int = 5) -> list[dict] | No
     values, ids = cos.topk(min(top_k, V), dim=1)
     words = prompt.meta.verbalizer or {str(i): w for i, w in enumerate(prompt.meta.label_words or [])}
     rows = []
-    for c, (label, word) in enumerate(list(words.items())[: classes.num_classes]):
-        start = head[tokenizer(" " + word, add_special_tokens=False)["input_ids"]].mean(0)
+    named = list(words.items())[: classes.num_classes]
+    word_ids = tuple(tuple(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) for _, word in named)
+    starts = ClassHead.from_label_ids(model, word_ids).vectors.detach().cpu()  # where training started them
+    for c, ((label, word), start) in enumerate(zip(named, starts, strict=True)):
         rows.append({
             "label": label, "word": word, "norm": float(vectors[c].norm()), "bias": float(classes.bias[c]),
             "cosine_to_start": float(F.cosine_similarity(vectors[c], start, dim=0)),

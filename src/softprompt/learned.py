@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from softprompt.errors import ModelMismatchError, UsageError
+from softprompt.errors import UsageError
 
 VECTORS_KEY = "class_vectors"
 BIAS_KEY = "class_bias"
@@ -115,12 +115,3 @@ class ClassHead(nn.Module):
         with torch.no_grad():
             self.vectors.copy_(other.vectors)
             self.bias.copy_(other.bias)
-
-    def check_model(self, model: nn.Module, where: str = "learned verbalizer") -> None:
-        """Refuse a model whose hidden size is not the class vectors' size."""
-        hidden = model.get_input_embeddings().weight.shape[1]
-        if hidden != self.dim:
-            raise ModelMismatchError(
-                f"{where} has {self.dim}-dimensional class vectors but the model's hidden size is {hidden}; "
-                "it was made for another model"
-            )

@@ -28,24 +28,14 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 
 
-def parameter_name(model: torch.nn.Module, tensor: torch.Tensor) -> str:
-    """The first name ``tensor`` has among ``model``'s parameters (module order: the input embedding
-    comes before the head in every causal LM here)."""
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p is tensor:
-            return name
-    raise ValueError("the tensor is not a parameter of the model")
-
-
 def tied_names(model: torch.nn.Module) -> tuple[str, str] | None:
     """``(input embedding name, head name)`` when the head shares the input embedding's matrix."""
     inputs, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or head.weight is not inputs.weight:
         return None
+    # module order: the input embedding comes before the head in every causal LM here
     names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is inputs.weight]
-    embed = parameter_name(model, inputs.weight)
-    others = [n for n in names if n != embed]
-    return (embed, others[0]) if others else None
+    return (names[0], names[1]) if len(names) > 1 else None
 
 
 def standard_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

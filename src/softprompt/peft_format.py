@@ -32,6 +32,7 @@ from softprompt.embedding import token_vectors, vocabulary_size
 from softprompt.errors import FolderInUseError, MissingFileError, ModelMismatchError, PromptFormatError
 from softprompt.folders import complete_copy, sibling, write_folder_atomically
 from softprompt.hf_parts import adapter_dims
+from softprompt.learned import BIAS_KEY, VECTORS_KEY
 from softprompt.meta import PromptMeta
 
 log = logging.getLogger(__name__)
@@ -405,11 +406,11 @@ def _read_classes(
         raise PromptFormatError(
             f"{path} cannot be read as safetensors ({e}); the file is corrupt or truncated"
         ) from e
-    vectors, bias = tensors.get("class_vectors"), tensors.get("class_bias")
+    vectors, bias = tensors.get(VECTORS_KEY), tensors.get(BIAS_KEY)
     labels = meta.verbalizer or meta.label_words or []
     problems = []
     if vectors is None or vectors.dim() != 2 or not vectors.is_floating_point():
-        problems.append("'class_vectors' must be a floating-point (classes, hidden) tensor")
+        problems.append(f"'{VECTORS_KEY}' must be a floating-point (classes, hidden) tensor")
     elif labels and vectors.shape[0] != len(labels):
         problems.append(f"{vectors.shape[0]} class vectors for {len(labels)} labels in {META_NAME}")
     elif model is not None and vectors.shape[1] != model.get_input_embeddings().weight.shape[1]:
@@ -418,7 +419,7 @@ def _read_classes(
             f"{model.get_input_embeddings().weight.shape[1]} (made for another model)"
         )
     if bias is not None and (vectors is None or bias.shape != vectors.shape[:1]):
-        problems.append(f"'class_bias' has shape {tuple(bias.shape)}, expected one number per class vector")
+        problems.append(f"'{BIAS_KEY}' has shape {tuple(bias.shape)}, expected one number per class vector")
     if problems:
         raise PromptFormatError(
             f"{path}: " + "; ".join(problems) + ". Re-save the prompt or restore it from a checkpoint."

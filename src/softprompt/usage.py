@@ -12,6 +12,7 @@ all use it, so a prompt gives the same input everywhere (the one it was trained 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from softprompt.errors import UsageError
 from softprompt.meta import trained_on_chat_template
 from softprompt.text import Template, chat_text, fit_text, template_last_user, tokenize
 from softprompt.verbalizer import LabelSpace, Verbalizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,10 @@ class PromptUsage:
                 "this prompt was trained with a learned verbalizer (scoring=learned) but its class vectors "
                 "are not loaded; load the prompt with softprompt.load_prompt (it reads verbalizer.safetensors)"
             )
+        if scoring == "learned" and verbalizer:
+            log.warning("a learned verbalizer scores its classes by its trained vectors, in the order it was "
+                        "trained on; the verbalizer given (%s) only renames them, its words are not scored",
+                        Verbalizer.parse(verbalizer).as_dict())  # fmt: skip
         labels = words.label_space(tokenizer, scoring).with_head(classes if scoring == "learned" else None)
         head = used.head_ids(tokenizer) if used is not None else ()
         return cls(used, words, labels, head, tokenizer)

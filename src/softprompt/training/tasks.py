@@ -275,6 +275,9 @@ class ClassificationTask:
             tokenizer, choose_scoring(cfg.scoring, v, tokenizer, self.counts, cfg.label_samples)
         )
         self.start_head = None  # scoring=learned: the class vectors before training (set by bind_head)
+        if self.space.learned and cfg.loss == "lm":
+            log.warning("loss=lm with scoring=learned: a learned verbalizer's class softmax is its only "
+                        "distribution (no vocabulary), so the loss is the class cross-entropy (loss=class)")  # fmt: skip
         self.train_set = encode(self.train_ex, tokenizer, self.template, v, cfg, "train")
         self.val_set = encode(self.val_ex, tokenizer, self.template, v, cfg, "validation")
         self.test_set = (
