@@ -229,6 +229,9 @@ def cmd_serve(
     allow_management: bool,
     api_key: str | None = None,
     allowed_hosts: str | list[str] | None = None,
+    vllm_url: str | None = None,
+    vllm_model: str | None = None,
+    vllm_dtype: str = "float32",
     **limits,
 ) -> None:
     """``limits``: the fields of :class:`~softprompt.serving.settings.ServeLimits` (``batch_gap_ms=0``:
@@ -255,6 +258,10 @@ def cmd_serve(
     # Everything that can refuse the command does so before the model is loaded.
     check_binding(host, allow_management=allow_management, api_key=api_key)
     HostPolicy([host, *(allowed_hosts or [])])
+    if vllm_url is not None:
+        from softprompt.serving.vllm_backend import check_url
+
+        check_url(vllm_url)
     if limits.get("batch_gap_ms") == 0:
         limits["batch_gap_ms"] = None
     limits = ServeLimits(**limits)
@@ -271,6 +278,9 @@ def cmd_serve(
             allow_management=allow_management,
             api_key=api_key,
             allowed_hosts=allowed_hosts or [],
+            vllm_url=vllm_url,
+            vllm_model=vllm_model,
+            vllm_dtype=vllm_dtype,
         )
     except KeyboardInterrupt:  # SIGINT, after the bounded shutdown the server's log reports
         raise SystemExit(130) from None

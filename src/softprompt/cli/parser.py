@@ -167,6 +167,18 @@ def _add_serve(sub) -> None:
         "and the address reached (e.g. 'api.example.com,10.0.0.5'; '*': any). Other Host headers get 421 "
         "(against DNS rebinding).",
     )
+    p.add_argument(
+        "--vllm_url",
+        type=str | None,
+        default=None,
+        help="Be a gateway: run every request on the vLLM server at this loopback URL (started on the "
+        "folder `softprompt export-model` writes, with --enable-prompt-embeds), sending the prompts as "
+        "prompt_embeds. Deep prompts and labels that are not first tokens are refused (docs/vllm.md).",
+    )
+    p.add_argument("--vllm_model", type=str | None, default=None,
+                   help="The name vLLM serves the base model under (default: its only model).")  # fmt: skip
+    p.add_argument("--vllm_dtype", type=str, default="float32",
+                   help="Dtype of the tensors sent to vLLM: the dtype it serves in (float32, bfloat16).")  # fmt: skip
     _add_config(p, ServeLimits)  # plain data: no [serve] extra needed to build the options
     sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
 

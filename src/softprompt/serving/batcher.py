@@ -160,6 +160,10 @@ class Batcher:
             if self._thread.is_alive():
                 log.warning("the batcher did not finish its current step within %.1f s; leaving it", timeout)
 
+    def queued(self) -> int:
+        """Requests waiting for the worker."""
+        return self.queue.qsize()
+
     def submit(self, key: tuple, entries: list[PromptEntry], texts: list, *, stream: bool = False,
                ids: list[list[int]] | None = None, **params) -> Job:  # fmt: skip
         """Queue a request (:class:`QueueFullError` when the queue is full); with ``stream``, read

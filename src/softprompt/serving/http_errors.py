@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from softprompt.errors import InvalidPromptNameError, ModelMismatchError, UnknownPromptError, UsageError
 from softprompt.serving.batcher import ComputeError, QueueFullError, ShuttingDownError
 from softprompt.serving.guard import APIError, error_response
+from softprompt.serving.vllm_backend import BackendError, BackendUnavailableError
 from softprompt.text import NoChatTemplateError
 
 
@@ -34,6 +35,8 @@ HTTP_ERRORS: dict[type[Exception], HTTPError] = {
     QueueFullError: HTTPError(503, "server_error", "queue_full"),
     ShuttingDownError: HTTPError(503, "server_error"),
     ComputeError: HTTPError(500, "server_error"),
+    BackendError: HTTPError(502, "server_error", "backend_error"),
+    BackendUnavailableError: HTTPError(503, "server_error", "backend_unavailable"),
     UnknownPromptError: HTTPError(404, "not_found_error", "model_not_found"),
     InvalidPromptNameError: HTTPError(400),
     ModelMismatchError: HTTPError(409, code="model_mismatch"),

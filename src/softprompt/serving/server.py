@@ -45,6 +45,7 @@ def create_app(
     allow_management: bool = True,
     api_key: str | None = None,
     allowed_hosts: list[str] | tuple[str, ...] = (),
+    backend=None,
 ) -> FastAPI:
     """The FastAPI app serving ``store``'s prompts on its model.
 
@@ -58,8 +59,10 @@ def create_app(
     DELETE need a JSON content type and no foreign ``Origin`` (see :class:`RequestGuard`).
     All model compute runs in one batcher thread; on CPU, build the model and store inside
     :func:`one_torch_thread` (as :func:`serve` does) so that thread runs at full speed.
+    ``backend``: run requests elsewhere instead (the vLLM gateway:
+    :func:`~softprompt.serving.vllm_backend.backend_for`).
     """
-    service = Service(store, limits, allow_management=allow_management, api_key=api_key)
+    service = Service(store, limits, allow_management=allow_management, api_key=api_key, backend=backend)
     hosts = HostPolicy(allowed_hosts)
 
     @asynccontextmanager
@@ -67,6 +70,9 @@ def create_app(
         service.batcher.start()
         yield
         await asyncio.to_thread(service.batcher.stop, service.limits.shutdown_timeout_s)
+        close = getattr(service.batcher, "aclose", None)
+        if close is not None:  # the gateway's connections to vLLM
+            await close()
 
     app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan)
     app.state.service = service
@@ -81,13 +87,20 @@ def create_app(
 def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device: str = "auto",
           host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
           allow_management: bool = True, api_key: str | None = None,
-          allowed_hosts: list[str] | tuple[str, ...] = ()) -> None:  # fmt: skip
+          allowed_hosts: list[str] | tuple[str, ...] = (), vllm_url: str | None = None,
+          vllm_model: str | None = None, vllm_dtype: str = "float32") -> None:  # fmt: skip
     """Load ``model``, every prompt in ``store_dir``, and serve them with uvicorn until stopped.
 
     Refuses (before loading anything) to serve prompt management on a non-loopback ``host``
     without ``api_key``. Requests must name the server in ``Host``: a loopback name, ``host``, one
     of ``allowed_hosts``, or the address they reached. SIGTERM/SIGINT stop it within
     ``limits.shutdown_timeout_s`` (+2 s); a second signal at once (see :mod:`.lifecycle`).
+
+    With ``vllm_url`` it is a gateway: requests run on the vLLM server there (on this machine,
+    started with ``--enable-prompt-embeds``; ``vllm_model``: the name it serves the base model under,
+    when it serves several; ``vllm_dtype``: the dtype it serves in), checked before serving starts
+    (:func:`~softprompt.serving.vllm_backend.connect`). The base model is still loaded here: its
+    embeddings build the tensors sent and its tokenizer encodes the inputs.
     """
     from softprompt.loading import load_model
 
@@ -97,13 +110,20 @@ def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device
     with one_torch_thread():
         base, tokenizer = load_model(model, dtype=dtype, device=device)
         store = PromptStore(store_dir, base, tokenizer)
+        backend = None
+        if vllm_url is not None:
+            from softprompt.serving.vllm_backend import backend_for
+
+            backend = backend_for(store, limits, vllm_url, served_model=vllm_model, dtype=vllm_dtype)
     failed = store.failures()
     if failed:
         log.warning("%d prompt folder(s) could not be loaded and are listed in /health: %s",
                     len(failed), ", ".join(f["name"] for f in failed))  # fmt: skip
     log.info("serving %d prompt(s) from %s on http://%s:%d/v1%s", len(store), store.root, host, port,
              " (API key required)" if api_key else "")  # fmt: skip
+    if backend is not None:
+        log.info("every request runs on %s", backend.info.describe())
     app = create_app(store, limits, allow_management=allow_management, api_key=api_key,
-                     allowed_hosts=[host, *allowed_hosts])  # fmt: skip
+                     allowed_hosts=[host, *allowed_hosts], backend=backend)  # fmt: skip
     log.info("answering to Host %s and the address a request reaches", hosts.describe())
     bounded_server(app, host, port, limits.shutdown_timeout_s).run()

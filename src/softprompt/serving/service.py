@@ -38,6 +38,9 @@ class Service:
         allow_management: answer prompt loading and unloading at all.
         api_key: the key every route but ``/health`` needs (checked by the request guard); without
             one, prompt management is answered only on a loopback address.
+        backend: what runs the model instead of a :class:`Batcher` on the store's model (the vLLM
+            gateway's :class:`~softprompt.serving.vllm_backend.VLLMBackend`); the positions limit is
+            then also its ``max_model_len``.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class Service:
         *,
         allow_management: bool = True,
         api_key: str | None = None,
+        backend=None,
     ):
         if api_key is not None and not api_key.strip():
             raise UsageError("api_key is empty; give a key (any hard-to-guess string) or None for no key")
@@ -56,9 +60,12 @@ class Service:
             )
         self.store, self.limits = store, limits or ServeLimits()
         self.allow_management, self.api_key = allow_management, api_key
-        self.batcher = Batcher(store, self.limits)
+        self.batcher = backend if backend is not None else Batcher(store, self.limits)
         self.tokenizer = store.tokenizer
         self.positions_limit = max_positions(store.prompted.config)
+        served = getattr(backend, "max_model_len", None)
+        if served:  # vLLM's own limit, when it is below the model's
+            self.positions_limit = min(self.positions_limit or served, served)
         self.vocab_size = store.prompted.config.vocab_size
         self._warned: set[tuple[str, int]] = set()
 

@@ -15,5 +15,5 @@ router = APIRouter(tags=["health"])
 async def health(service: ServiceDep) -> Health:
     batcher = service.batcher
     return Health(
-        prompts=len(service.store), failed=service.failures(), queued=batcher.queue.qsize(), **batcher.stats
+        prompts=len(service.store), failed=service.failures(), queued=batcher.queued(), **batcher.stats
     )

@@ -1,0 +1,497 @@
+"""The gateway's engine: ``softprompt serve --vllm_url URL`` answers every request for a named prompt
+through a vLLM server on this machine, instead of running the model itself.
+
+It stands where the :class:`~softprompt.serving.batcher.Batcher` stands (``run`` and ``submit``, called
+by the same routes after the same checks), so the routes, the prompt store, prompt management and the
+request guard are today's. For each request it builds vLLM ``POST /v1/completions`` bodies whose
+``prompt_embeds`` are the prompt's vectors followed by the token embeddings of the ids the route
+encoded (the prompt's template, or the chat template, exactly as training and ``softprompt serve``
+encode them; see :mod:`softprompt.vllm`), and turns vLLM's answer into the same
+:class:`~softprompt.serving.mixed.Completion` the batcher returns. Streams are passed through chunk by
+chunk.
+
+- **Generation**: every sampling field the server honours is sent explicitly (temperature, top_p,
+  stop, penalties, logit_bias, and ``repetition_penalty=1``, ``top_k=0``, ``min_p=0``), so vLLM's
+  defaults from the model's ``generation_config.json`` never change an answer behind the client.
+- **Classification**: exact where vLLM can score it: first-token labels, through
+  ``logprob_token_ids`` (the full-vocabulary log-probability of each label's token at the first
+  step, then the log-softmax over the labels, which is what first-token scoring computes). Labels
+  scored by their whole words or by a learned verbalizer are refused with a message, as are deep
+  prompts everywhere (vLLM takes input embeddings, not key/value prefixes).
+- **Safety**: clients never send tensors (the routes take text and messages only); the tensors sent
+  are built here from the store's prompts. vLLM's ``prompt_embeds`` input had a memory-safety flaw
+  (CVE-2025-62164, fixed in 0.11.1, hardened further in December 2025): :func:`connect` refuses a
+  vLLM older than :data:`MIN_VLLM`, and one that is not on a loopback address.
+- **Same model**: :func:`connect` sends one probe input through vLLM and through the local model and
+  refuses to start when their next-token log-probabilities disagree (vLLM serving another model, or
+  a converted folder whose tied embedding it did not read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import torch
+
+from softprompt.decoding import TokenLogprob
+from softprompt.deep import DeepPrompt
+from softprompt.errors import UsageError
+from softprompt.serving.batcher import Job, QueueFullError, ShuttingDownError, StreamText
+from softprompt.serving.guard import is_loopback
+from softprompt.serving.mixed import Completion
+from softprompt.serving.registry import PromptEntry, PromptStore
+from softprompt.serving.settings import ServeLimits
+from softprompt.vllm import encode_embeds, prompt_embeds
+
+log = logging.getLogger(__name__)
+
+MIN_VLLM = (0, 13, 0)
+"""Oldest vLLM the gateway talks to: releases from 0.13 carry the fix of CVE-2025-62164 (memory
+corruption through crafted ``prompt_embeds``, fixed in 0.11.1) and its later hardening."""
+MAX_LABEL_TOKENS = 128
+"""Most label tokens one vLLM request scores (vLLM's ``MAX_LOGPROB_TOKEN_IDS``)."""
+PROBE_TEXT = "The capital of France is"
+PROBE_TOLERANCE = {torch.float32: 0.02, torch.bfloat16: 0.25, torch.float16: 0.1}
+"""Largest difference in the probe's top log-probability between vLLM and the local model."""
+
+
+class BackendError(Exception):
+    """vLLM refused or failed a request the gateway built (502: the gateway's upstream failed)."""
+
+
+class BackendUnavailableError(Exception):
+    """vLLM did not answer (503: retry once it is back)."""
+
+
+@dataclass(frozen=True)
+class VLLMInfo:
+    """What :func:`connect` learned of the vLLM server."""
+
+    url: str
+    model: str
+    version: str
+    max_model_len: int | None
+
+    def describe(self) -> str:
+        return f"vLLM {self.version} at {self.url} (model {self.model!r}, max_model_len {self.max_model_len})"
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """``"0.32.0"``, ``"0.13.0rc1+cpu"`` -> ``(0, 32, 0)``, ``(0, 13, 0)``."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(version).release
+    except InvalidVersion:
+        raise UsageError(f"cannot read vLLM's version {version!r}") from None
+    return tuple(release) + (0,) * (3 - len(release))
+
+
+def check_url(url: str) -> str:
+    """``url`` without a trailing slash, refused unless it is http(s) on a loopback address."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--vllm_url {url!r} is not an http URL; give e.g. http://127.0.0.1:8001")
+    if not is_loopback(parts.hostname):
+        raise UsageError(
+            f"--vllm_url {url!r} is not on a loopback address. A vLLM started with --enable-prompt-embeds "
+            "accepts arbitrary tensors from anyone who reaches it: run it on this machine with --host "
+            "127.0.0.1 and point the gateway at http://127.0.0.1:PORT"
+        )
+    return url.rstrip("/")
+
+
+def _request(client, method: str, path: str, **kwargs):
+    import httpx
+
+    try:
+        return client.request(method, path, **kwargs)
+    except httpx.HTTPError as e:
+        raise BackendUnavailableError(
+            f"vLLM at {client.base_url} did not answer {method} {path}: {e}"
+        ) from None
+
+
+def connect(url: str, store: PromptStore, *, served_model: str | None = None,
+            dtype: torch.dtype = torch.float32, transport=None, timeout_s: float = 60.0) -> VLLMInfo:  # fmt: skip
+    """Check the vLLM at ``url`` before serving through it: loopback, version, the model it serves
+    (``served_model``, or its only one), that it takes ``prompt_embeds``, and that it gives the local
+    model's next-token log-probabilities on a probe input (:data:`PROBE_TOLERANCE`)."""
+    import httpx
+
+    url = check_url(url)
+    with httpx.Client(base_url=url, transport=transport, timeout=timeout_s) as client:
+        answer = _request(client, "GET", "/version")
+        version = answer.json().get("version", "") if answer.status_code == 200 else ""
+        if not version:
+            raise UsageError(f"{url} does not answer GET /version as vLLM does (HTTP {answer.status_code}); "
+                             "is --vllm_url the address of a vLLM OpenAI server?")  # fmt: skip
+        if parse_version(version) < MIN_VLLM:
+            raise UsageError(
+                f"vLLM {version} is older than {'.'.join(map(str, MIN_VLLM))}: its prompt_embeds input has a "
+                "known memory-safety flaw (CVE-2025-62164); upgrade vLLM"
+            )
+        models = _request(client, "GET", "/v1/models").json().get("data", [])
+        names = [m.get("id") for m in models]
+        if served_model is None:
+            if len(names) != 1:
+                raise UsageError(f"vLLM serves {len(names)} models ({', '.join(map(str, names))}); name the base "
+                                 "model with --vllm_model")  # fmt: skip
+            served_model = names[0]
+        elif served_model not in names:
+            raise UsageError(
+                f"vLLM does not serve {served_model!r} (it serves: {', '.join(map(str, names))})"
+            )
+        card = models[names.index(served_model)]
+        info = VLLMInfo(url, served_model, version, card.get("max_model_len"))
+        _probe(client, info, store, dtype)
+    return info
+
+
+def _probe(client, info: VLLMInfo, store: PromptStore, dtype: torch.dtype) -> None:
+    tokenizer, prompted = store.tokenizer, store.prompted
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    empty = torch.zeros(0, prompted.embed_tokens.weight.shape[1])
+    body = {"model": info.model, "prompt_embeds": encode_embeds(prompt_embeds(empty, ids, prompted, dtype)),
+            "max_tokens": 1, "temperature": 0.0, "logprobs": 1, "return_tokens_as_token_ids": True}  # fmt: skip
+    answer = _request(client, "POST", "/v1/completions", json=body)
+    if answer.status_code != 200:
+        message = _error_message(answer.text)
+        hint = " Start vLLM with --enable-prompt-embeds." if "embed" in message.lower() else ""
+        raise UsageError(
+            f"vLLM refused a prompt_embeds request (HTTP {answer.status_code}: {message}).{hint}"
+        )
+    (choice,) = answer.json()["choices"]
+    theirs = {_token_id(k): v for k, v in choice["logprobs"]["top_logprobs"][0].items()}
+    with torch.no_grad():
+        logits = prompted.model(
+            input_ids=torch.tensor([ids], device=prompted.embed_tokens.weight.device)
+        ).logits
+    ours = logits[0, -1].float().log_softmax(-1)
+    best = int(ours.argmax())
+    tolerance = PROBE_TOLERANCE.get(dtype, 0.25)
+    if best not in theirs or abs(theirs[best] - float(ours[best])) > tolerance:
+        raise UsageError(
+            f"vLLM's model {info.model!r} does not match the prompts' base model: after {PROBE_TEXT!r} the "
+            f"local model gives token {best} log-probability {float(ours[best]):.4f}, vLLM gives "
+            f"{theirs.get(best)} (tolerance {tolerance}). Serve the folder `softprompt export-model` writes "
+            "for these prompts' model"
+        )
+    log.info(
+        "vLLM agrees with the local model on the probe (token %d: %.4f vs %.4f)",
+        best,
+        theirs[best],
+        ours[best],
+    )
+
+
+def _error_message(text: str) -> str:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:300]
+    error = body.get("error", body) if isinstance(body, dict) else body
+    return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
+
+
+def _token_id(key: str) -> int:
+    """vLLM's ``token_id:123`` (with ``return_tokens_as_token_ids``) -> 123."""
+    if not key.startswith("token_id:"):
+        raise BackendError(
+            f"vLLM named a token {key!r} instead of by id; it ignored return_tokens_as_token_ids"
+        )
+    return int(key[len("token_id:") :])
+
+
+class VLLMBackend:
+    """Answers the routes' ``run`` and ``submit`` through vLLM (see the module's docstring).
+
+    Args:
+        store: the prompts (their base model's embeddings build the tensors sent).
+        limits: ``max_queue`` bounds the requests in flight to vLLM (503 beyond).
+        info: the vLLM server (from :func:`connect`).
+        dtype: of the tensors sent (the dtype vLLM serves in halves the bytes for bfloat16).
+        transport: an ``httpx`` transport (tests); default: the network.
+        timeout_s: longest wait for vLLM's answer or next streamed chunk.
+    """
+
+    def __init__(self, store: PromptStore, limits: ServeLimits, info: VLLMInfo, *,
+                 dtype: torch.dtype = torch.float32, transport=None, timeout_s: float = 600.0):  # fmt: skip
+        self.store, self.limits, self.info = store, limits, info
+        self.dtype, self.transport, self.timeout_s = dtype, transport, timeout_s
+        self.max_model_len = info.max_model_len
+        self.stats = {"batches": 0, "rows": 0, "requests": 0}
+        self._client = None
+        self._in_flight = 0
+        self._stopping = False
+        self._tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ the Batcher's interface
+    def start(self) -> None:
+        self._stopping = False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+
+    def queued(self) -> int:
+        """Requests in flight to vLLM."""
+        return self._in_flight
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def submit(self, key: tuple, entries: list[PromptEntry], texts: list, *, stream: bool = False,
+               ids: list[list[int]] | None = None, **params) -> Job:  # fmt: skip
+        """Start the request; with ``stream``, read ``job.stream`` as the batcher's (StreamText items,
+        then the list of completions or the exception). Rows are token ids: ``ids``, or ``texts`` that
+        are lists of ids (the chat route's)."""
+        if ids is None and all(isinstance(t, list) for t in texts):
+            ids = texts
+        self._admit(key, entries, ids)
+        loop = asyncio.get_running_loop()
+        job = Job(
+            key, entries, texts, loop, loop.create_future(), params, asyncio.Queue() if stream else None, ids
+        )
+        task = loop.create_task(self._stream(job) if stream else self._complete(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def run(self, key: tuple, entries: list[PromptEntry], texts: list, **params):
+        """Send the request and return its results: completions, or class log-scores per row."""
+        job = self.submit(key, entries, texts, **params)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+
+    # ------------------------------------------------------------------ checks
+    def _admit(self, key: tuple, entries: list[PromptEntry], ids) -> None:
+        if self._stopping:
+            raise ShuttingDownError("the server is shutting down")
+        if ids is None:
+            raise UsageError("the vLLM backend takes token ids encoded by the routes")
+        for e in entries:
+            if isinstance(e.prompt, DeepPrompt):
+                raise UsageError(
+                    f"prompt {e.name} is a deep prompt (keys and values at every layer); vLLM takes input "
+                    "embeddings only, so this gateway cannot serve it. Serve it with `softprompt serve` "
+                    "without --vllm_url, or train an input prompt (--prompt_kind input)"
+                )
+            if key[0] == "classify" and e.usage.labels.mode != "first_token":
+                raise UsageError(
+                    f"prompt {e.name} scores its labels by {e.usage.labels.mode} scoring, which vLLM cannot "
+                    "compute exactly (it gives log-probabilities of single next tokens); the gateway "
+                    "classifies first-token labels only. Classify with `softprompt serve` without --vllm_url"
+                )
+            if key[0] == "classify" and len({w[0] for w in e.usage.labels.label_ids}) > MAX_LABEL_TOKENS:
+                raise UsageError(f"prompt {e.name} has more than {MAX_LABEL_TOKENS} label tokens, more "
+                                 "than vLLM scores in one request")  # fmt: skip
+        if self._in_flight >= self.limits.max_queue:
+            raise QueueFullError(
+                f"the server is busy ({self.limits.max_queue} requests in flight to vLLM); retry shortly"
+            )
+
+    # ------------------------------------------------------------------ building requests
+    def _embeds(self, entry: PromptEntry, ids: list[int]) -> str:
+        return encode_embeds(prompt_embeds(entry.prompt, ids, self.store.prompted, self.dtype))
+
+    def _generation_body(self, job: Job, stream: bool) -> dict:
+        p = job.params
+        body = {
+            "model": self.info.model,
+            "prompt_embeds": [self._embeds(e, ids) for e, ids in zip(job.entries, job.ids, strict=True)],
+            "max_tokens": p["max_tokens"],
+            "temperature": p["temperature"],
+            "top_p": p["top_p"],
+            "stop": list(p.get("stop") or []),
+            "presence_penalty": p.get("presence_penalty", 0.0),
+            "frequency_penalty": p.get("frequency_penalty", 0.0),
+            # vLLM would take these from the model's generation_config.json: state what the server does
+            "repetition_penalty": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "n": 1,
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+            "skip_special_tokens": True,
+            "stream": stream,
+        }
+        if p.get("logit_bias"):
+            body["logit_bias"] = {str(k): v for k, v in p["logit_bias"].items()}
+        if p.get("logprobs") is not None:
+            body["logprobs"] = p["logprobs"]
+        return body
+
+    def _classify_body(
+        self, entries: list[PromptEntry], rows: list[list[int]], label_tokens: list[int]
+    ) -> dict:
+        return {
+            "model": self.info.model,
+            "prompt_embeds": [self._embeds(e, ids) for e, ids in zip(entries, rows, strict=True)],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": 0,
+            "logprob_token_ids": label_tokens,
+            "return_tokens_as_token_ids": True,
+        }
+
+    # ------------------------------------------------------------------ talking to vLLM
+    def _http(self):
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.info.url,
+                transport=self.transport,
+                timeout=httpx.Timeout(self.timeout_s, connect=5.0),
+                limits=httpx.Limits(max_connections=self.limits.max_queue, max_keepalive_connections=64),
+            )
+        return self._client
+
+    async def _post(self, body: dict) -> dict:
+        import httpx
+
+        try:
+            answer = await self._http().post("/v1/completions", json=body)
+        except httpx.HTTPError as e:
+            raise BackendUnavailableError(
+                f"vLLM at {self.info.url} did not answer: {type(e).__name__}"
+            ) from None
+        if answer.status_code != 200:
+            raise BackendError(f"vLLM answered HTTP {answer.status_code}: {_error_message(answer.text)}")
+        return answer.json()
+
+    async def _complete(self, job: Job) -> None:
+        self._in_flight += 1
+        try:
+            if job.key[0] == "classify":
+                result = await self._classify(job)
+            else:
+                choices = (await self._post(self._generation_body(job, stream=False)))["choices"]
+                result = [self._completion(job, c) for c in sorted(choices, key=lambda c: c["index"])]
+            self._count(job)
+            if not job.future.done():
+                job.future.set_result(result)
+        except Exception as e:  # answered by the route (http_errors)
+            if not job.future.done():
+                job.future.set_exception(e)
+        finally:
+            self._in_flight -= 1
+
+    async def _classify(self, job: Job) -> list[torch.Tensor]:
+        """Per row, the log-softmax over its labels of their first tokens' log-probabilities; rows
+        whose prompts use other label tokens go in separate requests, sent together."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, e in enumerate(job.entries):
+            groups.setdefault(tuple(w[0] for w in e.usage.labels.label_ids), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(job.entries)
+
+        async def score(tokens: tuple[int, ...], rows: list[int]) -> None:
+            unique = sorted(set(tokens))
+            body = self._classify_body([job.entries[i] for i in rows], [job.ids[i] for i in rows], unique)
+            choices = sorted((await self._post(body))["choices"], key=lambda c: c["index"])
+            for i, choice in zip(rows, choices, strict=True):
+                got = {_token_id(k): v for k, v in choice["logprobs"]["top_logprobs"][0].items()}
+                missing = [t for t in unique if t not in got]
+                if missing:
+                    raise BackendError(f"vLLM did not return log-probabilities for label tokens {missing}")
+                out[i] = torch.tensor([got[t] for t in tokens], dtype=torch.float64).log_softmax(0).float()
+
+        await asyncio.gather(*(score(t, rows) for t, rows in groups.items()))
+        return out
+
+    def _completion(self, job: Job, choice: dict, index: int | None = None) -> Completion:
+        i = choice["index"] if index is None else index
+        tokens = list(choice.get("token_ids") or [])
+        return Completion(
+            text=choice["text"],
+            tokens=tokens,
+            finish_reason=choice.get("finish_reason") or "length",
+            prompt_tokens=len(job.ids[i]),
+            logprobs=self._logprobs(choice.get("logprobs"), job.params.get("logprobs")),
+        )
+
+    @staticmethod
+    def _logprobs(data: dict | None, k: int | None) -> list[TokenLogprob] | None:
+        if k is None or data is None:
+            return None
+        out = []
+        for lp, top in zip(data["token_logprobs"], data["top_logprobs"], strict=True):
+            ranked = sorted(((_token_id(t), v) for t, v in (top or {}).items()), key=lambda x: -x[1])
+            out.append(TokenLogprob(logprob=lp, top=ranked[:k]))
+        return out
+
+    def _count(self, job: Job) -> None:
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(job.entries)
+        self.stats["requests"] += 1
+
+    async def _stream(self, job: Job) -> None:
+        """Pass vLLM's chunks on as :class:`StreamText`; stops reading (and so closes vLLM's stream,
+        which aborts the generation) once the client has gone."""
+        import httpx
+
+        self._in_flight += 1
+        texts = [""] * len(job.entries)
+        tokens: list[list[int]] = [[] for _ in job.entries]
+        try:
+            body = self._generation_body(job, stream=True)
+            async with self._http().stream("POST", "/v1/completions", json=body) as answer:
+                if answer.status_code != 200:
+                    raise BackendError(
+                        f"vLLM answered HTTP {answer.status_code}: {_error_message((await answer.aread()).decode())}"
+                    )
+                async for line in answer.aiter_lines():
+                    if job.cancelled.is_set():
+                        return
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise BackendError(f"vLLM failed while streaming: {_error_message(data)}")
+                    for c in chunk.get("choices", []):
+                        i = c["index"]
+                        texts[i] += c.get("text", "")
+                        tokens[i] += c.get("token_ids") or []
+                        done = None
+                        if c.get("finish_reason"):
+                            whole = {"index": i, "text": texts[i], "token_ids": tokens[i],
+                                     "finish_reason": c["finish_reason"]}  # fmt: skip
+                            done = self._completion(job, whole)
+                        job.stream.put_nowait(StreamText(i, c.get("text", ""), done))
+            self._count(job)
+            job.stream.put_nowait([])
+        except httpx.HTTPError as e:
+            job.stream.put_nowait(
+                BackendUnavailableError(f"vLLM at {self.info.url} stopped answering: {type(e).__name__}")
+            )
+        except Exception as e:
+            job.stream.put_nowait(e)
+        finally:
+            self._in_flight -= 1
+
+
+def backend_for(store: PromptStore, limits: ServeLimits, url: str, *, served_model: str | None = None,
+                dtype: str = "float32", transport=None) -> VLLMBackend:  # fmt: skip
+    """:func:`connect` to the vLLM at ``url``, then a :class:`VLLMBackend` on it."""
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise UsageError(
+            f"--vllm_dtype {dtype!r}: give float32, bfloat16 or float16 (the dtype vLLM serves in)"
+        )
+    t0 = time.perf_counter()
+    info = connect(url, store, served_model=served_model, dtype=torch_dtype, transport=transport)
+    log.info("gateway to %s, checked in %.1f s", info.describe(), time.perf_counter() - t0)
+    return VLLMBackend(store, limits, info, dtype=torch_dtype, transport=transport)
