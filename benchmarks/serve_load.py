@@ -27,8 +27,12 @@ under this load the first chunk mostly waits for a batch slot), and the same for
 Then one client classifies, alone and while the streams run: the batcher answers it between
 decoding steps (``classify_during_streams_ratio`` is its p50 latency over the p50 alone).
 
+``--gateway`` measures the vLLM gateway (``softprompt serve --vllm_url``) against calling vLLM directly
+and against our own server, same inputs, 500 prompts stored (``serve_gateway.py``; needs
+``make vllm-env``).
+
 Run:  .venv/bin/python benchmarks/serve_load.py [--dtype bfloat16 --output results/serve_load_bf16.json]
-      [--device cuda] [--stream]
+      [--device cuda] [--stream] [--gateway]
 """
 
 from __future__ import annotations
@@ -402,6 +406,11 @@ def measure(args, num_prompts: int, names: list[str], texts, clients: int, n: in
 
 
 def main() -> None:
+    if "--gateway" in sys.argv:  # the vLLM gateway vs vLLM direct vs ours: its own script and options
+        import serve_gateway
+
+        serve_gateway.main([a for a in sys.argv[1:] if a != "--gateway"])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--requests", type=int, default=128, help="Requests per configuration and round.")

@@ -3,9 +3,16 @@ must equal (tiny models in ``core/test_vllm.py``, the real Gemma in ``integratio
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
+from helpers import REPO
 from softprompt.model import PromptedLM
+
+VLLM_PYTHON = Path(os.environ.get("SOFTPROMPT_VLLM_PYTHON", REPO / ".vllm-venv" / "bin" / "python"))
+"""The vLLM environment's interpreter (``make vllm-env``), for ``tests/vllm_real``."""
 
 
 def first_layer_input(prompted: PromptedLM, ids: list[int], prompt) -> torch.Tensor:

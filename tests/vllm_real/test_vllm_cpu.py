@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO
+from helpers.vllm import VLLM_PYTHON
 from softprompt import PromptConfig, PromptedLM, SoftPrompt
 from softprompt.decoding import generate
 from softprompt.model_folder import save_model_folder
 from softprompt.usage import PromptUsage
 from softprompt.vllm import decode_embeds, prompt_embeds_request
 
-VLLM_PYTHON = Path(os.environ.get("SOFTPROMPT_VLLM_PYTHON", REPO / ".vllm-venv" / "bin" / "python"))
 STEPS = 8
 ATOL = 1e-3  # float32 on both sides; vLLM's CPU kernels sum in another order
 

@@ -20,8 +20,8 @@ chunk.
   prompts everywhere (vLLM takes input embeddings, not key/value prefixes).
 - **Safety**: clients never send tensors (the routes take text and messages only); the tensors sent
   are built here from the store's prompts. vLLM's ``prompt_embeds`` input had a memory-safety flaw
-  (CVE-2025-62164, fixed in 0.11.1, hardened further in December 2025): :func:`connect` refuses a
-  vLLM older than :data:`MIN_VLLM`, and one that is not on a loopback address.
+  (CVE-2025-62164, affecting 0.10.2 to 0.11.0, fixed in 0.11.1): :func:`connect` refuses a vLLM
+  older than :data:`MIN_VLLM`, and one that is not on a loopback address.
 - **Same model**: :func:`connect` sends one probe input through vLLM and through the local model and
   refuses to start when their next-token log-probabilities disagree (vLLM serving another model, or
   a converted folder whose tied embedding it did not read).
@@ -50,9 +50,9 @@ from softprompt.vllm import encode_embeds, prompt_embeds
 
 log = logging.getLogger(__name__)
 
-MIN_VLLM = (0, 13, 0)
-"""Oldest vLLM the gateway talks to: releases from 0.13 carry the fix of CVE-2025-62164 (memory
-corruption through crafted ``prompt_embeds``, fixed in 0.11.1) and its later hardening."""
+MIN_VLLM = (0, 11, 1)
+"""Oldest vLLM the gateway talks to: the release that fixed CVE-2025-62164 (memory corruption through
+a crafted ``prompt_embeds`` tensor). Tested with 0.32.0 (CPU build)."""
 MAX_LABEL_TOKENS = 128
 """Most label tokens one vLLM request scores (vLLM's ``MAX_LOGPROB_TOKEN_IDS``)."""
 PROBE_TEXT = "The capital of France is"
@@ -249,29 +249,36 @@ class VLLMBackend:
 
     def submit(self, key: tuple, entries: list[PromptEntry], texts: list, *, stream: bool = False,
                ids: list[list[int]] | None = None, **params) -> Job:  # fmt: skip
-        """Start the request; with ``stream``, read ``job.stream`` as the batcher's (StreamText items,
-        then the list of completions or the exception). Rows are token ids: ``ids``, or ``texts`` that
-        are lists of ids (the chat route's)."""
-        if ids is None and all(isinstance(t, list) for t in texts):
-            ids = texts
+        """Start a streamed request: read ``job.stream`` as the batcher's (StreamText items, then the
+        list of completions or the exception); without ``stream``, await :meth:`run`. Rows are token
+        ids: ``ids``, or ``texts`` that are lists of ids (the chat route's)."""
+        if not stream:
+            raise UsageError("VLLMBackend.submit streams; await run() for a whole answer")
+        ids = self._rows(texts, ids)
         self._admit(key, entries, ids)
         loop = asyncio.get_running_loop()
-        job = Job(
-            key, entries, texts, loop, loop.create_future(), params, asyncio.Queue() if stream else None, ids
-        )
-        task = loop.create_task(self._stream(job) if stream else self._complete(job))
+        job = Job(key, entries, texts, loop, loop.create_future(), params, asyncio.Queue(), ids)
+        task = loop.create_task(self._stream(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
 
-    async def run(self, key: tuple, entries: list[PromptEntry], texts: list, **params):
-        """Send the request and return its results: completions, or class log-scores per row."""
-        job = self.submit(key, entries, texts, **params)
+    async def run(self, key: tuple, entries: list[PromptEntry], texts: list, *, ids=None, **params):
+        """Send the request and return its results: completions, or class log-scores per row. A
+        client that goes away cancels this, which closes the connection to vLLM (vLLM then aborts)."""
+        ids = self._rows(texts, ids)
+        self._admit(key, entries, ids)
+        loop = asyncio.get_running_loop()
+        job = Job(key, entries, texts, loop, loop.create_future(), params, None, ids)
+        self._in_flight += 1
         try:
-            return await job.future
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            raise
+            return await self._compute(job)
+        finally:
+            self._in_flight -= 1
+
+    @staticmethod
+    def _rows(texts: list, ids):
+        return texts if ids is None and all(isinstance(t, list) for t in texts) else ids
 
     # ------------------------------------------------------------------ checks
     def _admit(self, key: tuple, entries: list[PromptEntry], ids) -> None:
@@ -370,22 +377,14 @@ class VLLMBackend:
             raise BackendError(f"vLLM answered HTTP {answer.status_code}: {_error_message(answer.text)}")
         return answer.json()
 
-    async def _complete(self, job: Job) -> None:
-        self._in_flight += 1
-        try:
-            if job.key[0] == "classify":
-                result = await self._classify(job)
-            else:
-                choices = (await self._post(self._generation_body(job, stream=False)))["choices"]
-                result = [self._completion(job, c) for c in sorted(choices, key=lambda c: c["index"])]
-            self._count(job)
-            if not job.future.done():
-                job.future.set_result(result)
-        except Exception as e:  # answered by the route (http_errors)
-            if not job.future.done():
-                job.future.set_exception(e)
-        finally:
-            self._in_flight -= 1
+    async def _compute(self, job: Job) -> list:
+        if job.key[0] == "classify":
+            result = await self._classify(job)
+        else:
+            choices = (await self._post(self._generation_body(job, stream=False)))["choices"]
+            result = [self._completion(job, c) for c in sorted(choices, key=lambda c: c["index"])]
+        self._count(job)
+        return result
 
     async def _classify(self, job: Job) -> list[torch.Tensor]:
         """Per row, the log-softmax over its labels of their first tokens' log-probabilities; rows
