@@ -93,8 +93,10 @@ class FakeVLLM:
                 token = int(logits.argmax())
                 steps.append(logp)
                 tokens.append(token)
-                if token == eos:
-                    finish = "stop"
+                if token in (body.get("stop_token_ids") or []) or (
+                    token == eos and not body.get("ignore_eos")
+                ):
+                    finish = "stop"  # the token stays in token_ids and logprobs, as in vLLM
                     break
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 if any(s in text for s in stops):

@@ -117,6 +117,19 @@ def test_completion_logprobs_and_logit_bias_equal_the_own_server(store, fake):
     assert fake.requests[0]["logit_bias"] == {"7": 5.0}
 
 
+def test_stop_at_eos_counts_tokens_as_the_own_server(store, fake):
+    eos = store.tokenizer.eos_token_id
+    body = {"model": "topic", "prompt": "a match", "max_tokens": 5, "temperature": 0, "logprobs": 1,
+            "logit_bias": {str(eos): 100}}  # fmt: skip
+    ours, own = both(store, fake, "/v1/completions", body)
+    assert own["choices"][0]["finish_reason"] == "stop" and ours["choices"][0] == own["choices"][0] | {
+        "logprobs": ours["choices"][0]["logprobs"]
+    }
+    assert ours["usage"] == own["usage"]  # vLLM's EOS token is not counted, as softprompt does not
+    assert ours["choices"][0]["logprobs"]["tokens"] == own["choices"][0]["logprobs"]["tokens"] == []
+    assert fake.requests[0]["ignore_eos"] is True and fake.requests[0]["stop_token_ids"] == [eos]
+
+
 def test_stream_passes_vllm_chunks_through(store, fake):
     body = {"model": "quality", "prompt": "nice words", "max_tokens": 6, "temperature": 0}
     gateway, own = clients(store, fake)

@@ -225,6 +225,7 @@ class VLLMBackend:
         self.store, self.limits, self.info = store, limits, info
         self.dtype, self.transport, self.timeout_s = dtype, transport, timeout_s
         self.max_model_len = info.max_model_len
+        self.eos = store.tokenizer.eos_token_id  # where softprompt's decoding stops
         self.stats = {"batches": 0, "rows": 0, "requests": 0}
         self._client = None
         self._in_flight = 0
@@ -327,6 +328,9 @@ class VLLMBackend:
             "top_k": 0,
             "min_p": 0.0,
             "n": 1,
+            # stop where softprompt stops: the tokenizer's EOS, not also generation_config's others
+            "ignore_eos": self.eos is not None,
+            "stop_token_ids": [] if self.eos is None else [self.eos],
             "return_token_ids": True,
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": True,
@@ -411,12 +415,17 @@ class VLLMBackend:
     def _completion(self, job: Job, choice: dict, index: int | None = None) -> Completion:
         i = choice["index"] if index is None else index
         tokens = list(choice.get("token_ids") or [])
+        logprobs = self._logprobs(choice.get("logprobs"), job.params.get("logprobs"))
+        finish = choice.get("finish_reason") or "length"
+        if finish == "stop" and tokens and tokens[-1] == self.eos:  # vLLM counts the EOS; softprompt does not
+            tokens = tokens[:-1]
+            logprobs = None if logprobs is None else logprobs[: len(tokens)]
         return Completion(
             text=choice["text"],
             tokens=tokens,
-            finish_reason=choice.get("finish_reason") or "length",
+            finish_reason=finish,
             prompt_tokens=len(job.ids[i]),
-            logprobs=self._logprobs(choice.get("logprobs"), job.params.get("logprobs")),
+            logprobs=logprobs,
         )
 
     @staticmethod
