@@ -77,7 +77,7 @@ def start_vllm(folder: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONPATH": ""}
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
            "--enable-prompt-embeds", "--dtype", "float32", "--max-model-len", "512", "--host", "127.0.0.1",
-           "--port", str(port), "--disable-log-requests"]  # fmt: skip
+           "--port", str(port)]  # fmt: skip
     with open(log, "w") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
