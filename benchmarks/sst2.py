@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt_kind", default="input", choices=["input", "deep"])
     ap.add_argument("--reparam", default="none", choices=["none", "residual"])
+    ap.add_argument("--scoring", default="auto", help="auto, first_token, sequence or learned")
     ap.add_argument("--output_dir", default=None)
     ap.add_argument(
         "--sweep", default=None, help="optimizer:lr pairs, e.g. adamw:0.03,adamw:0.3 (no baselines)"
@@ -134,6 +135,7 @@ def main() -> None:
             init=args.init, optimizer=optimizer, lr=lr, max_steps=args.max_steps, batch_size=args.batch_size,
             eval_every=args.eval_every, loss=args.loss, seed=args.seed, output_dir=out, device="cpu",
             baselines=baselines, model=args.model, prompt_kind=args.prompt_kind, reparam=args.reparam,
+            scoring=args.scoring,
         )  # fmt: skip
         start = time.perf_counter()
         results = train(cfg)
@@ -158,7 +160,7 @@ def main() -> None:
             "examples_seen": results["steps"] * args.batch_size,
             "optimizer": optimizer,
             "lr": lr,
-            **{k: getattr(args, k) for k in ("num_virtual_tokens", "init", "max_steps", "batch_size", "loss", "seed", "threads", "prompt_kind", "reparam")},
+            **{k: getattr(args, k) for k in ("num_virtual_tokens", "init", "max_steps", "batch_size", "loss", "seed", "threads", "prompt_kind", "reparam", "scoring")},
             "template": task["template"],
             "verbalizer": task["verbalizer"],
             "command": command,
@@ -169,6 +171,7 @@ def main() -> None:
 
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
     slug = model_slug(args.model) + kind_slug(args.prompt_kind, args.reparam)
+    slug += "" if args.scoring == "auto" else f"_{args.scoring}"
     if args.sweep:
         runs = []
         for item in args.sweep.split(","):

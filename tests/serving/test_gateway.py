@@ -190,7 +190,8 @@ def test_vllm_limits_and_failures(store, fake):
         fake.fail_with = (500, "engine died")
         r = gateway.post("/v1/completions", json={"model": "free", "prompt": "the film", "max_tokens": 2})
         assert r.status_code == 502 and "engine died" in r.json()["error"]["message"]
-        assert gateway.get("/health").json()["queued"] == 0
+        health = gateway.get("/health").json()
+        assert health["queued"] == 0 and health["backend"].startswith(f"vLLM 0.32.0 at {URL}")
 
 
 def test_unreachable_vllm_is_503(store, fake):

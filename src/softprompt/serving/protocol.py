@@ -176,3 +176,5 @@ class Health(BaseModel):
     batches: int
     rows: int
     requests: int
+    backend: str | None = None
+    """The vLLM the gateway runs requests on (``None``: this server runs the model itself)."""

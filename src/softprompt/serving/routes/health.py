@@ -14,6 +14,6 @@ router = APIRouter(tags=["health"])
 @router.get("/health", response_model=Health)
 async def health(service: ServiceDep) -> Health:
     batcher = service.batcher
-    return Health(
-        prompts=len(service.store), failed=service.failures(), queued=batcher.queued(), **batcher.stats
-    )
+    info = getattr(batcher, "info", None)  # the vLLM gateway's backend
+    return Health(prompts=len(service.store), failed=service.failures(), queued=batcher.queued(),
+                  backend=None if info is None else info.describe(), **batcher.stats)  # fmt: skip
