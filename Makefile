@@ -37,7 +37,7 @@ $(VLLM_STAMP):
 
 vllm-env: $(VLLM_STAMP)
 
-# softprompt against the real vLLM on SmolLM2 (tests/vllm_real): about 2 minutes after the install
+# softprompt and its gateway against the real vLLM on SmolLM2 (tests/vllm_real): about 4 minutes after the install
 test-vllm: setup vllm-env
 	$(PY) -m pytest -q -s tests/vllm_real
 

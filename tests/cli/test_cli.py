@@ -111,6 +111,20 @@ def test_every_server_limit_reaches_the_server(tmp_path, monkeypatch):
     assert limits.batch_gap_ms is None and limits.max_batch_size == 4  # 0: wait out the window, as before
 
 
+def test_gateway_options_reach_the_server_and_a_remote_vllm_is_refused_first(tmp_path, monkeypatch, capsys):
+    from softprompt.serving import server
+
+    calls = []
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: calls.append(kw))
+    cli.main(["serve", str(tmp_path), "--vllm_url", "http://127.0.0.1:8001", "--vllm_dtype", "bfloat16"])
+    assert (calls[0]["vllm_url"], calls[0]["vllm_dtype"], calls[0]["vllm_model"]) == (
+        "http://127.0.0.1:8001", "bfloat16", None,
+    )  # fmt: skip
+    with pytest.raises(SystemExit):  # refused before anything loads
+        cli.main(["serve", str(tmp_path), "--vllm_url", "http://10.1.2.3:8001"])
+    assert "loopback" in capsys.readouterr().err and len(calls) == 1
+
+
 def test_init_options_build_the_prompt_config(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "cmd_init", lambda **kw: calls.append(kw))
