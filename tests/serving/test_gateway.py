@@ -163,6 +163,30 @@ def test_classify_first_token_labels_equals_the_own_server(store, fake):
     assert ours["data"][0]["scores"] == pytest.approx(own["data"][0]["scores"], abs=1e-5)
 
 
+def test_a_prompt_loaded_over_http_is_served_through_vllm(store, fake):
+    from softprompt import save_prompt
+
+    save_prompt(
+        SoftPrompt(torch.randn(5, 32, generator=torch.Generator().manual_seed(9))),
+        store.root / "new",
+        store.prompted.model,
+    )
+    gateway, own = clients(store, fake)
+    with gateway, own:
+        assert (
+            gateway.post("/v1/prompts/new/load", headers={"Content-Type": "application/json"}).status_code
+            == 200
+        )
+        body = {"model": "new", "prompt": "the film", "max_tokens": 4, "temperature": 0}
+        ours, theirs = (
+            gateway.post("/v1/completions", json=body).json(),
+            own.post("/v1/completions", json=body).json(),
+        )
+    assert ours["choices"][0]["text"] == theirs["choices"][0]["text"]
+    sent = FakeVLLM.decode(fake.requests[-1]["prompt_embeds"][0])
+    assert sent.shape[0] == 5 + len(store.get("new").usage.encode("the film").ids)
+
+
 def test_refusals_are_clear_and_nothing_reaches_vllm(store, fake):
     shape = KVShape.of_model(store.prompted.model)
     store.add("deep", DeepPrompt(torch.randn(3, shape.width), shape))
