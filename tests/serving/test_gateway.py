@@ -24,7 +24,8 @@ pytest.importorskip("fastapi", reason="the server needs fastapi (pip install -e 
 from fastapi.testclient import TestClient  # noqa: E402
 
 from softprompt.serving.server import ServeLimits, create_app  # noqa: E402
-from softprompt.serving.vllm_backend import VLLMBackend, backend_for, check_url, connect  # noqa: E402
+from softprompt.serving.vllm_backend import VLLMBackend, backend_for  # noqa: E402
+from softprompt.serving.vllm_connect import check_url, connect  # noqa: E402
 
 URL = "http://127.0.0.1:8001"
 

@@ -259,7 +259,7 @@ def cmd_serve(
     check_binding(host, allow_management=allow_management, api_key=api_key)
     HostPolicy([host, *(allowed_hosts or [])])
     if vllm_url is not None:
-        from softprompt.serving.vllm_backend import check_url
+        from softprompt.serving.vllm_connect import check_url
 
         check_url(vllm_url)
     if limits.get("batch_gap_ms") == 0:

@@ -4,7 +4,8 @@
 (:mod:`~softprompt.serving.server`, needs ``pip install 'softprompt[serve]'``): routers per endpoint
 group (:mod:`~softprompt.serving.routes`) over one :class:`~softprompt.serving.service.Service`, the
 batcher that runs all model compute (:mod:`~softprompt.serving.batcher`) or, in a gateway, the vLLM
-backend in its place (:mod:`~softprompt.serving.vllm_backend`), the request guard
+backend in its place (:mod:`~softprompt.serving.vllm_backend`, checked at start by
+:mod:`~softprompt.serving.vllm_connect`), the request guard
 (:mod:`~softprompt.serving.guard`), the request and response bodies
 (:mod:`~softprompt.serving.openai_api`, :mod:`~softprompt.serving.protocol`), typed errors mapped to
 HTTP in one place (:mod:`~softprompt.serving.http_errors`), the settings

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from softprompt.errors import InvalidPromptNameError, ModelMismatchError, UnknownPromptError, UsageError
 from softprompt.serving.batcher import ComputeError, QueueFullError, ShuttingDownError
 from softprompt.serving.guard import APIError, error_response
-from softprompt.serving.vllm_backend import BackendError, BackendUnavailableError
+from softprompt.serving.vllm_connect import BackendError, BackendUnavailableError
 from softprompt.text import NoChatTemplateError
 
 

@@ -20,9 +20,9 @@ chunk.
   prompts everywhere (vLLM takes input embeddings, not key/value prefixes).
 - **Safety**: clients never send tensors (the routes take text and messages only); the tensors sent
   are built here from the store's prompts. vLLM's ``prompt_embeds`` input had a memory-safety flaw
-  (CVE-2025-62164, affecting 0.10.2 to 0.11.0, fixed in 0.11.1): :func:`connect` refuses a vLLM
-  older than :data:`MIN_VLLM`, and one that is not on a loopback address.
-- **Same model**: :func:`connect` sends one probe input through vLLM and through the local model and
+  (CVE-2025-62164, affecting 0.10.2 to 0.11.0, fixed in 0.11.1): :func:`~softprompt.serving.vllm_connect.connect`
+  refuses a vLLM older than :data:`~softprompt.serving.vllm_connect.MIN_VLLM`, and one that is not on a loopback address.
+- **Same model**: :func:`~softprompt.serving.vllm_connect.connect` sends one probe input through vLLM and through the local model and
   refuses to start when their next-token log-probabilities disagree (vLLM serving another model, or
   a converted folder whose tied embedding it did not read).
 """
@@ -33,8 +33,6 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import torch
 
@@ -42,170 +40,23 @@ from softprompt.decoding import TokenLogprob
 from softprompt.deep import DeepPrompt
 from softprompt.errors import UsageError
 from softprompt.serving.batcher import Job, QueueFullError, ShuttingDownError, StreamText
-from softprompt.serving.guard import is_loopback
 from softprompt.serving.mixed import Completion
 from softprompt.serving.registry import PromptEntry, PromptStore
 from softprompt.serving.settings import ServeLimits
+from softprompt.serving.vllm_connect import (
+    BackendError,
+    BackendUnavailableError,
+    VLLMInfo,
+    connect,
+    error_message,
+    token_id,
+)
 from softprompt.vllm import encode_embeds, prompt_embeds
 
 log = logging.getLogger(__name__)
 
-MIN_VLLM = (0, 11, 1)
-"""Oldest vLLM the gateway talks to: the release that fixed CVE-2025-62164 (memory corruption through
-a crafted ``prompt_embeds`` tensor). Tested with 0.32.0 (CPU build)."""
 MAX_LABEL_TOKENS = 128
 """Most label tokens one vLLM request scores (vLLM's ``MAX_LOGPROB_TOKEN_IDS``)."""
-PROBE_TEXT = "The capital of France is"
-PROBE_TOLERANCE = {torch.float32: 0.02, torch.bfloat16: 0.25, torch.float16: 0.1}
-"""Largest difference in the probe's top log-probability between vLLM and the local model."""
-
-
-class BackendError(Exception):
-    """vLLM refused or failed a request the gateway built (502: the gateway's upstream failed)."""
-
-
-class BackendUnavailableError(Exception):
-    """vLLM did not answer (503: retry once it is back)."""
-
-
-@dataclass(frozen=True)
-class VLLMInfo:
-    """What :func:`connect` learned of the vLLM server."""
-
-    url: str
-    model: str
-    version: str
-    max_model_len: int | None
-
-    def describe(self) -> str:
-        return f"vLLM {self.version} at {self.url} (model {self.model!r}, max_model_len {self.max_model_len})"
-
-
-def parse_version(version: str) -> tuple[int, ...]:
-    """``"0.32.0"``, ``"0.13.0rc1+cpu"`` -> ``(0, 32, 0)``, ``(0, 13, 0)``."""
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        release = Version(version).release
-    except InvalidVersion:
-        raise UsageError(f"cannot read vLLM's version {version!r}") from None
-    return tuple(release) + (0,) * (3 - len(release))
-
-
-def check_url(url: str) -> str:
-    """``url`` without a trailing slash, refused unless it is http(s) on a loopback address."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--vllm_url {url!r} is not an http URL; give e.g. http://127.0.0.1:8001")
-    if not is_loopback(parts.hostname):
-        raise UsageError(
-            f"--vllm_url {url!r} is not on a loopback address. A vLLM started with --enable-prompt-embeds "
-            "accepts arbitrary tensors from anyone who reaches it: run it on this machine with --host "
-            "127.0.0.1 and point the gateway at http://127.0.0.1:PORT"
-        )
-    return url.rstrip("/")
-
-
-def _request(client, method: str, path: str, **kwargs):
-    import httpx
-
-    try:
-        return client.request(method, path, **kwargs)
-    except httpx.HTTPError as e:
-        raise BackendUnavailableError(
-            f"vLLM at {client.base_url} did not answer {method} {path}: {e}"
-        ) from None
-
-
-def connect(url: str, store: PromptStore, *, served_model: str | None = None,
-            dtype: torch.dtype = torch.float32, transport=None, timeout_s: float = 60.0) -> VLLMInfo:  # fmt: skip
-    """Check the vLLM at ``url`` before serving through it: loopback, version, the model it serves
-    (``served_model``, or its only one), that it takes ``prompt_embeds``, and that it gives the local
-    model's next-token log-probabilities on a probe input (:data:`PROBE_TOLERANCE`)."""
-    import httpx
-
-    url = check_url(url)
-    with httpx.Client(base_url=url, transport=transport, timeout=timeout_s) as client:
-        answer = _request(client, "GET", "/version")
-        version = answer.json().get("version", "") if answer.status_code == 200 else ""
-        if not version:
-            raise UsageError(f"{url} does not answer GET /version as vLLM does (HTTP {answer.status_code}); "
-                             "is --vllm_url the address of a vLLM OpenAI server?")  # fmt: skip
-        if parse_version(version) < MIN_VLLM:
-            raise UsageError(
-                f"vLLM {version} is older than {'.'.join(map(str, MIN_VLLM))}: its prompt_embeds input has a "
-                "known memory-safety flaw (CVE-2025-62164); upgrade vLLM"
-            )
-        models = _request(client, "GET", "/v1/models").json().get("data", [])
-        names = [m.get("id") for m in models]
-        if served_model is None:
-            if len(names) != 1:
-                raise UsageError(f"vLLM serves {len(names)} models ({', '.join(map(str, names))}); name the base "
-                                 "model with --vllm_model")  # fmt: skip
-            served_model = names[0]
-        elif served_model not in names:
-            raise UsageError(
-                f"vLLM does not serve {served_model!r} (it serves: {', '.join(map(str, names))})"
-            )
-        card = models[names.index(served_model)]
-        info = VLLMInfo(url, served_model, version, card.get("max_model_len"))
-        _probe(client, info, store, dtype)
-    return info
-
-
-def _probe(client, info: VLLMInfo, store: PromptStore, dtype: torch.dtype) -> None:
-    tokenizer, prompted = store.tokenizer, store.prompted
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-    empty = torch.zeros(0, prompted.embed_tokens.weight.shape[1])
-    body = {"model": info.model, "prompt_embeds": encode_embeds(prompt_embeds(empty, ids, prompted, dtype)),
-            "max_tokens": 1, "temperature": 0.0, "logprobs": 1, "return_tokens_as_token_ids": True}  # fmt: skip
-    answer = _request(client, "POST", "/v1/completions", json=body)
-    if answer.status_code != 200:
-        message = _error_message(answer.text)
-        hint = " Start vLLM with --enable-prompt-embeds." if "embed" in message.lower() else ""
-        raise UsageError(
-            f"vLLM refused a prompt_embeds request (HTTP {answer.status_code}: {message}).{hint}"
-        )
-    (choice,) = answer.json()["choices"]
-    theirs = {_token_id(k): v for k, v in choice["logprobs"]["top_logprobs"][0].items()}
-    with torch.no_grad():
-        logits = prompted.model(
-            input_ids=torch.tensor([ids], device=prompted.embed_tokens.weight.device)
-        ).logits
-    ours = logits[0, -1].float().log_softmax(-1)
-    best = int(ours.argmax())
-    tolerance = PROBE_TOLERANCE.get(dtype, 0.25)
-    if best not in theirs or abs(theirs[best] - float(ours[best])) > tolerance:
-        raise UsageError(
-            f"vLLM's model {info.model!r} does not match the prompts' base model: after {PROBE_TEXT!r} the "
-            f"local model gives token {best} log-probability {float(ours[best]):.4f}, vLLM gives "
-            f"{theirs.get(best)} (tolerance {tolerance}). Serve the folder `softprompt export-model` writes "
-            "for these prompts' model"
-        )
-    log.info(
-        "vLLM agrees with the local model on the probe (token %d: %.4f vs %.4f)",
-        best,
-        theirs[best],
-        ours[best],
-    )
-
-
-def _error_message(text: str) -> str:
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return text[:300]
-    error = body.get("error", body) if isinstance(body, dict) else body
-    return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
-
-
-def _token_id(key: str) -> int:
-    """vLLM's ``token_id:123`` (with ``return_tokens_as_token_ids``) -> 123."""
-    if not key.startswith("token_id:"):
-        raise BackendError(
-            f"vLLM named a token {key!r} instead of by id; it ignored return_tokens_as_token_ids"
-        )
-    return int(key[len("token_id:") :])
 
 
 class VLLMBackend:
@@ -378,7 +229,7 @@ class VLLMBackend:
                 f"vLLM at {self.info.url} did not answer: {type(e).__name__}"
             ) from None
         if answer.status_code != 200:
-            raise BackendError(f"vLLM answered HTTP {answer.status_code}: {_error_message(answer.text)}")
+            raise BackendError(f"vLLM answered HTTP {answer.status_code}: {error_message(answer.text)}")
         return answer.json()
 
     async def _compute(self, job: Job) -> list:
@@ -403,7 +254,7 @@ class VLLMBackend:
             body = self._classify_body([job.entries[i] for i in rows], [job.ids[i] for i in rows], unique)
             choices = sorted((await self._post(body))["choices"], key=lambda c: c["index"])
             for i, choice in zip(rows, choices, strict=True):
-                got = {_token_id(k): v for k, v in choice["logprobs"]["top_logprobs"][0].items()}
+                got = {token_id(k): v for k, v in choice["logprobs"]["top_logprobs"][0].items()}
                 missing = [t for t in unique if t not in got]
                 if missing:
                     raise BackendError(f"vLLM did not return log-probabilities for label tokens {missing}")
@@ -434,7 +285,7 @@ class VLLMBackend:
             return None
         out = []
         for lp, top in zip(data["token_logprobs"], data["top_logprobs"], strict=True):
-            ranked = sorted(((_token_id(t), v) for t, v in (top or {}).items()), key=lambda x: -x[1])
+            ranked = sorted(((token_id(t), v) for t, v in (top or {}).items()), key=lambda x: -x[1])
             out.append(TokenLogprob(logprob=lp, top=ranked[:k]))
         return out
 
@@ -456,7 +307,7 @@ class VLLMBackend:
             async with self._http().stream("POST", "/v1/completions", json=body) as answer:
                 if answer.status_code != 200:
                     raise BackendError(
-                        f"vLLM answered HTTP {answer.status_code}: {_error_message((await answer.aread()).decode())}"
+                        f"vLLM answered HTTP {answer.status_code}: {error_message((await answer.aread()).decode())}"
                     )
                 async for line in answer.aiter_lines():
                     if job.cancelled.is_set():
@@ -468,7 +319,7 @@ class VLLMBackend:
                         break
                     chunk = json.loads(data)
                     if "error" in chunk:
-                        raise BackendError(f"vLLM failed while streaming: {_error_message(data)}")
+                        raise BackendError(f"vLLM failed while streaming: {error_message(data)}")
                     for c in chunk.get("choices", []):
                         i = c["index"]
                         texts[i] += c.get("text", "")
