@@ -1,5 +1,5 @@
 """A stand-in for a vLLM OpenAI server, for the gateway's tests: the routes the gateway uses
-(``/version``, ``/v1/models``, ``/v1/completions`` with ``prompt_embeds``), answered the way vLLM
+(``/health``, ``/version``, ``/v1/models``, ``/v1/completions`` with ``prompt_embeds``), answered the way vLLM
 0.32 answers them, by a plain Hugging Face model run on the received tensors (``inputs_embeds``,
 greedy, whole sequence each step; nothing of softprompt's model code).
 
@@ -29,6 +29,8 @@ class FakeVLLM:
     # ------------------------------------------------------------------ routes
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        if path == "/health":
+            return httpx.Response(200)
         if path == "/version":
             return httpx.Response(200, json={"version": self.version})
         if path == "/v1/models":

@@ -261,3 +261,19 @@ def test_connect_refuses_what_it_cannot_trust(store, fake):
         and info.max_model_len == 512
         and isinstance(VLLMBackend(store, ServeLimits(), info), VLLMBackend)
     )
+
+
+def test_connect_waits_for_a_vllm_that_is_still_starting(store, fake):
+    calls = []
+
+    def starting(request):  # refuses connections three times, then is vLLM
+        calls.append(request.url.path)
+        if len(calls) <= 3:
+            raise httpx.ConnectError("connection refused")
+        return fake.handle(request)
+
+    info = connect(URL, store, transport=httpx.MockTransport(starting), wait_s=5, poll_s=0.01)
+    assert info.model == "base" and calls[:4] == ["/health"] * 4
+    calls.clear()
+    with pytest.raises(UsageError, match="within 0 s.*--vllm_wait_s"):
+        connect(URL, store, transport=httpx.MockTransport(starting), wait_s=0)

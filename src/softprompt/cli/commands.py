@@ -232,6 +232,7 @@ def cmd_serve(
     vllm_url: str | None = None,
     vllm_model: str | None = None,
     vllm_dtype: str = "float32",
+    vllm_wait_s: float = 600.0,
     **limits,
 ) -> None:
     """``limits``: the fields of :class:`~softprompt.serving.settings.ServeLimits` (``batch_gap_ms=0``:
@@ -281,6 +282,7 @@ def cmd_serve(
             vllm_url=vllm_url,
             vllm_model=vllm_model,
             vllm_dtype=vllm_dtype,
+            vllm_wait_s=vllm_wait_s,
         )
     except KeyboardInterrupt:  # SIGINT, after the bounded shutdown the server's log reports
         raise SystemExit(130) from None

@@ -179,6 +179,8 @@ def _add_serve(sub) -> None:
                    help="The name vLLM serves the base model under (default: its only model).")  # fmt: skip
     p.add_argument("--vllm_dtype", type=str, default="float32",
                    help="Dtype of the tensors sent to vLLM: the dtype it serves in (float32, bfloat16).")  # fmt: skip
+    p.add_argument("--vllm_wait_s", type=float, default=600.0,
+                   help="How long to wait for vLLM to start listening before giving up (seconds).")  # fmt: skip
     _add_config(p, ServeLimits)  # plain data: no [serve] extra needed to build the options
     sub.add_subcommand("serve", p, help="Serve many prompts on one model: completions, classify, manage.")
 

@@ -88,7 +88,7 @@ def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device
           host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
           allow_management: bool = True, api_key: str | None = None,
           allowed_hosts: list[str] | tuple[str, ...] = (), vllm_url: str | None = None,
-          vllm_model: str | None = None, vllm_dtype: str = "float32") -> None:  # fmt: skip
+          vllm_model: str | None = None, vllm_dtype: str = "float32", vllm_wait_s: float = 600.0) -> None:  # fmt: skip
     """Load ``model``, every prompt in ``store_dir``, and serve them with uvicorn until stopped.
 
     Refuses (before loading anything) to serve prompt management on a non-loopback ``host``
@@ -99,7 +99,8 @@ def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device
     With ``vllm_url`` it is a gateway: requests run on the vLLM server there (on this machine,
     started with ``--enable-prompt-embeds``; ``vllm_model``: the name it serves the base model under,
     when it serves several; ``vllm_dtype``: the dtype it serves in), checked before serving starts
-    (:func:`~softprompt.serving.vllm_backend.connect`). The base model is still loaded here: its
+    (:func:`~softprompt.serving.vllm_connect.connect`; a vLLM that is still starting is waited for
+    up to ``vllm_wait_s`` seconds). The base model is still loaded here: its
     embeddings build the tensors sent and its tokenizer encodes the inputs.
     """
     from softprompt.loading import load_model
@@ -114,7 +115,8 @@ def serve(store_dir: str, model: str = "smollm2", dtype: str = "float32", device
         if vllm_url is not None:
             from softprompt.serving.vllm_backend import backend_for
 
-            backend = backend_for(store, limits, vllm_url, served_model=vllm_model, dtype=vllm_dtype)
+            backend = backend_for(store, limits, vllm_url, served_model=vllm_model, dtype=vllm_dtype,
+                                  wait_s=vllm_wait_s)  # fmt: skip
     failed = store.failures()
     if failed:
         log.warning("%d prompt folder(s) could not be loaded and are listed in /health: %s",

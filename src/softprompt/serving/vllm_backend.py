@@ -343,14 +343,17 @@ class VLLMBackend:
 
 
 def backend_for(store: PromptStore, limits: ServeLimits, url: str, *, served_model: str | None = None,
-                dtype: str = "float32", transport=None) -> VLLMBackend:  # fmt: skip
-    """:func:`connect` to the vLLM at ``url``, then a :class:`VLLMBackend` on it."""
+                dtype: str = "float32", transport=None, wait_s: float = 0.0) -> VLLMBackend:  # fmt: skip
+    """:func:`~softprompt.serving.vllm_connect.connect` to the vLLM at ``url`` (waiting up to
+    ``wait_s`` seconds for it to listen), then a :class:`VLLMBackend` on it."""
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise UsageError(
             f"--vllm_dtype {dtype!r}: give float32, bfloat16 or float16 (the dtype vLLM serves in)"
         )
     t0 = time.perf_counter()
-    info = connect(url, store, served_model=served_model, dtype=torch_dtype, transport=transport)
+    info = connect(
+        url, store, served_model=served_model, dtype=torch_dtype, transport=transport, wait_s=wait_s
+    )
     log.info("gateway to %s, checked in %.1f s", info.describe(), time.perf_counter() - t0)
     return VLLMBackend(store, limits, info, dtype=torch_dtype, transport=transport)

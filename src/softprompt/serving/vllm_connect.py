@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -95,15 +96,42 @@ def _request(client, method: str, path: str, **kwargs):
         ) from None
 
 
-def connect(url: str, store: PromptStore, *, served_model: str | None = None,
-            dtype: torch.dtype = torch.float32, transport=None, timeout_s: float = 60.0) -> VLLMInfo:  # fmt: skip
+def wait_ready(client, wait_s: float, poll_s: float = 1.0) -> None:
+    """Wait up to ``wait_s`` seconds for vLLM's ``GET /health`` to answer 200 (a vLLM started beside
+    the gateway takes minutes to listen); a clear error after that."""
+    import httpx
+
+    start = last_said = time.monotonic()
+    while True:
+        try:
+            if client.get("/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        now = time.monotonic()
+        if now - start >= wait_s:
+            raise UsageError(
+                f"no vLLM answered at {client.base_url} within {wait_s:.0f} s. Start it first (python -m "
+                "vllm.entrypoints.openai.api_server --model DIR --enable-prompt-embeds --host 127.0.0.1 --port "
+                "PORT, DIR from `softprompt export-model`), or wait longer with --vllm_wait_s"
+            )
+        if now - last_said >= 15:
+            log.info("waiting for vLLM at %s (%.0f s so far)", client.base_url, now - start)
+            last_said = now
+        time.sleep(poll_s)
+
+
+def connect(url: str, store: PromptStore, *, served_model: str | None = None, dtype: torch.dtype = torch.float32,
+            transport=None, timeout_s: float = 60.0, wait_s: float = 0.0, poll_s: float = 1.0) -> VLLMInfo:  # fmt: skip
     """Check the vLLM at ``url`` before serving through it: loopback, version, the model it serves
     (``served_model``, or its only one), that it takes ``prompt_embeds``, and that it gives the local
-    model's next-token log-probabilities on a probe input (:data:`PROBE_TOLERANCE`)."""
+    model's next-token log-probabilities on a probe input (:data:`PROBE_TOLERANCE`). Waits up to
+    ``wait_s`` seconds for it to start listening (:func:`wait_ready`)."""
     import httpx
 
     url = check_url(url)
     with httpx.Client(base_url=url, transport=transport, timeout=timeout_s) as client:
+        wait_ready(client, wait_s, poll_s)
         answer = _request(client, "GET", "/version")
         version = answer.json().get("version", "") if answer.status_code == 200 else ""
         if not version:
