@@ -211,6 +211,8 @@ def test_vllm_limits_and_failures(store, fake):
     with gateway:
         r = gateway.post("/v1/completions", json={"model": "free", "prompt": "the film", "max_tokens": 30})
         assert r.status_code == 400 and "20 positions" in r.json()["error"]["message"]  # vLLM's limit
+        r = gateway.post("/v1/classify", json={"model": "topic", "input": ["the film " * 8]})
+        assert r.status_code == 400 and "max_model_len of 20" in r.json()["error"]["message"]
         assert fake.requests == []
         fake.fail_with = (500, "engine died")
         r = gateway.post("/v1/completions", json={"model": "free", "prompt": "the film", "max_tokens": 2})

@@ -19,12 +19,10 @@ chunk.
   scored by their whole words or by a learned verbalizer are refused with a message, as are deep
   prompts everywhere (vLLM takes input embeddings, not key/value prefixes).
 - **Safety**: clients never send tensors (the routes take text and messages only); the tensors sent
-  are built here from the store's prompts. vLLM's ``prompt_embeds`` input had a memory-safety flaw
-  (CVE-2025-62164, affecting 0.10.2 to 0.11.0, fixed in 0.11.1): :func:`~softprompt.serving.vllm_connect.connect`
-  refuses a vLLM older than :data:`~softprompt.serving.vllm_connect.MIN_VLLM`, and one that is not on a loopback address.
-- **Same model**: :func:`~softprompt.serving.vllm_connect.connect` sends one probe input through vLLM and through the local model and
-  refuses to start when their next-token log-probabilities disagree (vLLM serving another model, or
-  a converted folder whose tied embedding it did not read).
+  are built here from the store's prompts. The start-up checks
+  (:func:`~softprompt.serving.vllm_connect.connect`) refuse a vLLM off loopback, one older than the
+  fix of CVE-2025-62164 (a memory-safety flaw of ``prompt_embeds``), and one whose model gives other
+  next-token log-probabilities than the local model on a probe input.
 """
 
 from __future__ import annotations
@@ -154,6 +152,11 @@ class VLLMBackend:
             if key[0] == "classify" and len({w[0] for w in e.usage.labels.label_ids}) > MAX_LABEL_TOKENS:
                 raise UsageError(f"prompt {e.name} has more than {MAX_LABEL_TOKENS} label tokens, more "
                                  "than vLLM scores in one request")  # fmt: skip
+        if key[0] == "classify" and self.max_model_len:  # generation: the routes check with max_tokens
+            longest = max(len(row) + e.num_virtual_tokens + 1 for e, row in zip(entries, ids, strict=True))
+            if longest > self.max_model_len:
+                raise UsageError(f"an input + its prompt + 1 token is {longest} positions, over vLLM's "
+                                 f"max_model_len of {self.max_model_len}; shorten the input")  # fmt: skip
         if self._in_flight >= self.limits.max_queue:
             raise QueueFullError(
                 f"the server is busy ({self.limits.max_queue} requests in flight to vLLM); retry shortly"
