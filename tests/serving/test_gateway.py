@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers.fake_vllm import FakeVLLM
-from helpers.registry import make_store
+from helpers.registry import make_store, task_prompt
 from helpers.tiny import CHAT_TEMPLATE, tiny_llama
 from softprompt import SoftPrompt
 from softprompt.deep import DeepPrompt, KVShape
@@ -35,6 +35,7 @@ def store(llama, tmp_path):
     store = make_store(tmp_path / "store", llama)
     store.tokenizer.chat_template = CHAT_TEMPLATE
     store.add("free", SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(3))))
+    store.add("sentiment-b", task_prompt("sentiment", P=6, seed=7), save=False)  # another prompt, same task
     return store
 
 
@@ -159,9 +160,11 @@ def test_classify_first_token_labels_equals_the_own_server(store, fake):
         assert x["scores"] == pytest.approx(y["scores"], abs=1e-5)
     sent = fake.requests[0]
     assert sent["max_tokens"] == 1 and len(sent["logprob_token_ids"]) == 3
-    ensemble = {"model": ["sentiment", "sentiment"], "input": ["fine film"]}
+    ensemble = {"model": ["sentiment", "sentiment-b"], "input": ["fine film", "bad"], "ensemble": "mean"}
     ours, own = both(store, fake, "/v1/classify", ensemble)
-    assert ours["data"][0]["scores"] == pytest.approx(own["data"][0]["scores"], abs=1e-5)
+    for x, y in zip(ours["data"], own["data"], strict=True):
+        assert x["scores"] == pytest.approx(y["scores"], abs=1e-5)
+        assert x["members"] == y["members"] and x["votes"] == y["votes"]
 
 
 def test_a_prompt_loaded_over_http_is_served_through_vllm(store, fake):
