@@ -19,7 +19,7 @@ gateway in front of it with ``--num-prompts`` prompts in its store (500: the iss
   gateway at >= 90% of the last; on 2 CPU cores the gateway process shares the cores with vLLM).
 
 Run:  .venv/bin/python benchmarks/serve_load.py --gateway   (writes results/serve_gateway.json)
-Needs ``make vllm-env``; about 8 minutes on 2 cores, most of it vLLM's start.
+Needs ``make vllm-env``; about 10 minutes on 2 cores.
 """
 
 from __future__ import annotations
