@@ -86,14 +86,13 @@ def check_url(url: str) -> str:
 
 
 def _request(client, method: str, path: str, **kwargs):
+    """One start-up request; a vLLM that stops answering here refuses the start with a message."""
     import httpx
 
     try:
         return client.request(method, path, **kwargs)
     except httpx.HTTPError as e:
-        raise BackendUnavailableError(
-            f"vLLM at {client.base_url} did not answer {method} {path}: {e}"
-        ) from None
+        raise UsageError(f"vLLM at {client.base_url} stopped answering ({method} {path}: {e})") from None
 
 
 def wait_ready(client, wait_s: float, poll_s: float = 1.0) -> None:
