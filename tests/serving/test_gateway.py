@@ -282,3 +282,11 @@ def test_connect_waits_for_a_vllm_that_is_still_starting(store, fake):
     calls.clear()
     with pytest.raises(UsageError, match="within 0 s.*--vllm_wait_s"):
         connect(URL, store, transport=httpx.MockTransport(starting), wait_s=0)
+
+    def dies(request):  # listens, then stops answering during the checks
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        raise httpx.ReadError("connection reset")
+
+    with pytest.raises(UsageError, match="stopped answering"):
+        connect(URL, store, transport=httpx.MockTransport(dies))
