@@ -37,6 +37,7 @@ import torch
 from softprompt.decoding import TokenLogprob
 from softprompt.deep import DeepPrompt
 from softprompt.errors import UsageError
+from softprompt.loading import resolve_dtype
 from softprompt.serving.batcher import Job, QueueFullError, ShuttingDownError, StreamText
 from softprompt.serving.mixed import Completion
 from softprompt.serving.registry import PromptEntry, PromptStore
@@ -166,11 +167,20 @@ class VLLMBackend:
     def _embeds(self, entry: PromptEntry, ids: list[int]) -> str:
         return encode_embeds(prompt_embeds(entry.prompt, ids, self.store.prompted, self.dtype))
 
+    def _rows_embeds(self, entries: list[PromptEntry], rows: list[list[int]]) -> list[str]:
+        """Each row's encoded tensor; a row repeated (``n`` choices of one input) is built once."""
+        built: dict[tuple, str] = {}
+        for e, ids in zip(entries, rows, strict=True):
+            key = (e.name, e.version, tuple(ids))
+            if key not in built:
+                built[key] = self._embeds(e, ids)
+        return [built[(e.name, e.version, tuple(ids))] for e, ids in zip(entries, rows, strict=True)]
+
     def _generation_body(self, job: Job, stream: bool) -> dict:
         p = job.params
         body = {
             "model": self.info.model,
-            "prompt_embeds": [self._embeds(e, ids) for e, ids in zip(job.entries, job.ids, strict=True)],
+            "prompt_embeds": self._rows_embeds(job.entries, job.ids),
             "max_tokens": p["max_tokens"],
             "temperature": p["temperature"],
             "top_p": p["top_p"],
@@ -201,7 +211,7 @@ class VLLMBackend:
     ) -> dict:
         return {
             "model": self.info.model,
-            "prompt_embeds": [self._embeds(e, ids) for e, ids in zip(entries, rows, strict=True)],
+            "prompt_embeds": self._rows_embeds(entries, rows),
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": 0,
@@ -266,9 +276,9 @@ class VLLMBackend:
         await asyncio.gather(*(score(t, rows) for t, rows in groups.items()))
         return out
 
-    def _completion(self, job: Job, choice: dict, index: int | None = None) -> Completion:
-        i = choice["index"] if index is None else index
-        tokens = list(choice.get("token_ids") or [])
+    def _completion(self, job: Job, choice: dict) -> Completion:
+        i = choice["index"]
+        tokens = _token_ids(choice)
         logprobs = self._logprobs(choice.get("logprobs"), job.params.get("logprobs"))
         finish = choice.get("finish_reason") or "length"
         if finish == "stop" and tokens and tokens[-1] == self.eos:  # vLLM counts the EOS; softprompt does not
@@ -326,7 +336,7 @@ class VLLMBackend:
                     for c in chunk.get("choices", []):
                         i = c["index"]
                         texts[i] += c.get("text", "")
-                        tokens[i] += c.get("token_ids") or []
+                        tokens[i] += _token_ids(c)
                         done = None
                         if c.get("finish_reason"):
                             whole = {"index": i, "text": texts[i], "token_ids": tokens[i],
@@ -345,15 +355,21 @@ class VLLMBackend:
             self._in_flight -= 1
 
 
+def _token_ids(choice: dict) -> list[int]:
+    """A choice's (or streamed chunk's) generated token ids; vLLM gives them with ``return_token_ids``."""
+    ids = choice.get("token_ids")
+    if ids is None:
+        raise BackendError(
+            "vLLM answered without token_ids although the request asked for them (return_token_ids)"
+        )
+    return list(ids)
+
+
 def backend_for(store: PromptStore, limits: ServeLimits, url: str, *, served_model: str | None = None,
                 dtype: str = "float32", transport=None, wait_s: float = 0.0) -> VLLMBackend:  # fmt: skip
     """:func:`~softprompt.serving.vllm_connect.connect` to the vLLM at ``url`` (waiting up to
     ``wait_s`` seconds for it to listen), then a :class:`VLLMBackend` on it."""
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise UsageError(
-            f"--vllm_dtype {dtype!r}: give float32, bfloat16 or float16 (the dtype vLLM serves in)"
-        )
+    torch_dtype = resolve_dtype(dtype)
     t0 = time.perf_counter()
     info = connect(
         url, store, served_model=served_model, dtype=torch_dtype, transport=transport, wait_s=wait_s
