@@ -42,21 +42,26 @@ class OnePassCache(DynamicCache):
 class SharedPrefixCache(OnePassCache):
     """The cache of the one-pass shared prefix: each layer's keys and values of the prefix tokens,
     which sit in slots ``(slot_b[q], slot_t[q])`` of the batch, are put in front of every row's own,
-    (B, H, Q + T', d); the gradient of every row reaches the prefix through them. Stores the result
-    only when ``keep`` (to continue the rows); a rerun layer (checkpointing) computes the same."""
+    (B, H, Q + T', d); the gradient of every row reaches the prefix through them. ``fixed``: per
+    layer ``(K, V)`` of shape (1, H, F, d) put in front of those (a deep prompt's keys and values),
+    (B, H, F + Q + T', d). Stores the result only when ``keep`` (to continue the rows); a rerun
+    layer (checkpointing) computes the same."""
 
-    def __init__(self, slot_b: torch.Tensor, slot_t: torch.Tensor, keep: bool, **kwargs):
+    def __init__(self, slot_b: torch.Tensor, slot_t: torch.Tensor, keep: bool, fixed=None, **kwargs):
         super().__init__(**kwargs)
         self._slots = (slot_b, slot_t)
         self._keep = keep
+        self._fixed = fixed
 
-    def _with_prefix(self, states: torch.Tensor) -> torch.Tensor:
+    def _with_prefix(self, states: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
         B = states.shape[0]
-        pre = states[self._slots[0], :, self._slots[1]]  # (Q, H, d)
-        return torch.cat([pre.transpose(0, 1).unsqueeze(0).expand(B, -1, -1, -1), states], dim=2)
+        pre = states[self._slots[0], :, self._slots[1]].transpose(0, 1).unsqueeze(0)  # (1, H, Q, d)
+        front = pre if fixed is None else torch.cat([fixed.to(states.dtype), pre], dim=2)
+        return torch.cat([front.expand(B, -1, -1, -1), states], dim=2)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        key_states, value_states = self._with_prefix(key_states), self._with_prefix(value_states)
+        k, v = (None, None) if self._fixed is None else self._fixed[layer_idx]
+        key_states, value_states = self._with_prefix(key_states, k), self._with_prefix(value_states, v)
         if not self._keep:
             return key_states, value_states
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)

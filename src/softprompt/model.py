@@ -384,8 +384,7 @@ class PromptedLM(nn.Module):
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device).long()
         if isinstance(prompt, DeepPrompt):  # its keys and values are the rows' prefix: no prompt token runs
-            prompt.check_model(self.model, prompt_lengths=prompt_lengths)
-            prefix, prompt, head = prompt.as_prefix(self.dtype, self.device, head, self), None, None
+            return self._run_deep(input_ids, mask, prompt, prompt_lengths, head, keep_cache, decoding)
         plan = plan_inputs(
             prompt_tokens=None if prompt is None else as_bank(prompt).shape[1],
             head_tokens=0 if head is None else len(head),
@@ -413,6 +412,39 @@ class PromptedLM(nn.Module):
         # the plain model (zero-shot baseline) through the same code path
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0) * mask
         return self._rows_pass(self.embed_tokens(input_ids), mask, positions, T, plan)
+
+    def _run_deep(self, input_ids, mask, deep: DeepPrompt, prompt_lengths, head, keep_cache, decoding):
+        """Rows after a deep prompt's keys and values. Its head (tokens every row starts with) runs
+        once, after the keys and values: in the rows' own pass where the plan puts an input prompt's
+        prefix there (its tokens fill the batch's padding slots), otherwise in a short pass of its own
+        first. A pass of its own reads every weight of the model twice a step (forward and backward)
+        for a few tokens, which costs more than the rows' whole head on CPU (benchmarks/RESULTS.md)."""
+        deep.check_model(self.model, prompt_lengths=prompt_lengths)
+        B, T = input_ids.shape
+        plan = plan_inputs(
+            prompt_tokens=deep.num_virtual_tokens,
+            head_tokens=len(head) if head else 0,
+            cached_prefix=False,
+            rows=B,
+            input_tokens=T,
+            model=self.abilities,
+            keep_cache=keep_cache,
+            decoding=decoding,
+        )
+        if head and plan.layout is Layout.ONE_PASS:
+            P, h = deep.num_virtual_tokens, len(head)
+            unrun = PrefixInputs(
+                embeds=self.embed_tokens(torch.tensor([list(head)], dtype=torch.long, device=self.device)),
+                mask=torch.ones(1, h, dtype=torch.long, device=self.device),
+                positions=torch.arange(P, P + h, device=self.device).unsqueeze(0),
+                lengths=torch.tensor([P + h], device=self.device),
+            )
+            fixed = deep.as_prefix(self.dtype, self.device).layers
+            return self._run_one_pass(input_ids, mask, unrun, None, plan, fixed=fixed)
+        prefix = deep.as_prefix(self.dtype, self.device, head, self)
+        cached = plan_inputs(prompt_tokens=None, head_tokens=0, cached_prefix=True, rows=B, input_tokens=T,
+                             model=self.abilities, keep_cache=keep_cache, decoding=decoding)  # fmt: skip
+        return self._run_cached(input_ids, mask, prefix, None, cached)
 
     def _run_cached(self, input_ids, mask, prefix: PromptPrefix, prompt_index, plan: InputPlan):
         """The rows after a prefix's cached keys and values: only the input tokens run. Where a
@@ -456,28 +488,35 @@ class PromptedLM(nn.Module):
         next_pos = positions.max(dim=1).values + 1  # (B,) position of each row's next token
         return hidden, DecodeState(cache=cache, mask=mask, next_position=next_pos)
 
-    def _run_one_pass(self, input_ids, mask, prefix: PrefixInputs, prompt_index, plan: InputPlan):
+    def _run_one_pass(self, input_ids, mask, prefix: PrefixInputs, prompt_index, plan: InputPlan, fixed=None):
         """Rows and the prefixes they use in one pass, each prefix token once for the whole batch.
 
         The prefix tokens fill the batch's padding slots (and extra columns or rows where there are
         too few; :func:`~softprompt.layout.one_pass_layout`): about B x T + Q slots for Q prefix
         tokens. In every layer each row's keys and values gain those of all prefix tokens in front
-        (:class:`SharedPrefixCache`), and a 4D mask keeps each row to its own prompt. With the
-        plan's ``keep_cache``, the :class:`DecodeState` is over ``[prefix tokens, row slots]``.
+        (:class:`SharedPrefixCache`), and a 4D mask keeps each row to its own prompt. ``fixed``: per
+        layer ``(K, V)`` (1, H, F, d) that every slot sees before all of that (a deep prompt's, its
+        head being the prefix). With the plan's ``keep_cache``, the :class:`DecodeState` is over
+        ``[fixed, prefix tokens, row slots]``.
         """
         B, T = input_ids.shape
         index = row_prompt_index(prompt_index, prefix.num_prompts, B, self.device, "prefix")
         at = one_pass_layout(mask, index, prefix.mask, prefix.positions, prefix.lengths)
         embeds = self.embed_tokens(at.pad(input_ids))
         embeds = embeds.index_put((at.slot_b, at.slot_t), prefix.embeds[at.pre_n, at.pre_s])
-        cache = SharedPrefixCache(at.slot_b, at.slot_t, keep=plan.keep_cache, config=self.config)
-        hidden = self._decode(embeds, additive_mask(at.allowed, self.dtype), at.positions, cache)[:B, :T]
+        cache = SharedPrefixCache(at.slot_b, at.slot_t, keep=plan.keep_cache, fixed=fixed, config=self.config)
+        allowed, context = at.allowed, at.context_mask(B) if plan.keep_cache else None
+        if fixed is not None:  # every slot sees the fixed keys
+            F_ = fixed[0][0].shape[2]
+            allowed = torch.cat([allowed.new_ones(*allowed.shape[:3], F_), allowed], dim=3)
+            context = None if context is None else torch.cat([context.new_ones(B, F_), context], dim=1)
+        hidden = self._decode(embeds, additive_mask(allowed, self.dtype), at.positions, cache)[:B, :T]
         if not plan.keep_cache:
             return hidden, None
         if at.rows > B:  # the context of the caller's rows only
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[:B], layer.values[:B]
-        return hidden, DecodeState(cache=cache, mask=at.context_mask(B), next_position=at.next_position(B))
+        return hidden, DecodeState(cache=cache, mask=context, next_position=at.next_position(B))
 
     def _new_cache(self, plan: InputPlan, layers=None) -> DynamicCache:
         """An empty cache for the plan's pass, or one holding ``layers``' keys and values: one that

@@ -120,25 +120,33 @@ def test_weight_layout_round_trips_and_follows_peft_order():
     assert torch.equal(layers[1][1][0], peft_view[:, 3].permute(1, 0, 2))
 
 
-def test_head_tokens_after_a_deep_prompt_and_gradient(llama):
+@pytest.mark.parametrize("labels", ["first_token", "sequence"])
+@pytest.mark.parametrize("pass_of_its_own", [False, True])
+def test_head_tokens_after_a_deep_prompt_and_gradient(llama, labels, pass_of_its_own, monkeypatch):
+    """The head run once after the deep prompt (in the rows' pass, or where the attention takes no
+    custom mask in a pass of its own) gives the scores and the gradient of the head in every row;
+    multi-token labels continue the rows from that pass's keys and values."""
     tok = make_tokenizer()
     deep = random_deep(llama, scale=0.3)
     prompted = PromptedLM(llama)
-    space = LabelSpace(
-        ((tok.convert_tokens_to_ids("positive"),), (tok.convert_tokens_to_ids("negative"),)), "first_token"
-    )
+    if pass_of_its_own:
+        monkeypatch.setattr(type(prompted), "takes_custom_masks", property(lambda self: False))
+    words = ("positive", "negative") if labels == "first_token" else ("very good", "not good at all")
+    space = LabelSpace(tuple(tuple(tok(w, add_special_tokens=False)["input_ids"]) for w in words), labels)
     head = tok("review", add_special_tokens=False)["input_ids"]
     rows = [
         head + tok(t, add_special_tokens=False)["input_ids"]
         for t in ("the food was good", "bad", "a very boring film")
     ]
-    shared = class_scores(
-        prompted, rows, space, tok.pad_token_id, deep
-    )  # the head runs once after the prefix
-    apart = class_scores(prompted, rows, space, tok.pad_token_id, deep, share_head=False)
-    torch.testing.assert_close(shared, apart, atol=1e-5, rtol=0)
-    shared[:, 0].sum().backward()
-    assert deep.weight.grad is not None and deep.weight.grad.abs().sum() > 0
+    grads = []
+    for share in (True, False):  # True: the head runs once after the prefix
+        deep.weight.grad = None
+        scores = class_scores(prompted, rows, space, tok.pad_token_id, deep, share_head=share)
+        (scores[:, 0] * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        grads.append((scores.detach(), deep.weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=0)
+    assert grads[0][1].abs().sum() > 0
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-4)
 
 
 def test_mixed_batch_of_deep_and_input_prompts_equals_separate_runs(tmp_path):
