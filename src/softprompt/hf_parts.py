@@ -142,6 +142,8 @@ def config_shape(config, dtype_bytes: int) -> ModelShape:
     cfg = config.get_text_config()
     D, heads = cfg.hidden_size, cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    if cfg.model_type == "falcon" and not getattr(cfg, "new_decoder_architecture", False):
+        kv_heads = 1 if getattr(cfg, "multi_query", False) else heads  # Falcon-7B's one shared key/value head
     head_dim = getattr(cfg, "head_dim", None) or D // heads
     intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * D
     return ModelShape(
@@ -169,6 +171,8 @@ def kv_cache_shape(config) -> tuple[int, int, int]:
     if not layers or not heads:
         raise UsageError(f"{cfg.model_type}'s config gives no layer or head count; use prompt_kind=input")
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    if cfg.model_type == "falcon" and not getattr(cfg, "new_decoder_architecture", False):
+        kv_heads = 1 if getattr(cfg, "multi_query", False) else heads  # Falcon-7B's one shared key/value head
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return int(layers), int(kv_heads), int(head_dim)
 

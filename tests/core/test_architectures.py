@@ -6,7 +6,9 @@ tokens + the input, left and right padding, within and past a sliding window; (b
 prefix gives the concatenated path's loss and prompt gradient; (c) decoding from a cached prefix
 gives the tokens of the plain model fed the prompt as embeddings; (d) rows using different prompts
 in one batch equal separate runs; (e) save/load is bit-identical and PEFT reads our prompt (and we
-PEFT's) with the same logits. Families that cannot run exactly are refused when wrapped.
+PEFT's) with the same logits; (f) a deep prompt holding tokens' keys and values, with a head run
+once after it, gives the plain model's logits on those tokens + head + input, and the gradient of
+the head run in every row. Families that cannot run exactly are refused when wrapped.
 """
 
 from __future__ import annotations
@@ -192,6 +194,34 @@ def test_e_save_load_and_peft_both_ways(arch, tmp_path):
         theirs = peft_model(input_ids=ids).logits[:, 3:]
         ours = PromptedLM(model)(ids, prompt=load_prompt(tmp_path / "peft", model), positions="all")
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- (f) deep prompts
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f_a_deep_prompt_with_a_head_gives_the_plain_models_logits_and_gradient(arch, side):
+    from softprompt.deep import DeepPrompt
+
+    model = ARCHITECTURES[arch]()
+    prompted = PromptedLM(model)
+    t, head = [5, 9, 13], [21, 22]
+    deep = DeepPrompt.from_prefix(prompted.prefix_cache(token_vectors(model, t)))
+    ids, mask = pad(SHORT, side)
+    shared = prompted(ids, mask, prompt=deep, head=head, positions="all")  # the head once, after the prompt
+    for b, row in enumerate(SHORT):
+        ref = plain_logits(model, t + head + row)[len(t) + len(head) :]
+        torch.testing.assert_close(shared[b][mask[b].bool()], ref, atol=1e-4, rtol=1e-4)
+    # the same gradient as the head in every row (a weight on every real position's logits)
+    with_head, head_mask = pad([head + r for r in SHORT], side)
+    in_rows = prompted(with_head, head_mask, prompt=deep, positions="all")
+    own = head_mask.bool() & (head_mask.cumsum(dim=1) > len(head))  # the rows' tokens, after their head
+    grads = []
+    for logits in (shared[mask.bool()], in_rows[own]):
+        deep.weight.grad = None
+        (logits.log_softmax(-1)[:, :8] * torch.arange(8.0)).sum().backward(retain_graph=True)
+        grads.append(deep.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------- refused

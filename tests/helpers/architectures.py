@@ -61,7 +61,9 @@ ARCHITECTURES = {
     ),
     "opt": lambda: build(  # learned positions (offset 2), an input projection
         tf.OPTForCausalLM,
-        tf.OPTConfig(ffn_dim=64, word_embed_proj_dim=16, **without(SMALL, "intermediate_size")),
+        tf.OPTConfig(
+            ffn_dim=64, word_embed_proj_dim=16, **without(SMALL, "intermediate_size", "num_key_value_heads")
+        ),
     ),
     "falcon": lambda: build(  # rotary, grouped keys (Falcon 7B/40B's decoder)
         tf.FalconForCausalLM,
