@@ -156,6 +156,18 @@ class DeepPrompt(nn.Module):
         prompted._decode(embeds, mask, torch.arange(P, P + h, device=device).unsqueeze(0), cache)
         return PromptPrefix(cache_layers(cache), prefix.lengths + h)
 
+    def holding(self, weight: torch.Tensor) -> DeepPrompt:
+        """This prompt with ``weight`` (P, width) in place of its own, as is: not copied, so the
+        gradient flows back through it (a reparameterised run's output; training only)."""
+        if weight.shape != self.weight.shape:
+            raise ValueError(
+                f"holding() needs a weight of shape {tuple(self.weight.shape)}, got {tuple(weight.shape)}"
+            )
+        view = DeepPrompt.__new__(DeepPrompt)
+        nn.Module.__init__(view)
+        view.weight, view.shape, view.meta, view.classes = weight, self.shape, self.meta, self.classes
+        return view
+
     def frozen_copy(self, device: torch.device | str) -> DeepPrompt:
         """A detached copy on ``device`` that takes no gradient (what the prompt store keeps)."""
         copy = DeepPrompt(self.weight.detach().to(device), self.shape, self.meta)

@@ -18,6 +18,7 @@ from helpers import free_port
 from helpers.training import config, crash_at_step
 from softprompt import SoftPrompt, load_prompt
 from softprompt.cli import main
+from softprompt.deep import DeepPrompt
 from softprompt.errors import ConfigError
 from softprompt.training import TrainConfig, train
 from softprompt.training.checkpoint import load_checkpoint, optimizer_state
@@ -162,11 +163,42 @@ def test_plain_checkpoint_in_the_old_format_still_resumes(tiny_model_dir, data, 
     assert all(torch.equal(torch.as_tensor(got[0][k]), torch.as_tensor(v)) for k, v in expected[0].items())
 
 
-def test_reparam_is_for_input_prompts_only():
-    with pytest.raises(ConfigError, match="reparameterises input prompts only"):
-        TrainConfig(reparam="residual", prompt_kind="deep")
+def test_reparam_hidden_must_be_positive():
     with pytest.raises(ConfigError, match="reparam_hidden must be >= 1"):
         TrainConfig(reparam="residual", reparam_hidden=0)
+
+
+def test_a_deep_prompt_trains_through_the_mlp_and_is_saved_as_its_output(
+    tiny_model_dir, data, tmp_path, monkeypatch
+):
+    """prompt_kind=deep with reparam=residual: the loss sees a deep prompt holding the MLP's output
+    over each virtual token's keys and values (the gradient reaches the base and the MLP through it);
+    the saved prompt is a plain deep prompt of that output; resume is exact."""
+    kw = {"prompt_kind": "deep", "reparam": "residual", "reparam_hidden": 16}
+    run = setup(config(tiny_model_dir, data, tmp_path / "unit", max_steps=1, **kw))
+    assert isinstance(run.prompt, DeepPrompt) and torch.equal(run.reparam.output(), run.prompt.weight)
+    seen = run.trained()
+    assert isinstance(seen, DeepPrompt) and seen.weight.requires_grad and seen.shape == run.prompt.shape
+    width = run.prompt.token_dim
+    assert len(run.optimizer.param_groups[0]["params"]) == 7
+    full = train(config(tiny_model_dir, data, tmp_path / "full", **kw))
+    output = load_file(str(tmp_path / "full/checkpoint" / STATE_FILE))
+    restored = ResidualPrompt(DeepPrompt(output["prompt.weight"], run.prompt.shape), 16)
+    restored.load(tmp_path / "full/checkpoint" / STATE_FILE)
+    saved = load_prompt(tmp_path / "full/checkpoint/prompt")  # the last step's (prompt/: the best one's)
+    assert isinstance(saved, DeepPrompt) and torch.equal(saved.weight, restored.output().detach())
+    assert not torch.equal(saved.weight, output["prompt.weight"])  # the MLP adds something by now
+    assert full["trainable_parameters"] == 4 * width + (width * 16 + 16) + (16 * width + width) + 2 * width
+    real = tasks_mod.class_scores
+    crash_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_model_dir, data, tmp_path / "cut", **kw))
+    monkeypatch.setattr(tasks_mod, "class_scores", real)
+    train(config(tiny_model_dir, data, tmp_path / "cut", resume=True, **kw))
+    for name in ("checkpoint/prompt", "prompt"):
+        assert torch.equal(
+            load_prompt(tmp_path / "cut" / name).weight, load_prompt(tmp_path / "full" / name).weight
+        )
 
 
 def test_cli_train_with_residual_reparam(tiny_model_dir, data, tmp_path, capsys, caplog):

@@ -129,7 +129,8 @@ class OptimArgs(Settings):
     """Seed for init and data order."""
     reparam: str = one_of(Reparam, "none", noun="reparameterisation")
     """residual: train the prompt through a small MLP with a skip connection (Residual Prompt Tuning: less
-    sensitive to lr and init); the saved prompt is its output, a plain P x D prompt. Input prompts only."""
+    sensitive to lr and init); the saved prompt is its output, a plain P x D prompt. With prompt_kind=deep the MLP
+    runs over each virtual token's keys and values of every layer (prefix tuning's reparameterisation)."""
     reparam_hidden: int = 256
     """reparam=residual: width of the MLP's hidden layer."""
     verbalizer_lr: float = 0.001
@@ -230,11 +231,6 @@ class TrainConfig(RunArgs, EvalArgs, TaskArgs, OptimArgs, PromptArgs, ModelArgs,
 
     def check(self) -> list[str]:
         problems = []
-        if self.reparam != Reparam.NONE and self.prompt_kind != "input":
-            problems.append(
-                f"reparam={self.reparam} reparameterises input prompts only; use prompt_kind=input with it, "
-                "or reparam=none with prompt_kind=deep"
-            )
         if self.fsdp and self.prompt_kind != "input":
             problems.append(
                 "prompt_kind=deep with fsdp is not supported (the template head runs in a pass of its own before "

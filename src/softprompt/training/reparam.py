@@ -5,6 +5,10 @@ The loss sees ``prompt + LayerNorm(MLP(prompt))`` instead of the prompt itself; 
 across the P tokens, and both it and the P x D base vectors train. The MLP only shapes how the
 prompt moves: what is saved is its output, collapsed to a plain P x D prompt (:meth:`collapsed`),
 so the PEFT format, serving and the vLLM export are those of any prompt.
+
+A deep prompt trains the same way (prefix tuning's reparameterisation, Li & Liang 2021, in the
+residual form): each virtual token's row holds its keys and values of every layer, so one MLP over
+the row couples the layers' updates; what is saved is again the output, a plain deep prompt.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from softprompt.deep import DeepPrompt
 from softprompt.errors import ConfigError
 from softprompt.prompt import SoftPrompt
 
@@ -22,7 +27,8 @@ STATE_FILE = "reparam.safetensors"  # in a checkpoint folder: base weight and ML
 
 
 class ResidualPrompt(nn.Module):
-    """``output = prompt.weight + LayerNorm(Linear(D->h) -> ReLU -> Linear(h->D))(prompt.weight)``, (P, D).
+    """``output = prompt.weight + LayerNorm(Linear(D->h) -> ReLU -> Linear(h->D))(prompt.weight)``, (P, D)
+    (a deep prompt's D being its keys and values of every layer).
 
     The LayerNorm's affine weight and bias start at zero, so at step 0 the output *is* the initial
     prompt, bit for bit: the init (label words, text, a transferred prompt) keeps its meaning, and
@@ -34,12 +40,12 @@ class ResidualPrompt(nn.Module):
     drew random numbers before.
 
     Args:
-        prompt: the run's prompt; its ``weight`` is the trainable base (shared, not copied).
+        prompt: the run's prompt (input or deep); its ``weight`` is the trainable base (shared, not copied).
         hidden: width h of the MLP's hidden layer.
         seed: the run's seed.
     """
 
-    def __init__(self, prompt: SoftPrompt, hidden: int, seed: int = 0):
+    def __init__(self, prompt: SoftPrompt | DeepPrompt, hidden: int, seed: int = 0):
         super().__init__()
         self.prompt = prompt
         dim = prompt.token_dim
@@ -55,9 +61,16 @@ class ResidualPrompt(nn.Module):
             self.norm.bias.zero_()
         self.to(prompt.weight.device)  # moves the MLP; the prompt is already there
 
-    def forward(self) -> torch.Tensor:
+    def output(self) -> torch.Tensor:
+        """(P, D): the prompt's weight as the model receives it (with the graph back to the MLP)."""
         weight = self.prompt.weight  # (P, D) fp32
-        return weight + self.norm(self.mlp(weight))  # (P, D): the prompt the model receives
+        return weight + self.norm(self.mlp(weight))
+
+    def forward(self) -> torch.Tensor | DeepPrompt:
+        """What a loss takes: the (P, D) output, or for a deep prompt a deep prompt holding it."""
+        if isinstance(self.prompt, DeepPrompt):
+            return self.prompt.holding(self.output())
+        return self.output()
 
     def trainable(self) -> list[nn.Parameter]:
         """Everything the optimizer updates: the base vectors first (optimizer index 0, as a plain
@@ -68,9 +81,11 @@ class ResidualPrompt(nn.Module):
         return sum(p.numel() for p in self.trainable())
 
     @torch.no_grad()
-    def collapsed(self) -> SoftPrompt:
-        """The prompt as the model sees it now: a plain P x D prompt with the run's metadata."""
-        return SoftPrompt(self(), self.prompt.meta)
+    def collapsed(self) -> SoftPrompt | DeepPrompt:
+        """The prompt as the model sees it now: a plain P x D prompt (or deep prompt) with the run's metadata."""
+        if isinstance(self.prompt, DeepPrompt):
+            return DeepPrompt(self.output(), self.prompt.shape, self.prompt.meta)
+        return SoftPrompt(self.output(), self.prompt.meta)
 
     def save(self, path) -> None:
         """Base weight and MLP, bit for bit (a checkpoint's ``reparam.safetensors``)."""
