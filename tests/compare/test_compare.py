@@ -257,28 +257,27 @@ def test_residual_method_trains_exactly_as_softprompt_train(tiny_model_dir, data
     torch.testing.assert_close(ours, load_prompt(tmp_path / "train" / "prompt").weight, atol=0, rtol=0)
 
 
-def test_deep_method_trains_a_deep_prompt_as_softprompt_train(tiny_model_dir, data, tmp_path):
+@pytest.mark.parametrize("method", ["deep", "deep_residual"])
+def test_deep_methods_train_a_deep_prompt_as_softprompt_train(tiny_model_dir, data, tmp_path, method):
     """deep is `softprompt train --prompt_kind deep`: a DeepPrompt (keys and values at every layer of the
-    tiny Llama: 2 layers x 2 x 2 kv heads x 8 dims per virtual token), saved as train saves it."""
+    tiny Llama: 2 layers x 2 x 2 kv heads x 8 dims per virtual token), saved as train saves it;
+    deep_residual adds `--reparam residual` (the MLP counted, the saved prompt its output)."""
     from softprompt.compare.run import prepare_data, train_config
     from softprompt.deep import DeepPrompt
     from softprompt.prompt import load_prompt
     from softprompt.training import train
 
-    cfg = make_cfg(tiny_model_dir, data, tmp_path / "cmp", methods="deep", sweep_steps=0, isolate=False,
-                   baselines=False, deep_lrs="0.01")  # fmt: skip
-    r = compare(cfg)["final"]["deep"]
-    ours = load_prompt(tmp_path / "cmp" / "deep")
-    assert (
-        isinstance(ours, DeepPrompt) and r["trainable_parameters"] == ours.weight.numel() == 4 * 2 * 2 * 2 * 8
-    )
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "cmp", methods=method, sweep_steps=0, isolate=False,
+                   baselines=False, deep_lrs="0.01", deep_residual_lrs="0.01", reparam_hidden=8)  # fmt: skip
+    r = compare(cfg)["final"][method]
+    ours = load_prompt(tmp_path / "cmp" / method)
+    width = 2 * 2 * 2 * 8
+    mlp = (width * 8 + 8) + (8 * width + width) + 2 * width if method == "deep_residual" else 0
+    assert isinstance(ours, DeepPrompt) and ours.weight.numel() == 4 * width
+    assert r["trainable_parameters"] == 4 * width + mlp
     tcfg = train_config(cfg, 0.01, cfg.max_steps, prepare_data(cfg, tmp_path / "data"))
-    tcfg.eval_every, tcfg.baselines, tcfg.output_dir, tcfg.prompt_kind = (
-        10**6,
-        False,
-        str(tmp_path / "train"),
-        "deep",
-    )
+    tcfg.eval_every, tcfg.baselines, tcfg.output_dir = 10**6, False, str(tmp_path / "train")
+    tcfg.prompt_kind, tcfg.reparam, tcfg.reparam_hidden = "deep", "residual" if mlp else "none", 8
     train(tcfg)
     torch.testing.assert_close(ours.weight, load_prompt(tmp_path / "train" / "prompt").weight, atol=0, rtol=0)
 

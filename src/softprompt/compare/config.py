@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from softprompt.config import PromptArgs, PromptKind, at_least
 from softprompt.training.config import DataArgs, InputArgs, OptimArgs
 
-METHODS = ("prompt", "residual", "deep", "lora", "full")
+METHODS = ("prompt", "residual", "deep", "deep_residual", "lora", "full")
 
 # The prompt methods: the training loop's prompt with these settings (`softprompt train` takes the same).
 PROMPT_METHODS = {
     "prompt": {"prompt_kind": "input", "reparam": "none"},
     "residual": {"prompt_kind": "input", "reparam": "residual"},
     "deep": {"prompt_kind": "deep", "reparam": "none"},
+    "deep_residual": {"prompt_kind": "deep", "reparam": "residual"},
 }
 
 
@@ -36,7 +37,8 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
     """cpu, cuda or auto (peak memory is process RSS, so it is meaningful on cpu only)."""
     methods: str = "prompt,lora,full"
     """Comma-separated methods to compare: prompt (prompt tuning), residual (prompt tuning through a
-    residual MLP, reparam=residual), deep (prefix tuning, prompt_kind=deep), lora, full."""
+    residual MLP, reparam=residual), deep (prefix tuning, prompt_kind=deep), deep_residual (deep prompts
+    through a residual MLP over each virtual token's keys and values), lora, full."""
     train_rows: int = 0
     """Subsample the training set to this many rows (fixed seed; 0: all). The same rows for every method."""
     validation_rows: int = 0
@@ -60,6 +62,8 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
     deep_lrs: str = "0.003,0.01,0.03,0.1"
     """Learning rates tried for deep prompts (their keys and values are about 10x an input prompt's
     numbers in SmolLM2: std 1.5 against 0.14)."""
+    deep_residual_lrs: str = "0.003,0.01,0.03,0.1"
+    """Learning rates tried for deep prompts through a residual MLP (base, MLP and LayerNorm share one rate)."""
     lora_lrs: str = "3e-4,1e-3,3e-3"
     """Learning rates tried for LoRA."""
     full_lrs: str = "1e-5,3e-5,1e-4"
@@ -71,7 +75,7 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
     """Comma-separated module names LoRA adapts (GPT-2: c_attn,c_proj)."""
     reparam_hidden: int = 256
-    """residual: width of the MLP's hidden layer."""
+    """residual, deep_residual: width of the MLP's hidden layer."""
     eval_batch_size: int = 32
     """Rows per evaluation batch."""
     switch_repeats: int = 5

@@ -11,6 +11,7 @@ LABELS = {
     "prompt": "prompt tuning (ours)",
     "residual": "residual prompt tuning (ours)",
     "deep": "deep prompts / prefix tuning (ours)",
+    "deep_residual": "deep prompts through a residual MLP (ours)",
     "lora": "LoRA (peft)",
     "full": "full fine-tuning",
 }
@@ -18,6 +19,7 @@ COLORS = {
     "prompt": "tab:blue",
     "residual": "tab:cyan",
     "deep": "tab:purple",
+    "deep_residual": "tab:pink",
     "lora": "tab:orange",
     "full": "tab:green",
 }
@@ -125,7 +127,8 @@ def describe(figures: dict, cfg) -> str:
         f"class loss over the label words, AdamW (no weight decay), {min(cfg.warmup_steps, cfg.max_steps - 1)} warmup steps then "
         f"linear decay, gradient clipping at {cfg.max_grad_norm}, the final weights evaluated (no checkpoint "
         f"picking). Prompt: {cfg.num_virtual_tokens} virtual tokens, `{cfg.init}` init (residual: through an MLP "
-        f"with {cfg.reparam_hidden} hidden units, saved as its output; deep: keys and values at every layer). "
+        f"with {cfg.reparam_hidden} hidden units, saved as its output; deep: keys and values at every layer; "
+        "deep_residual: both). "
         f"LoRA: r={cfg.lora_r}, alpha={cfg.lora_alpha}, on {cfg.lora_target_modules}. Learning rates: the best "
         f"validation accuracy of a {cfg.sweep_steps}-step sweep per method (below), at seed {cfg.seed}.\n\n"
         + seeds_sentence(cfg)
@@ -227,7 +230,8 @@ def flat_figures(figures: dict) -> dict:
 def title(figures: dict) -> str:
     """``Prompt tuning vs LoRA vs full fine-tuning``: the methods compared."""
     names = {"prompt": "prompt tuning", "residual": "residual prompt tuning", "deep": "deep prompts",
-             "lora": "LoRA", "full": "full fine-tuning"}  # fmt: skip
+             "deep_residual": "deep prompts through a residual MLP", "lora": "LoRA",
+             "full": "full fine-tuning"}  # fmt: skip
     text = " vs ".join(names[m] for m in figures["final"])
     return text[0].upper() + text[1:]
 
