@@ -291,3 +291,33 @@ def test_new_settings_are_checked(data):
     assert "residual_lrs" in msg and "full_seeds must be >= 1" in msg
     assert CompareConfig(seed=5, seeds=3, full_seeds=2).seed_list("full") == [5, 6]
     assert CompareConfig(seed=5, seeds=3).seed_list("deep") == [5, 6, 7]
+
+
+def test_learned_scoring_trains_class_vectors_as_softprompt_train(tiny_model_dir, data, tmp_path):
+    """--scoring learned: a prompt method trains its class vectors (at verbalizer_lr) as `softprompt
+    train --scoring learned` does, bit for bit, through the residual MLP too; LoRA in the same
+    comparison scores the label words (it has no class vectors)."""
+    from softprompt.compare.run import prepare_data, train_config
+    from softprompt.prompt import load_prompt
+    from softprompt.training import train
+
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "cmp", methods="deep_residual,lora", sweep_steps=0,
+                   isolate=False, baselines=False, deep_residual_lrs="0.01", reparam_hidden=8,
+                   scoring="learned", verbalizer_lr=0.003)  # fmt: skip
+    final = compare(cfg)["final"]
+    ours = load_prompt(tmp_path / "cmp" / "deep_residual")
+    width = 2 * 2 * 2 * 8
+    mlp = (width * 8 + 8) + (8 * width + width) + 2 * width
+    assert ours.classes is not None and ours.classes.num_classes == 2
+    assert final["deep_residual"]["trainable_parameters"] == 4 * width + mlp + 2 * (32 + 1)
+    assert final["lora"]["status"] == "completed" and 0 <= final["lora"]["test_accuracy"] <= 1
+    tcfg = train_config(cfg, 0.01, cfg.max_steps, prepare_data(cfg, tmp_path / "data"), "deep_residual")
+    tcfg.eval_every, tcfg.baselines, tcfg.output_dir = 10**6, False, str(tmp_path / "train")
+    tcfg.prompt_kind, tcfg.reparam, tcfg.reparam_hidden = "deep", "residual", 8
+    assert tcfg.scoring == "learned" and tcfg.verbalizer_lr == 0.003
+    train(tcfg)
+    theirs = load_prompt(tmp_path / "train" / "prompt")
+    torch.testing.assert_close(ours.weight, theirs.weight, atol=0, rtol=0)
+    torch.testing.assert_close(ours.classes.tensors(), theirs.classes.tensors(), atol=0, rtol=0)
+    start = train_config(cfg, 0.01, 1, None, "lora")
+    assert start.scoring == "auto"  # LoRA, full and zero-shot: the words, as auto picks them

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from softprompt.config import PromptArgs, PromptKind, at_least
+from softprompt.config import PromptArgs, PromptKind, ScoringMode, at_least, one_of
 from softprompt.training.config import DataArgs, InputArgs, OptimArgs
 
 METHODS = ("prompt", "residual", "deep", "deep_residual", "lora", "full")
@@ -68,6 +68,12 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
     """Learning rates tried for LoRA."""
     full_lrs: str = "1e-5,3e-5,1e-4"
     """Learning rates tried for full fine-tuning."""
+    scoring: str = one_of(ScoringMode, "auto")
+    """How the prompt methods score the label words (as `softprompt train --scoring`). learned (a trained
+    vector per class, at verbalizer_lr) applies to the prompt methods only: LoRA, full fine-tuning and the
+    zero-shot baseline then score the words as auto picks without it."""
+    verbalizer_lr: float = 0.001
+    """scoring=learned: learning rate of the class vectors and biases (same schedule as each method's lr)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: int = 16
@@ -119,6 +125,8 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
             )
         names = ("train_rows", "validation_rows", "test_rows", "sweep_steps", "warmup_steps", "threads")
         problems += at_least(self, 0, (*names, "max_grad_norm"))
+        if not (self.verbalizer_lr > 0 and math.isfinite(self.verbalizer_lr)):
+            problems.append(f"verbalizer_lr={self.verbalizer_lr!r}: give a positive number, e.g. 0.001")
         for method in METHODS:
             try:
                 lrs = self.lrs(method)
@@ -157,4 +165,5 @@ class CompareConfig(PromptArgs, InputArgs, DataArgs):
             grad_accum=1,
             max_grad_norm=self.max_grad_norm,
             seed=self.seed,
+            verbalizer_lr=self.verbalizer_lr,
         )

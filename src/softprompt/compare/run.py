@@ -37,13 +37,20 @@ import torch
 
 from softprompt.compare.config import PROMPT_METHODS, CompareConfig
 from softprompt.compare.report import write_report
-from softprompt.config import PromptArgs, Reparam
+from softprompt.config import PromptArgs, Reparam, ScoringMode
 from softprompt.hf_parts import forget_quantization
 from softprompt.loading import load_model, load_saved_model
 from softprompt.model import PromptedLM
 from softprompt.prompt import load_prompt, save_prompt
 from softprompt.training.config import DataArgs, InputArgs, OptimArgs, TrainConfig
-from softprompt.training.loop import fit, make_optimizer, make_prompt, new_state
+from softprompt.training.loop import (
+    fit,
+    make_optimizer,
+    make_prompt,
+    new_state,
+    param_groups,
+    trainable_tensors,
+)
 from softprompt.training.reparam import ResidualPrompt
 from softprompt.training.tasks import ClassificationTask, load_splits, make_verbalizer
 
@@ -77,9 +84,13 @@ def prepare_data(cfg: CompareConfig, folder: Path) -> dict:
     return {**paths, "verbalizer": verbalizer.as_dict()}
 
 
-def train_config(cfg: CompareConfig, lr: float, steps: int, data: dict | None) -> TrainConfig:
+def train_config(
+    cfg: CompareConfig, lr: float, steps: int, data: dict | None, method: str | None = None
+) -> TrainConfig:
     """What ``softprompt train`` would run with the same settings (the task reads its data, template
-    and loss from it): the subsampled files in ``data`` (None: the user's files)."""
+    and loss from it): the subsampled files in ``data`` (None: the user's files). ``cfg.scoring`` is
+    for the prompt methods; learned scoring needs a prompt's class vectors, so LoRA, full fine-tuning
+    and the zero-shot baseline (``method`` None) score the words as auto picks without it."""
     files = asdict(DataArgs.of(cfg))
     inputs = asdict(InputArgs.of(cfg))
     if data:  # the subsample is written as JSONL with text/label columns and the verbalizer it found
@@ -98,6 +109,7 @@ def train_config(cfg: CompareConfig, lr: float, steps: int, data: dict | None) -
         model=cfg.model,
         device=cfg.device,
         eval_batch_size=cfg.eval_batch_size,
+        scoring=cfg.scoring if method in PROMPT_METHODS or cfg.scoring != ScoringMode.LEARNED else "auto",
     )
 
 
@@ -111,9 +123,9 @@ class Workbench:
     task: ClassificationTask
 
 
-def load_workbench(cfg: CompareConfig, data: dict) -> Workbench:
+def load_workbench(cfg: CompareConfig, data: dict, method: str | None = None) -> Workbench:
     model, tokenizer = load_model(cfg.model, dtype="float32", device=cfg.device)
-    task = ClassificationTask(train_config(cfg, 1.0, 1, data))
+    task = ClassificationTask(train_config(cfg, 1.0, 1, data, method))
     task.prepare(tokenizer)
     prompted = PromptedLM(model)  # freezes the model and puts it in eval mode
     return Workbench(model, tokenizer, prompted, task)
@@ -142,11 +154,13 @@ def build_method(method: str, bench: Workbench, cfg: CompareConfig):
     params; peft model or None)."""
     if method in PROMPT_METHODS:  # initialised and annotated as `softprompt train` does
         settings = prompt_settings(method, bench.task.cfg, cfg)
-        prompt = make_prompt(settings, bench.task, bench.model, bench.tokenizer)
+        prompt = make_prompt(
+            settings, bench.task, bench.model, bench.tokenizer
+        )  # with class vectors if learned
+        residual = None
         if settings.reparam == Reparam.RESIDUAL:
             residual = ResidualPrompt(prompt, settings.reparam_hidden, settings.seed)
-            return residual, residual.trainable(), None
-        return prompt, [prompt.weight], None
+        return residual or prompt, trainable_tensors(prompt, residual), None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -199,8 +213,10 @@ def reset_peak_rss() -> int | None:
 
 # ----------------------------------------------------------------------------- one run
 def train_steps(bench: Workbench, prompt, params: list, optim: OptimArgs, desc: str) -> dict:
-    """Train ``params`` with the training loop (:func:`fit`) and measure time per step and peak memory."""
-    optimizer = make_optimizer(params, optim)
+    """Train ``params`` with the training loop (:func:`fit`) and measure time per step and peak memory
+    (a learned verbalizer's class vectors at ``optim.verbalizer_lr``, as `softprompt train` has them)."""
+    base = prompt.prompt if isinstance(prompt, ResidualPrompt) else prompt
+    optimizer = make_optimizer(params if base is None else param_groups(params, base, optim), optim)
     step_seconds, losses = [], []
 
     def on_step(record: dict) -> None:
@@ -238,7 +254,7 @@ def run_method(cfg: CompareConfig, data: dict, method: str, lr: float, steps: in
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    bench = load_workbench(cfg, data)
+    bench = load_workbench(cfg, data, method)
     prompt, params, peft_model = build_method(method, bench, cfg)
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in bench.model.parameters())  # LoRA's matrices now sit inside the model

@@ -251,9 +251,7 @@ class Run:
         """The prompt as the model sees it now: what validation scores and what is saved."""
         if self.reparam is None:
             return self.prompt
-        collapsed = self.reparam.collapsed()
-        collapsed.classes = self.prompt.classes
-        return collapsed
+        return self.reparam.collapsed()  # with the prompt's class vectors
 
 
 def param_groups(trainable: list[torch.Tensor], prompt: AnyPrompt, cfg: TrainConfig) -> list[dict]:

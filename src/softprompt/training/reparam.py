@@ -82,10 +82,14 @@ class ResidualPrompt(nn.Module):
 
     @torch.no_grad()
     def collapsed(self) -> SoftPrompt | DeepPrompt:
-        """The prompt as the model sees it now: a plain P x D prompt (or deep prompt) with the run's metadata."""
+        """The prompt as the model sees it now: a plain P x D prompt (or deep prompt) with the run's
+        metadata and the prompt's learned class vectors (the same objects, not copies)."""
         if isinstance(self.prompt, DeepPrompt):
-            return DeepPrompt(self.output(), self.prompt.shape, self.prompt.meta)
-        return SoftPrompt(self.output(), self.prompt.meta)
+            out = DeepPrompt(self.output(), self.prompt.shape, self.prompt.meta)
+        else:
+            out = SoftPrompt(self.output(), self.prompt.meta)
+        out.classes = self.prompt.classes
+        return out
 
     def save(self, path) -> None:
         """Base weight and MLP, bit for bit (a checkpoint's ``reparam.safetensors``)."""
