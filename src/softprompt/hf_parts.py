@@ -136,14 +136,20 @@ def logit_factors(config) -> tuple[float | None, float | None]:
     return None, None
 
 
+def key_value_heads(cfg, heads: int) -> int:
+    """How many key/value heads a text config's attention layers hold in the cache: grouped-query
+    models say so; Falcon's older multi-query layers (Falcon-7B) hold one."""
+    if cfg.model_type == "falcon" and not getattr(cfg, "new_decoder_architecture", False):
+        return 1 if getattr(cfg, "multi_query", False) else heads
+    return getattr(cfg, "num_key_value_heads", None) or heads
+
+
 def config_shape(config, dtype_bytes: int) -> ModelShape:
     """The :class:`ModelShape` a model config describes (Llama-style names, or GPT-2's through its
     attribute map), for weights of ``dtype_bytes`` bytes."""
     cfg = config.get_text_config()
     D, heads = cfg.hidden_size, cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    if cfg.model_type == "falcon" and not getattr(cfg, "new_decoder_architecture", False):
-        kv_heads = 1 if getattr(cfg, "multi_query", False) else heads  # Falcon-7B's one shared key/value head
+    kv_heads = key_value_heads(cfg, heads)
     head_dim = getattr(cfg, "head_dim", None) or D // heads
     intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * D
     return ModelShape(
@@ -170,9 +176,7 @@ def kv_cache_shape(config) -> tuple[int, int, int]:
     layers, heads = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None)
     if not layers or not heads:
         raise UsageError(f"{cfg.model_type}'s config gives no layer or head count; use prompt_kind=input")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    if cfg.model_type == "falcon" and not getattr(cfg, "new_decoder_architecture", False):
-        kv_heads = 1 if getattr(cfg, "multi_query", False) else heads  # Falcon-7B's one shared key/value head
+    kv_heads = key_value_heads(cfg, heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return int(layers), int(kv_heads), int(head_dim)
 

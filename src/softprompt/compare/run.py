@@ -154,9 +154,8 @@ def build_method(method: str, bench: Workbench, cfg: CompareConfig):
     params; peft model or None)."""
     if method in PROMPT_METHODS:  # initialised and annotated as `softprompt train` does
         settings = prompt_settings(method, bench.task.cfg, cfg)
-        prompt = make_prompt(
-            settings, bench.task, bench.model, bench.tokenizer
-        )  # with class vectors if learned
+        # with class vectors (and the task bound to them) when the scoring is learned
+        prompt = make_prompt(settings, bench.task, bench.model, bench.tokenizer)
         residual = None
         if settings.reparam == Reparam.RESIDUAL:
             residual = ResidualPrompt(prompt, settings.reparam_hidden, settings.seed)
