@@ -442,8 +442,7 @@ class PromptedLM(nn.Module):
             fixed = deep.as_prefix(self.dtype, self.device).layers
             return self._run_one_pass(input_ids, mask, unrun, None, plan, fixed=fixed)
         prefix = deep.as_prefix(self.dtype, self.device, head, self)
-        cached = plan_inputs(prompt_tokens=None, head_tokens=0, cached_prefix=True, rows=B, input_tokens=T,
-                             model=self.abilities, keep_cache=keep_cache, decoding=decoding)  # fmt: skip
+        cached = InputPlan(Layout.CACHED_PREFIX, keep_cache=keep_cache, decoding=decoding)
         return self._run_cached(input_ids, mask, prefix, None, cached)
 
     def _run_cached(self, input_ids, mask, prefix: PromptPrefix, prompt_index, plan: InputPlan):

@@ -31,3 +31,19 @@ def crash_at_step(monkeypatch, step: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tasks_mod, "class_scores", crash)
+
+
+def crash_and_resume(monkeypatch, make_config, step: int = 5) -> dict:
+    """Train ``make_config()`` with a power cut at the ``step``-th training forward pass
+    (:func:`crash_at_step`), then resume it (``make_config(resume=True)``); the resumed run's results."""
+    import pytest
+
+    import softprompt.training.tasks as tasks_mod
+    from softprompt.training import train
+
+    real = tasks_mod.class_scores
+    crash_at_step(monkeypatch, step)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config())
+    monkeypatch.setattr(tasks_mod, "class_scores", real)
+    return train(make_config(resume=True))

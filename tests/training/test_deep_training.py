@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-import softprompt.training.tasks as tasks_mod
-from helpers.training import config, crash_at_step
+from helpers.training import config, crash_and_resume
 from softprompt import initialize_prompt, load_prompt
 from softprompt.cli import main
 from softprompt.deep import DeepPrompt
@@ -63,12 +62,9 @@ def test_deep_prompt_fits_a_batch():
 def test_deep_resume_equals_uninterrupted_run(tiny_model_dir, data, tmp_path, monkeypatch):
     settings = {"prompt_kind": "deep", "lr": 0.05, "baselines": False}
     train(config(tiny_model_dir, data, tmp_path / "full", **settings))
-    real = tasks_mod.class_scores
-    crash_at_step(monkeypatch, 5)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tiny_model_dir, data, tmp_path / "cut", **settings))
-    monkeypatch.setattr(tasks_mod, "class_scores", real)
-    train(config(tiny_model_dir, data, tmp_path / "cut", resume=True, **settings))
+    crash_and_resume(
+        monkeypatch, lambda **more: config(tiny_model_dir, data, tmp_path / "cut", **settings, **more)
+    )
     a = load_prompt(tmp_path / "full/checkpoint/prompt").weight
     b = load_prompt(tmp_path / "cut/checkpoint/prompt").weight
     assert torch.equal(a, b)

@@ -7,11 +7,10 @@ import itertools
 import json
 import math
 
-import pytest
 import torch
 
 import softprompt.training.tasks as tasks_mod
-from helpers.training import crash_at_step
+from helpers.training import crash_and_resume
 from softprompt import load_prompt
 from softprompt.learned import ClassHead
 from softprompt.training import TrainConfig, train
@@ -89,12 +88,9 @@ def test_a_learned_verbalizer_resumes_exactly(tiny_model_dir, tmp_path, monkeypa
     settings = {"scoring": "learned", "max_steps": 6, "verbalizer_lr": 0.01}
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     train(many_config(tiny_model_dir, tmp_path / "a", **settings))
-    real = tasks_mod.class_scores
-    crash_at_step(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        train(many_config(tiny_model_dir, tmp_path / "b", **settings))
-    monkeypatch.setattr(tasks_mod, "class_scores", real)
-    train(many_config(tiny_model_dir, tmp_path / "b", resume=True, **settings))
+    crash_and_resume(
+        monkeypatch, lambda **more: many_config(tiny_model_dir, tmp_path / "b", **settings, **more), 4
+    )
     a = load_prompt(tmp_path / "a" / "run" / "checkpoint" / "prompt")
     b = load_prompt(tmp_path / "b" / "run" / "checkpoint" / "prompt")
     assert torch.equal(a.weight, b.weight)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import softprompt.training.tasks as tasks_mod
 from helpers import free_port
-from helpers.training import config, crash_at_step
+from helpers.training import config, crash_and_resume, crash_at_step
 from softprompt import SoftPrompt, load_prompt
 from softprompt.cli import main
 from softprompt.deep import DeepPrompt
@@ -189,12 +189,7 @@ def test_a_deep_prompt_trains_through_the_mlp_and_is_saved_as_its_output(
     assert isinstance(saved, DeepPrompt) and torch.equal(saved.weight, restored.output().detach())
     assert not torch.equal(saved.weight, output["prompt.weight"])  # the MLP adds something by now
     assert full["trainable_parameters"] == 4 * width + (width * 16 + 16) + (16 * width + width) + 2 * width
-    real = tasks_mod.class_scores
-    crash_at_step(monkeypatch, 5)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tiny_model_dir, data, tmp_path / "cut", **kw))
-    monkeypatch.setattr(tasks_mod, "class_scores", real)
-    train(config(tiny_model_dir, data, tmp_path / "cut", resume=True, **kw))
+    crash_and_resume(monkeypatch, lambda **more: config(tiny_model_dir, data, tmp_path / "cut", **kw, **more))
     for name in ("checkpoint/prompt", "prompt"):
         assert torch.equal(
             load_prompt(tmp_path / "cut" / name).weight, load_prompt(tmp_path / "full" / name).weight

@@ -397,6 +397,12 @@ def compare(cfg: CompareConfig, command: str | None = None) -> dict:
     log.info("data: %d train, %d validation, %d test rows (written to %s)", data["train_rows"],
              data["validation_rows"], data["test_rows"], out / "data")  # fmt: skip
     figures: dict = {"data": data, "sweep": [], "final": {}}
+    others = [m for m in cfg.method_list() if m not in PROMPT_METHODS] + (
+        ["zero-shot"] if cfg.baselines else []
+    )
+    if cfg.scoring == ScoringMode.LEARNED and others:
+        log.info("scoring learned: for the prompt methods; %s score the label words as auto picks (no "
+                 "class vectors to learn)", ", ".join(others))  # fmt: skip
     for method in cfg.method_list():
         lr = sweep(cfg, data, method, figures["sweep"])  # chosen once, at the first seed
         figures["final"][method] = final_runs(cfg, data, method, lr, out)
