@@ -208,11 +208,7 @@ def generate_steps(
     iterator early stops the decoding.
     """
     stops = _checked(max_new_tokens, temperature, top_p, logprobs, stop_strings, tokenizer)
-    if eos_token_id is None:
-        eos_token_id = getattr(tokenizer, "eos_token_id", None) or prompted.config.eos_token_id
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = pad_id if pad_id is not None else (min(eos) if eos else 0)
+    eos, pad_id = end_tokens(prompted, tokenizer, eos_token_id)
     ids, mask = left_pad(input_ids, attention_mask, pad_id)
     B = ids.shape[0]
     adjust = LogitAdjust.build(B, logit_bias, presence_penalty, frequency_penalty)
@@ -265,6 +261,16 @@ def generate_steps(
         # Finished rows keep receiving a pad token; their outputs are no longer read.
         feed = torch.where(active.to(tokens.device), tokens, torch.full_like(tokens, pad_id))
         logits = prompted.decode_step(feed, state)
+
+
+def end_tokens(prompted: PromptedLM, tokenizer, eos_token_id: int | list[int] | None) -> tuple[set[int], int]:
+    """The token ids that end a row (the given ones, else the tokenizer's or the model's EOS) and the
+    id that pads rows (the tokenizer's pad token, else the smallest EOS id, else 0)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None) or prompted.config.eos_token_id
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return eos, pad_id if pad_id is not None else (min(eos) if eos else 0)
 
 
 def _checked(max_new_tokens: int, temperature: float, top_p: float, logprobs: int | None,
@@ -326,6 +332,8 @@ def generate(
     logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None,
     presence_penalty: float | list[float] = 0.0,
     frequency_penalty: float | list[float] = 0.0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> GenerateOutput:
     """Continue each row of ``input_ids`` (B, T) under its prompt; see :class:`GenerateOutput`.
 
@@ -333,8 +341,23 @@ def generate(
     computed once, see :meth:`PromptedLM.prefix_cache`); neither gives the plain model. Rows may be
     left- or right-padded; they are decoded left-padded. ``logit_bias``, ``presence_penalty`` and
     ``frequency_penalty`` work as in OpenAI's API (see :func:`generate_steps`). :func:`generate_steps`
-    gives the same tokens one step at a time.
+    gives the same tokens one step at a time. ``num_beams`` above 1 runs beam search instead of
+    greedy decoding (:func:`softprompt.beam.beam_search`, with ``length_penalty``); it does not
+    combine with sampling, stop strings or the logit adjustments.
     """
+    from softprompt.beam import beam_search, check_beam_settings
+
+    check_beam_settings(
+        num_beams, length_penalty, sampling=do_sample and temperature > 0, stop_strings=bool(stop_strings),
+        logit_bias=bool(logit_bias), presence_penalty=presence_penalty != 0.0,
+        frequency_penalty=frequency_penalty != 0.0,
+    )  # fmt: skip
+    if num_beams > 1:
+        return beam_search(
+            prompted, input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix,
+            num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+            eos_token_id=eos_token_id, tokenizer=tokenizer,
+        )  # fmt: skip
     steps = generate_steps(
         prompted, input_ids, attention_mask, prompt, prompt_index, prompt_lengths, prefix,
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
@@ -415,13 +438,18 @@ class Generator:
 
 
 def evaluate_generation(generator: Generator, inputs: list[str], references: list[list[str]],
-                        max_new_tokens: int, desc: str | None = None, examples: int = 5) -> dict:  # fmt: skip
-    """Greedy outputs for ``inputs`` scored against every reference of each (BLEU, ROUGE-L, exact
-    match; see :func:`softprompt.metrics.generation_report`), with the first few as examples."""
+                        max_new_tokens: int, desc: str | None = None, examples: int = 5,
+                        num_beams: int = 1, length_penalty: float = 1.0) -> dict:  # fmt: skip
+    """Greedy outputs (or the best of ``num_beams`` beams) for ``inputs`` scored against every
+    reference of each (BLEU, ROUGE-L, exact match; see :func:`softprompt.metrics.generation_report`),
+    with the first few as examples; ``num_beams`` is in the report."""
     from softprompt.metrics import generation_report
 
-    out = generator.generate(inputs, progress=desc, max_new_tokens=max_new_tokens)
+    out = generator.generate(
+        inputs, progress=desc, max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty
+    )
     report = generation_report(out.texts, references)
+    report["num_beams"] = num_beams
     report["examples"] = [
         {"input": i, "output": o, "references": r}
         for i, o, r in zip(inputs[:examples], out.texts[:examples], references[:examples], strict=False)

@@ -189,5 +189,6 @@ def format_generation_report(report: dict, title: str = "") -> str:
     return (
         f"{head}  BLEU {report['bleu']:.4f}   ROUGE-L {report['rougeL']:.4f}   "
         f"exact match {report['exact_match']:.4f}   ({report['count']} inputs, "
-        f"{report['mean_output_words']:.1f} words per output)"
+        f"{report['mean_output_words']:.1f} words per output"
+        + (f", best of {report['num_beams']} beams)" if report.get("num_beams", 1) > 1 else ", greedy)")
     )
