@@ -446,7 +446,11 @@ def evaluate_generation(generator: Generator, inputs: list[str], references: lis
     from softprompt.metrics import generation_report
 
     out = generator.generate(
-        inputs, progress=desc, max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty
+        inputs,
+        progress=desc,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
     )
     report = generation_report(out.texts, references)
     report["num_beams"] = num_beams

@@ -55,7 +55,9 @@ def scratch_beam(next_logp, K: int, n: int, length_penalty: float) -> tuple[list
         length, last = (step + 1) ** length_penalty, step == n - 1
         for s, seq, t in cands[:K]:
             if t == EOS or last:
-                finished.append((s / length, seq if t == EOS else [*seq, t], "stop" if t == EOS else "length"))
+                finished.append(
+                    (s / length, seq if t == EOS else [*seq, t], "stop" if t == EOS else "length")
+                )
         finished = sorted(finished, key=lambda f: -f[0])[:K]
         if last:
             break
@@ -173,7 +175,9 @@ def test_generator_and_report_with_beams(llama):
     out = gen.generate(texts, max_new_tokens=5, num_beams=3)
     for text, tokens in zip(texts, out.tokens, strict=True):
         ids = torch.tensor([tok(text)["input_ids"]])
-        alone = generate(PromptedLM(llama), ids, None, prompt=prompt, max_new_tokens=5, num_beams=3, tokenizer=tok)
+        alone = generate(
+            PromptedLM(llama), ids, None, prompt=prompt, max_new_tokens=5, num_beams=3, tokenizer=tok
+        )
         assert alone.tokens[0] == tokens
     report = evaluate_generation(gen, texts, [[t] for t in out.texts], 5, num_beams=3)
     assert report["num_beams"] == 3 and report["exact_match"] == 1.0
