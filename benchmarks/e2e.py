@@ -3,12 +3,14 @@
 ../shared/data/e2e/devel.csv is split by distinct input (``mr``) with a fixed seed: ``--test-share`` of
 the inputs are held out, with all their references; no input is on both sides. A prompt is trained
 on the rest with ``softprompt.train`` (task=generation: loss on the target tokens and EOS only; its
-own validation split, again by input). The held-out inputs are then generated greedily and scored
+own validation split, again by input). The held-out inputs are then generated (greedy, or beam search
+with ``--num-beams``, which validation uses too) and scored
 against all of their references (BLEU from sacrebleu, ROUGE-L from rouge-score, exact match) for:
 zero-shot (the plain model, same template) and the trained prompt.
 
 Run:  .venv/bin/python benchmarks/e2e.py [--steps 300] [--smoke]   (writes results/e2e.json)
       .venv/bin/python benchmarks/e2e.py --model gemma3-270m      (writes results/e2e_gemma3-270m.json)
+      .venv/bin/python benchmarks/e2e.py --num-beams 5            (writes results/e2e_beams5.json)
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ TEMPLATE = "Describe the restaurant in one sentence.\nData: {text}\nSentence:"
 DEFAULT_MODEL = "smollm2"
 
 
-def results_path(model: str, prompt_kind: str = "input", reparam: str = "none") -> Path:
-    """results/e2e.json for the default model and input prompt; otherwise with _<model's last path
-    part>, _deep and _residual as they apply."""
-    kind = kind_slug(prompt_kind, reparam)
+def results_path(model: str, prompt_kind: str = "input", reparam: str = "none", num_beams: int = 1) -> Path:
+    """results/e2e.json for the default model, input prompt and greedy decoding; otherwise with
+    _<model's last path part>, _deep, _residual and _beams<K> as they apply."""
+    kind = kind_slug(prompt_kind, reparam) + (f"_beams{num_beams}" if num_beams > 1 else "")
     if model == DEFAULT_MODEL:
         return RESULTS.with_name(f"e2e{kind}.json")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name.removesuffix(".gguf"))
@@ -86,9 +88,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--num-virtual-tokens", type=int, default=20)
     ap.add_argument("--test-share", type=float, default=0.2)
-    ap.add_argument(
-        "--max-test-inputs", type=int, default=150, help="held-out inputs scored (greedy decoding)"
-    )
+    ap.add_argument("--max-test-inputs", type=int, default=150, help="held-out inputs scored")
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search when evaluating (1: greedy)")
+    ap.add_argument("--length-penalty", type=float, default=1.0, help="with beams: score / length^this")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-kind", default="input", choices=["input", "deep"])
@@ -112,7 +114,8 @@ def main() -> None:
         template=TEMPLATE, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         num_virtual_tokens=args.num_virtual_tokens, eval_every=max(1, args.steps // 3), max_eval_inputs=60,
         max_new_tokens=args.max_new_tokens, eval_batch_size=16, seed=args.seed, output_dir=str(work / "run"),
-        model=args.model, prompt_kind=args.prompt_kind, reparam=args.reparam,
+        model=args.model, prompt_kind=args.prompt_kind, reparam=args.reparam, num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
     )  # fmt: skip
     t0 = time.perf_counter()
     results = train(cfg)
@@ -133,6 +136,7 @@ def main() -> None:
     res.update(
         train_seconds=train_seconds, total_seconds=total, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, num_virtual_tokens=args.num_virtual_tokens, template=TEMPLATE, seed=args.seed,
+        num_beams=args.num_beams, length_penalty=args.length_penalty, eval_and_load_seconds=total - train_seconds,
         validation_rougeL=results["validation_score"], threads=args.threads, smoke=args.smoke,
         command="python benchmarks/e2e.py " + shlex.join(sys.argv[1:]),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -145,7 +149,7 @@ def main() -> None:
         f"training: {train_seconds / 60:.1f} min for {args.steps} steps of {args.batch_size}; whole run {total / 60:.1f} min"
     )
     if not args.smoke:
-        write_results(results_path(args.model, args.prompt_kind, args.reparam), res)
+        write_results(results_path(args.model, args.prompt_kind, args.reparam, args.num_beams), res)
 
 
 if __name__ == "__main__":

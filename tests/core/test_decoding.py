@@ -312,6 +312,32 @@ def test_cli_train_and_generate(tmp_path, tiny_model_dir, capsys):
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == lines
 
 
+def test_cli_beam_search_in_training_eval_and_generate(tmp_path, tiny_model_dir, capsys):
+    from softprompt.cli import main
+    from softprompt.loading import load_model
+    from softprompt.prompt import load_prompt
+
+    data = write_pairs(tmp_path / "d.jsonl")
+    out = tmp_path / "beams"
+    main(["train", "--task", "generation", "--train_file", data, "--test_file", data, "--model", tiny_model_dir,
+          "--template", "{text} answer", "--max_steps", "2", "--eval_every", "2", "--num_virtual_tokens", "3",
+          "--init", "random", "--max_new_tokens", "4", "--num_beams", "3", "--output_dir", str(out)])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_trained"]["num_beams"] == 3 and metrics["test_zero_shot"]["num_beams"] == 3
+    capsys.readouterr()
+    main(["generate", str(out / "prompt"), "the film", "good food", "--num_beams", "3"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model, tok = load_model(tiny_model_dir)
+    want = Generator(model, tok, load_prompt(out / "prompt")).generate(["the film", "good food"], max_new_tokens=4,
+                                                                       num_beams=3)  # fmt: skip
+    assert [r["output"] for r in lines] == want.texts
+    main(["eval", str(out / "prompt"), data, "--num_beams", "2"])
+    assert "best of 2 beams" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        main(["generate", str(out / "prompt"), "the film", "--num_beams", "2", "--temperature", "0.7"])
+    assert stopped.value.code == 2 and "does not combine with sampling" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
 def test_prefix_with_fixed_tokens_equals_running_them_as_input(arch):
     """prefix_cache(tokens=head): inputs without the head give the logits of head + input run in full."""

@@ -97,7 +97,8 @@ def _write_jsonl(records, output: str | None) -> None:
 
 def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str | None, strip_prefix_word: bool,
              model: str | None, dtype: str, template: str | None, verbalizer: str | None, batch_size: int,
-             output: str | None, max_inputs: int | None = None, max_new_tokens: int = 0, seed: int = 0) -> None:  # fmt: skip
+             output: str | None, max_inputs: int | None = None, max_new_tokens: int = 0, seed: int = 0,
+             num_beams: int = 1, length_penalty: float = 1.0) -> None:  # fmt: skip
     from softprompt.data import read_examples, read_pairs, sample_inputs
     from softprompt.prompt import load_prompt
 
@@ -105,13 +106,18 @@ def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str 
         raise UsageError(f"--max_inputs must be >= 1, got {max_inputs}")
     if load_prompt(prompt).meta.task == "generation":  # read before the model loads: a bad folder fails fast
         examples = sample_inputs(read_pairs(data, text_column, label_column), max_inputs, seed)
-        report = _eval_generation(prompt, examples, model, dtype, template, batch_size, max_new_tokens)
+        report = _eval_generation(prompt, examples, model, dtype, template, batch_size, max_new_tokens,
+                                  num_beams, length_penalty)  # fmt: skip
         from softprompt.metrics import format_generation_report
 
         print(format_generation_report(report, title=f"{data} with {prompt}:"))
     else:
         from softprompt.metrics import format_report
 
+        if num_beams != 1:
+            raise UsageError(
+                f"--num_beams is for generation prompts; {prompt} classifies (it scores label words)"
+            )
         examples = read_examples(
             data, text_column=text_column, label_column=label_column, strip_prefix_word=strip_prefix_word
         )
@@ -127,7 +133,7 @@ def cmd_eval(prompt: str, data: str, text_column: str | None, label_column: str 
 
 
 def _eval_generation(prompt: str, examples, model: str | None, dtype: str, template: str | None,
-                     batch_size: int, max_new_tokens: int) -> dict:  # fmt: skip
+                     batch_size: int, max_new_tokens: int, num_beams: int, length_penalty: float) -> dict:  # fmt: skip
     """BLEU, ROUGE-L and exact match of a generation prompt against every reference of each input."""
     from softprompt.data import group_references
     from softprompt.decoding import Generator, evaluate_generation
@@ -136,7 +142,8 @@ def _eval_generation(prompt: str, examples, model: str | None, dtype: str, templ
     inputs, references = group_references(examples)
     gen = Generator(base, tokenizer, loaded, template=template, batch_size=batch_size)
     new = max_new_tokens or loaded.meta.max_new_tokens or 64
-    return evaluate_generation(gen, inputs, references, new, desc="generating")
+    return evaluate_generation(gen, inputs, references, new, desc="generating", num_beams=num_beams,
+                               length_penalty=length_penalty)  # fmt: skip
 
 
 def cmd_predict(prompt: str, texts: list[str], file: str | None, text_column: str | None, model: str | None,
@@ -148,7 +155,8 @@ def cmd_predict(prompt: str, texts: list[str], file: str | None, text_column: st
 
 def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: str | None, model: str | None,
                  dtype: str, template: str | None, batch_size: int, max_new_tokens: int, temperature: float,
-                 top_p: float, stop: list[str], seed: int, prefix_cache: bool, output: str | None) -> None:  # fmt: skip
+                 top_p: float, stop: list[str], seed: int, prefix_cache: bool, output: str | None,
+                 num_beams: int = 1, length_penalty: float = 1.0) -> None:  # fmt: skip
     import torch
 
     from softprompt.decoding import Generator
@@ -162,7 +170,8 @@ def cmd_generate(prompt: str, texts: list[str], file: str | None, text_column: s
     out = gen.generate(
         texts, progress="generating" if len(texts) > batch_size else None,
         max_new_tokens=max_new_tokens or default_new, do_sample=temperature > 0, temperature=temperature,
-        top_p=top_p, stop_strings=stop, generator=torch.Generator().manual_seed(seed),
+        top_p=top_p, stop_strings=stop, generator=torch.Generator().manual_seed(seed), num_beams=num_beams,
+        length_penalty=length_penalty,
     )  # fmt: skip
     records = zip(texts, out.texts, out.finish_reasons, strict=True)
     _write_jsonl(({"input": t, "output": o, "finish_reason": r} for t, o, r in records), output)

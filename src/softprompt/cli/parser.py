@@ -7,6 +7,13 @@ from __future__ import annotations
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 
+def _beam_args(p: ArgumentParser, beams_help: str) -> None:
+    p.add_argument("--num_beams", type=int, default=1, help=beams_help)
+    p.add_argument("--length_penalty", type=float, default=1.0,
+                   help="With beams: a finished beam scores its log-probability over its length to this "
+                   "power (above 0 favours longer outputs).")  # fmt: skip
+
+
 def _use_args(p: ArgumentParser, *, data: bool) -> None:
     p.add_argument("prompt", type=str, help="Folder of a trained prompt.")
     if data:
@@ -18,6 +25,7 @@ def _use_args(p: ArgumentParser, *, data: bool) -> None:
                        help="Score at most this many distinct inputs (a fixed-seed sample); default: all.")  # fmt: skip
         p.add_argument("--max_new_tokens", type=int, default=0,
                        help="Generation prompts: tokens per output; 0: the prompt's setting.")  # fmt: skip
+        _beam_args(p, "Generation prompts: beam search of this many beams (1: greedy).")
         p.add_argument("--seed", type=int, default=0, help="Seed of the --max_inputs sample.")
         p.add_argument(
             "--strip_prefix_word", type=bool, default=False, help="Drop each text's first word (TREC)."
@@ -111,6 +119,10 @@ def _add_generate(sub) -> None:
         "--max_new_tokens", type=int, default=0, help="Tokens per output; 0: the prompt's setting."
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling.")
+    _beam_args(
+        p,
+        "Beam search of this many beams (1: greedy or sampled; beams take neither --temperature nor --stop).",
+    )
     p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass (with temperature > 0).")
     p.add_argument("--stop", type=list[str], default=[], help="Stop strings, e.g. --stop '[\"\\n\"]'.")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
@@ -206,6 +218,10 @@ def _add_export_embeds(sub) -> None:
                    "prompt's base model).")  # fmt: skip
     p.add_argument("--max_tokens", type=int, default=16, help="Tokens to generate per request.")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling.")
+    _beam_args(
+        p,
+        "Beam search of this many beams (1: greedy or sampled; beams take neither --temperature nor --stop).",
+    )
     p.add_argument("--dtype", type=str, default="float32",
                    help="Dtype of the sent tensor: float32 or bfloat16 (half the bytes).")  # fmt: skip
     p.add_argument(

@@ -197,10 +197,26 @@ class EvalArgs(Settings):
     """task=generation: tokens generated per input when evaluating."""
     max_eval_inputs: int | None = 200
     """task=generation: validate on at most this many distinct inputs (greedy decoding is slow); None: all."""
+    num_beams: int = 1
+    """task=generation: decode validation and test inputs with beam search of this many beams (1:
+    greedy). Each step runs num_beams rows per input, so evaluation takes about that much longer."""
+    length_penalty: float = 1.0
+    """task=generation with num_beams > 1: a finished beam scores its log-probability over its length
+    to this power (above 0 favours longer outputs; 0: plain sums)."""
 
     def check(self) -> list[str]:
-        names = ("eval_every", "eval_batch_size", "max_new_tokens", "max_test_inputs", "max_eval_inputs")
-        return at_least(self, 1, names) + at_least(self, 0, ("patience",))
+        names = (
+            "eval_every",
+            "eval_batch_size",
+            "max_new_tokens",
+            "max_test_inputs",
+            "max_eval_inputs",
+            "num_beams",
+        )
+        problems = at_least(self, 1, names) + at_least(self, 0, ("patience",))
+        if not -10 <= self.length_penalty <= 10:
+            problems.append(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
+        return problems
 
 
 @dataclass

@@ -474,7 +474,8 @@ class GenerationTask:
         inputs, refs = data.inputs[:limit], data.references[:limit]
         gen = Generator(prompted, self.tokenizer, prompt, template=self.template,
                         max_length=self.cfg.max_length, batch_size=self.cfg.eval_batch_size)  # fmt: skip
-        return evaluate_generation(gen, inputs, refs, self.cfg.max_new_tokens, desc)
+        return evaluate_generation(gen, inputs, refs, self.cfg.max_new_tokens, desc,
+                                   num_beams=self.cfg.num_beams, length_penalty=self.cfg.length_penalty)  # fmt: skip
 
     @staticmethod
     def format(report: dict, title: str) -> str:
