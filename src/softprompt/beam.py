@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from softprompt.decode_rows import GenerateOutput, end_tokens, left_pad
 from softprompt.errors import UsageError
 from softprompt.model import PromptedLM
 from softprompt.prefix import PromptPrefix
@@ -71,7 +72,7 @@ def beam_search(
     length_penalty: float = 1.0,
     eos_token_id: int | list[int] | None = None,
     tokenizer=None,
-):
+) -> GenerateOutput:
     """The best of ``num_beams`` beams for each row of ``input_ids`` (B, T) under its prompt, as a
     :class:`~softprompt.decoding.GenerateOutput` (EOS excluded; reason "stop" at EOS, "length" at
     ``max_new_tokens``). The prompt arguments are :func:`~softprompt.decoding.generate`'s.
@@ -80,8 +81,6 @@ def beam_search(
     ``length_penalty``: above 0 favours longer outputs, 0 compares plain sums. Each step runs the
     model over ``num_beams`` rows per unfinished input; rows leave the batch as they finish.
     """
-    from softprompt.decoding import GenerateOutput, end_tokens, left_pad  # decoding imports this module
-
     check_beam_settings(num_beams, length_penalty)
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
