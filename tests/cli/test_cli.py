@@ -27,6 +27,14 @@ def test_missing_path_is_a_user_error(tmp_path, capsys):
     assert e.value.code == 2 and "no saved prompt at" in capsys.readouterr().err
 
 
+def test_beams_for_a_classification_prompt_are_refused_before_the_model_loads(tmp_path, capsys):
+    save_prompt(SoftPrompt(torch.zeros(2, 4)), tmp_path / "p")
+    (tmp_path / "d.jsonl").write_text('{"text": "good", "label": "positive"}\n')
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", str(tmp_path / "p"), str(tmp_path / "d.jsonl"), "--num_beams", "3"])
+    assert e.value.code == 2 and "--num_beams is for generation prompts" in capsys.readouterr().err
+
+
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(path, as_json):
         raise ValueError("an internal bug, not the user's")
