@@ -126,7 +126,7 @@ def beam_search(
             break
         open_scores, pick = top.masked_fill(ends, NEVER).topk(K, dim=1)
         src_beam, new_token = source.gather(1, pick), token.gather(1, pick)
-        # A row is done when its best open beam, normalised at today's length, cannot beat its
+        # A row is done when its best open beam, normalised at the current length, cannot beat its
         # worst finished one (HF's heuristic with early_stopping=False).
         best_open = (open_scores[:, 0] / length).tolist()
         going = [r for r in range(R) if best_open[r] > finished[rows[r]].worst()]
