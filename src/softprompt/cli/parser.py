@@ -218,10 +218,6 @@ def _add_export_embeds(sub) -> None:
                    "prompt's base model).")  # fmt: skip
     p.add_argument("--max_tokens", type=int, default=16, help="Tokens to generate per request.")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling.")
-    _beam_args(
-        p,
-        "Beam search of this many beams (1: greedy or sampled; beams take neither --temperature nor --stop).",
-    )
     p.add_argument("--dtype", type=str, default="float32",
                    help="Dtype of the sent tensor: float32 or bfloat16 (half the bytes).")  # fmt: skip
     p.add_argument(
