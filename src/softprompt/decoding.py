@@ -1,5 +1,6 @@
 """Generating text with soft prompts: greedy or sampled decoding with a key/value cache, stop strings,
-batches whose rows use different prompts, and the cached prompt prefix.
+batches whose rows use different prompts, and the cached prompt prefix (beam search: :mod:`softprompt.beam`,
+through the same :func:`generate`).
 
     left-padded input ids -> prefill (prompt from a cached prefix, or run with the input) -> logits
         -> logit bias and repetition penalties (OpenAI's logit_bias, presence/frequency_penalty)
