@@ -13,6 +13,7 @@ a prompt gives here what the plain model gives there with the prompt as input em
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,8 @@ from softprompt.errors import UsageError
 from softprompt.model import PromptedLM
 from softprompt.prefix import PromptPrefix
 from softprompt.prompt_inputs import PromptLike
+
+log = logging.getLogger(__name__)
 
 NEVER = -1.0e9  # the score of a beam that must not be picked (HF's value, so ties break the same way)
 
@@ -49,6 +52,10 @@ def check_beam_settings(num_beams: int, length_penalty: float, **refused) -> Non
         raise UsageError(f"num_beams must be >= 1, got {num_beams}")
     if not -10 <= length_penalty <= 10:
         raise UsageError(f"length_penalty must be in [-10, 10], got {length_penalty}")
+    if num_beams == 1 and length_penalty != 1.0:
+        log.warning(
+            "length_penalty=%s has no effect with num_beams=1 (it scores finished beams)", length_penalty
+        )
     used = [name for name, on in refused.items() if on]
     if num_beams > 1 and used:
         raise UsageError(

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from helpers.tiny import left_padded_batch as batch
 from helpers.tiny import make_tokenizer, tiny_gpt2, tiny_llama
 from softprompt.decoding import Generator, evaluate_generation, generate
 from softprompt.deep import DeepPrompt, KVShape
@@ -20,16 +21,6 @@ from softprompt.prompt import save_prompt
 EOS = 1
 # Llama with larger weights has peaked outputs: beams leave greedy's path and some rows pick EOS.
 MODELS = {"llama": lambda: tiny_llama(initializer_range=0.3), "gpt2": tiny_gpt2}
-
-
-def batch(seed: int = 0, B: int = 4, T: int = 7):
-    """Left-padded random rows of different lengths."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 60, (B, T), generator=g)
-    mask = torch.ones_like(ids)
-    for b in range(B):
-        mask[b, : b % 3] = 0
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def hf_beam(model, embeds: torch.Tensor, K: int, n: int, length_penalty: float) -> list[int]:
@@ -181,3 +172,16 @@ def test_generator_and_report_with_beams(llama):
         assert alone.tokens[0] == tokens
     report = evaluate_generation(gen, texts, [[t] for t in out.texts], 5, num_beams=3)
     assert report["num_beams"] == 3 and report["exact_match"] == 1.0
+
+
+def test_beam_settings_outside_generation_are_not_ignored_silently(llama, caplog):
+    from softprompt.errors import ConfigError
+    from softprompt.training import TrainConfig
+
+    with pytest.raises(ConfigError, match="task=classification scores label words"):
+        TrainConfig(task="classification", num_beams=3)
+    TrainConfig(task="generation", num_beams=3, length_penalty=0.5)  # accepted
+    ids, mask = batch()
+    with caplog.at_level("WARNING", logger="softprompt.beam"):
+        generate(PromptedLM(llama), ids, mask, max_new_tokens=2, length_penalty=2.0)
+    assert "length_penalty=2.0 has no effect with num_beams=1" in caplog.text

@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from helpers.tiny import MODEL_FACTORIES, WORDS, make_tokenizer, tiny_llama
+from helpers.tiny import left_padded_batch as batch
 from softprompt import SoftPrompt, save_prompt
 from softprompt.decoding import Generator, generate, pick_tokens
 from softprompt.errors import DataError
@@ -22,16 +23,6 @@ from softprompt.training import TrainConfig, train
 from softprompt.training.tasks import GenerationTask
 
 EOS = 1
-
-
-def batch(seed: int = 0, B: int = 4, T: int = 7):
-    """Left-padded random rows (different lengths)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 60, (B, T), generator=g)
-    mask = torch.ones_like(ids)
-    for b in range(B):
-        mask[b, : b % 3] = 0
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def reference_greedy(model, prompt_rows: torch.Tensor, row_ids: list[int], n: int) -> list[int]:

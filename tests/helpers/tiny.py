@@ -76,3 +76,14 @@ def tiny_gpt2(seed: int = 0):
 
 
 MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def left_padded_batch(seed: int = 0, B: int = 4, T: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of ``B`` random rows of ``T`` ids, left-padded with 0 to different lengths (row b
+    has b % 3 pad slots)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 60, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(B):
+        mask[b, : b % 3] = 0
+    return ids.masked_fill(mask == 0, 0), mask

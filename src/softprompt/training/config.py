@@ -247,6 +247,11 @@ class TrainConfig(RunArgs, EvalArgs, TaskArgs, OptimArgs, PromptArgs, ModelArgs,
 
     def check(self) -> list[str]:
         problems = []
+        if self.task != "generation" and (self.num_beams != 1 or self.length_penalty != 1.0):
+            problems.append(
+                f"num_beams and length_penalty decode generated text (task=generation); task={self.task} "
+                "scores label words, so leave them at 1"
+            )
         if self.fsdp and self.prompt_kind != "input":
             problems.append(
                 "prompt_kind=deep with fsdp is not supported (the template head runs in a pass of its own before "

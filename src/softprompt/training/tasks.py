@@ -385,7 +385,7 @@ class GenSet:
 
 
 class GenerationTask:
-    """Input -> target text. Loss on the target tokens (and EOS) only; evaluated by greedy generation."""
+    """Input -> target text. Loss on the target tokens (and EOS) only; evaluated by generation (greedy, or beam search with num_beams)."""
 
     metric = "rougeL"
     label_words = None
