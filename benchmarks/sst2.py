@@ -50,18 +50,41 @@ TASKS = {
 }  # fmt: skip
 
 
-def subsample(src: Path, n: int, seed: int, dest: Path, strip: bool) -> str:
-    """Write ``n`` fixed-seed sampled rows of ``src`` (all rows when n is 0) as JSONL."""
+def read_rows(src: Path, strip: bool) -> list:
     from softprompt.data import read_examples
 
-    rows = read_examples(src, strip_prefix_word=strip)
-    if n:
-        random.Random(seed).shuffle(rows)
-        rows = rows[:n]
+    return read_examples(src, strip_prefix_word=strip)
+
+
+def write_rows(rows: list, dest: Path) -> str:
     with open(dest, "w") as f:
         for ex in rows:
             f.write(json.dumps({"text": ex.text, "label": ex.label}) + "\n")
     return str(dest)
+
+
+def sample_rows(rows: list, n: int, seed: int) -> list:
+    """``n`` fixed-seed sampled rows (all of them when n is 0)."""
+    if not n:
+        return rows
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def subsample(src: Path, n: int, seed: int, dest: Path, strip: bool) -> str:
+    """Write ``n`` fixed-seed sampled rows of ``src`` (all rows when n is 0) as JSONL."""
+    return write_rows(sample_rows(read_rows(src, strip), n, seed), dest)
+
+
+def split_off_validation(rows: list, n: int, seed: int) -> tuple[list, list]:
+    """(training rows, validation rows) for a task without a validation split: the ``n`` validation
+    rows are a fixed-seed sample of the training file and are left out of training, so validation
+    judges prompts on rows they were not trained on."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in order[:n]]
 
 
 def kind_slug(prompt_kind: str, reparam: str) -> str:
@@ -92,6 +115,13 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--num_virtual_tokens", type=int, default=20)
     ap.add_argument("--init", default="labels")
+    ap.add_argument("--init_text", default=None, help="the text of --init text (a task description)")
+    ap.add_argument(
+        "--verbalizer_lr",
+        type=float,
+        default=None,
+        help="the learned verbalizer's lr (default: train's default, 0.001)",
+    )
     ap.add_argument("--loss", default="class")
     ap.add_argument("--eval_every", type=int, default=100)
     ap.add_argument("--val_rows", type=int, default=400)
@@ -106,6 +136,11 @@ def main() -> None:
     ap.add_argument(
         "--sweep", default=None, help="optimizer:lr pairs, e.g. adamw:0.03,adamw:0.3 (no baselines)"
     )
+    ap.add_argument(
+        "--seeds", default=None,
+        help="training seeds, e.g. 0,1,2: one run each on the data split of --seed (no baselines); "
+        "mean and standard deviation go to <task>..._seeds.json",
+    )  # fmt: skip
     args = ap.parse_args()
 
     task = dict(TASKS[args.task])
@@ -121,21 +156,28 @@ def main() -> None:
     # training run reads plain text/label rows whatever the source format.
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.task}-"))
     strip = task["strip"]
-    train_file = subsample(DATA / task["train"], args.train_rows, args.seed, work / "train.jsonl", strip)
-    val_src = DATA / (task["val"] or task["train"])
-    val_file = subsample(val_src, args.val_rows, args.seed + 1, work / "val.jsonl", strip)
+    train_rows = read_rows(DATA / task["train"], strip)
+    if task["val"]:
+        val_rows = sample_rows(read_rows(DATA / task["val"], strip), args.val_rows, args.seed + 1)
+    else:  # validation held out of the training file (before any --train_rows sampling)
+        train_rows, val_rows = split_off_validation(train_rows, args.val_rows, args.seed + 1)
+    train_file = write_rows(sample_rows(train_rows, args.train_rows, args.seed), work / "train.jsonl")
+    val_file = write_rows(val_rows, work / "val.jsonl")
     test_file = subsample(DATA / task["test"], args.test_rows, args.seed + 2, work / "test.jsonl", strip)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sst2.py", *sys.argv[1:]])
     date = utc_now()
 
-    def run(optimizer: str, lr: float, out: str, baselines: bool) -> dict:
+    extra = {k: getattr(args, k) for k in ("init_text", "verbalizer_lr") if getattr(args, k) is not None}
+
+    def run(optimizer: str, lr: float, out: str, baselines: bool, seed: int | None = None) -> dict:
+        seed = args.seed if seed is None else seed
         cfg = TrainConfig(
             train_file=train_file, validation_file=val_file, test_file=test_file,
             template=task["template"], verbalizer=task["verbalizer"], num_virtual_tokens=args.num_virtual_tokens,
             init=args.init, optimizer=optimizer, lr=lr, max_steps=args.max_steps, batch_size=args.batch_size,
-            eval_every=args.eval_every, loss=args.loss, seed=args.seed, output_dir=out, device="cpu",
+            eval_every=args.eval_every, loss=args.loss, seed=seed, output_dir=out, device="cpu",
             baselines=baselines, model=args.model, prompt_kind=args.prompt_kind, reparam=args.reparam,
-            scoring=args.scoring,
+            scoring=args.scoring, **extra,
         )  # fmt: skip
         start = time.perf_counter()
         results = train(cfg)
@@ -160,7 +202,11 @@ def main() -> None:
             "examples_seen": results["steps"] * args.batch_size,
             "optimizer": optimizer,
             "lr": lr,
-            **{k: getattr(args, k) for k in ("num_virtual_tokens", "init", "max_steps", "batch_size", "loss", "seed", "threads", "prompt_kind", "reparam", "scoring")},
+            **{k: getattr(args, k) for k in ("num_virtual_tokens", "init", "max_steps", "batch_size", "loss", "threads", "prompt_kind", "reparam", "scoring")},
+            **extra,
+            "seed": seed,
+            "data_seed": args.seed,
+            "validation": "held out of training" if not task["val"] else task["val"],
             "template": task["template"],
             "verbalizer": task["verbalizer"],
             "command": command,
@@ -183,6 +229,20 @@ def main() -> None:
         }
         out_json = {"runs": runs, **summary, "model": args.model, "command": command, "date": date}
         write_results(ROOT / "benchmarks" / "results" / f"{args.task}_sweep{slug}.json", out_json)
+        return
+    if args.seeds:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        runs = [
+            run(args.optimizer, args.lr, str(work / f"run-seed{seed}"), baselines=False, seed=seed)
+            for seed in seeds
+        ]
+        out_json = {"runs": runs, "seeds": seeds, "model": args.model, "command": command, "date": date}
+        for key in ("trained_accuracy", "validation_accuracy", "trained_macro_f1"):
+            values = torch.tensor([float(r[key]) for r in runs], dtype=torch.float64)
+            out_json[f"{key}_mean"] = values.mean().item()
+            out_json[f"{key}_std"] = values.std().item() if len(values) > 1 else None  # sample std (n-1)
+        print(json.dumps({k: v for k, v in out_json.items() if k != "runs"}, indent=2))
+        write_results(ROOT / "benchmarks" / "results" / f"{args.task}{slug}_seeds.json", out_json)
         return
     figures = run(args.optimizer, args.lr, args.output_dir or str(work / "run"), baselines=True)
     write_results(ROOT / "benchmarks" / "results" / f"{args.task}{slug}.json", figures)
