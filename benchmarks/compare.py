@@ -4,6 +4,11 @@
     python benchmarks/compare.py            # the full comparison: about 40 min on 2 idle cores
     python benchmarks/compare.py --smoke    # seconds-to-a-minute: tiny random model, SmolLM2's tokenizer
     python benchmarks/compare.py --methods prompt,residual,deep,lora,full --seeds 3   # every method, 3 seeds
+    python benchmarks/compare.py --task agnews --methods deep_residual,lora --seeds 3 --scoring learned
+
+``--task agnews`` trains on the rows ``benchmarks/sst2.py --task agnews`` uses at seed 0 (all AG News
+train rows but the 300 held out for validation; 1,000 fixed-seed test rows; 200 steps of 16), and
+writes benchmarks/results/compare_agnews.json.
 
 Any other option is passed to ``softprompt compare`` (e.g. ``--max_steps 300``). With ``--seeds N``
 the figures per method are the mean and standard deviation of test accuracy over the seeds
@@ -33,6 +38,25 @@ SST2_ARGS = [
 ]  # fmt: skip
 
 
+def agnews_args(work: Path) -> list[str]:
+    """Files and settings for AG News: the data split of ``sst2.py --task agnews --val_rows 300
+    --test_rows 1000`` at seed 0, and its budget."""
+    from sst2 import DATA, TASKS, read_rows, sample_rows, split_off_validation, write_rows  # same folder
+
+    task = TASKS["agnews"]
+    train, val = split_off_validation(read_rows(DATA / task["train"], False), 300, 1)
+    test = sample_rows(read_rows(DATA / task["test"], False), 1000, 2)
+    files = [
+        write_rows(rows, work / f"{name}.jsonl")
+        for name, rows in (("train", train), ("val", val), ("test", test))
+    ]
+    return [
+        "--train_file", files[0], "--validation_file", files[1], "--test_file", files[2],
+        "--template", task["template"], "--verbalizer", task["verbalizer"], "--max_steps", "200",
+        "--batch_size", "16", "--sweep_steps", "40", "--threads", "2", "--output_dir", "runs/compare-agnews",
+    ]  # fmt: skip
+
+
 def _numbers(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(x, int | float) for x in value)
 
@@ -40,14 +64,19 @@ def _numbers(value) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--task", choices=["sst2", "agnews"], default="sst2")
     args, rest = ap.parse_known_args()
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/compare.py", *sys.argv[1:]])
-    if not (SST2 / "train.tsv").is_file():
-        print(f"skipped: {SST2 / 'train.tsv'} not found (the shared datasets live in ../shared/data)")
+    source = SST2.parent / args.task / "train.tsv"
+    if not source.is_file():
+        print(f"skipped: {source} not found (the shared datasets live in ../shared/data)")
         return
     from softprompt.cli import main as cli_main
 
-    argv = ["compare", *SST2_ARGS]
+    if args.task == "agnews":
+        argv = ["compare", *agnews_args(Path(tempfile.mkdtemp(prefix="compare-agnews-")))]
+    else:
+        argv = ["compare", *SST2_ARGS]
     if args.smoke:
         from init_ablation import tiny_smollm2_dir  # same folder
 
@@ -66,7 +95,8 @@ def main() -> None:
     if args.smoke:
         print("smoke run: figures not saved to benchmarks/results")
         return
-    write_results(ROOT / "benchmarks" / "results" / "compare.json", flat)
+    name = "compare.json" if args.task == "sst2" else f"compare_{args.task}.json"
+    write_results(ROOT / "benchmarks" / "results" / name, flat)
 
 
 if __name__ == "__main__":
