@@ -106,6 +106,19 @@ class ClassHead(nn.Module):
         copy.requires_grad_(False)
         return copy
 
+    def in_order(self, have: list[str] | None, want: list[str] | None) -> ClassHead:
+        """This head with its rows (for the classes ``have``, in order) put in the order ``want``; itself
+        when the orders agree or either is unknown. Different label sets: ``ValueError``."""
+        if have is None or want is None or list(have) == list(want):
+            return self
+        if sorted(have) != sorted(want):
+            raise ValueError(
+                f"class vectors for the labels {list(have)} cannot score the labels {list(want)}"
+            )
+        order = [list(have).index(label) for label in want]
+        head = ClassHead(self.vectors.detach()[order], self.bias.detach()[order])
+        return head.requires_grad_(self.vectors.requires_grad)
+
     def copy_(self, other: ClassHead) -> None:
         """Take ``other``'s values in place (resuming a run: the optimizer keeps its tensors)."""
         if other.vectors.shape != self.vectors.shape:

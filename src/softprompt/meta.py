@@ -159,3 +159,11 @@ _FIELDS = {
     "deep": _is_dict,
     "extra": _is_dict,
 }
+
+
+def class_labels(meta: PromptMeta) -> list[str] | None:
+    """The classes in the order a prompt's class vectors and scores follow: its verbalizer's labels
+    (in the order the verbalizer lists them), else its label words; None without either."""
+    if meta.verbalizer:
+        return list(meta.verbalizer)
+    return list(meta.label_words) if meta.label_words else None

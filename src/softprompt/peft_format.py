@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from softprompt.config import MAX_VIRTUAL_TOKENS, InitMethod
@@ -33,7 +33,7 @@ from softprompt.errors import FolderInUseError, MissingFileError, ModelMismatchE
 from softprompt.folders import complete_copy, sibling, write_folder_atomically
 from softprompt.hf_parts import adapter_dims
 from softprompt.learned import BIAS_KEY, VECTORS_KEY
-from softprompt.meta import PromptMeta
+from softprompt.meta import PromptMeta, class_labels
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "softprompt.json"
 TENSOR_KEY = "prompt_embeddings"
+CLASS_LABELS_KEY = "labels"  # verbalizer.safetensors metadata: JSON list, the label of each row
 CLASSES_NAME = "verbalizer.safetensors"  # a learned verbalizer's class vectors (softprompt's own file)
 OUR_FILES = {CONFIG_NAME, WEIGHTS_NAME, META_NAME, CLASSES_NAME}
 
@@ -229,7 +230,11 @@ def write_prompt_folder(
         if classes is not None:
             for name, tensor in classes.items():
                 check_finite(tensor, f"learned verbalizer's {name} to save")
-            save_file(classes, str(tmp / CLASSES_NAME), metadata={"format": "pt"})
+            # the label of each row, in order: softprompt.json's verbalizer is written with sorted keys,
+            # so the file itself says which class each vector scores
+            labels = class_labels(meta)
+            extra = {} if labels is None else {CLASS_LABELS_KEY: json.dumps(labels)}
+            save_file(classes, str(tmp / CLASSES_NAME), metadata={"format": "pt", **extra})
 
     return write_folder_atomically(dest, fill)
 
@@ -387,6 +392,35 @@ def _read_folder(
     return weight.float(), meta
 
 
+def _row_order(path: Path, saved: list[str] | None, meta: PromptMeta) -> list[int] | None:
+    """Which saved row each class of ``meta`` (in :func:`class_labels` order) takes, or None when the
+    rows are already in that order. ``saved``: the rows' labels as the file records them. A file
+    written before it recorded them has its rows in the order of the label words (training wrote
+    both from one verbalizer), while the verbalizer read back from JSON has sorted keys."""
+    labels = class_labels(meta) or []
+    if saved is not None:
+        if sorted(saved) != sorted(labels):
+            raise PromptFormatError(
+                f"{path}: its class vectors are for the labels {saved}, but {META_NAME} names {labels}. "
+                "Copy the prompt folder whole (the two files belong together), or re-train it."
+            )
+        order = [saved.index(label) for label in labels]
+    elif meta.verbalizer and meta.label_words:
+        words, row_words = [meta.verbalizer[label] for label in labels], list(meta.label_words)
+        if words == row_words:
+            return None
+        if sorted(words) != sorted(row_words) or len(set(row_words)) != len(row_words):
+            raise PromptFormatError(
+                f"{path} does not say which label each class vector is for, and the label words "
+                f"{row_words} do not tell it (they repeat, or differ from the verbalizer's). Re-train the "
+                "prompt with this version of softprompt, which records the order."
+            )
+        order = [row_words.index(word) for word in words]
+    else:
+        return None
+    return None if order == list(range(len(order))) else order
+
+
 def _read_classes(
     folder: Path, meta: PromptMeta, model: torch.nn.Module | None
 ) -> dict[str, torch.Tensor] | None:
@@ -402,12 +436,19 @@ def _read_classes(
         return None
     try:
         tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(CLASS_LABELS_KEY)
+        saved = None if recorded is None else json.loads(recorded)
     except (SafetensorError, OSError, ValueError) as e:
         raise PromptFormatError(
             f"{path} cannot be read as safetensors ({e}); the file is corrupt or truncated"
         ) from e
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(x, str) for x in saved)):
+        raise PromptFormatError(
+            f"{path}: its '{CLASS_LABELS_KEY}' metadata must be a JSON list of label names"
+        )
     vectors, bias = tensors.get(VECTORS_KEY), tensors.get(BIAS_KEY)
-    labels = meta.verbalizer or meta.label_words or []
+    labels = class_labels(meta) or []
     problems = []
     if vectors is None or vectors.dim() != 2 or not vectors.is_floating_point():
         problems.append(f"'{VECTORS_KEY}' must be a floating-point (classes, hidden) tensor")
@@ -424,8 +465,11 @@ def _read_classes(
         raise PromptFormatError(
             f"{path}: " + "; ".join(problems) + ". Re-save the prompt or restore it from a checkpoint."
         )
+    if saved is not None and len(saved) != vectors.shape[0]:
+        raise PromptFormatError(f"{path}: {vectors.shape[0]} class vectors but {len(saved)} labels recorded")
     check_finite(vectors, f"class vectors at {path}")
-    return {k: v.float() for k, v in tensors.items()}
+    order = _row_order(path, saved, meta)  # rows follow class_labels(meta), as every user of them expects
+    return {k: (v if order is None else v[order]).float() for k, v in tensors.items()}
 
 
 # A trained prompt's vectors stay within a few times the model's token vectors (high learning rates

@@ -4,6 +4,8 @@ prompt (which PEFT still loads)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -114,6 +116,96 @@ def test_class_vectors_are_saved_beside_the_prompt_and_peft_still_loads_it(tmp_p
     save_prompt(prompt, tmp_path / "q", model)
     usage = PromptUsage.from_prompt(load_prompt(tmp_path / "q", model), tok)
     assert usage.labels.learned and torch.equal(usage.labels.head.vectors, prompt.classes.vectors)
+
+
+# labels in an order that is not sorted (as AG News lists them): softprompt.json is written with sorted
+# keys, so only the class vectors' own record of their labels keeps each vector with its class
+UNSORTED = {"World": "world", "Sports": "sports", "Business": "business", "Sci/Tech": "technology"}
+
+
+def unsorted_learned_prompt() -> SoftPrompt:
+    prompt = SoftPrompt(torch.randn(4, 32) * 0.1)
+    prompt.meta.verbalizer, prompt.meta.label_words = dict(UNSORTED), list(UNSORTED.values())
+    prompt.meta.scoring = "learned"
+    prompt.classes = ClassHead(torch.randn(len(UNSORTED), 32), torch.randn(len(UNSORTED)))
+    return prompt
+
+
+def by_label(labels, head: ClassHead) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {label: (head.vectors[i], head.bias[i]) for i, label in enumerate(labels)}
+
+
+def assert_same_classes(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for label in a:
+        assert torch.equal(a[label][0], b[label][0]) and torch.equal(a[label][1], b[label][1]), label
+
+
+def test_each_class_keeps_its_vector_through_save_and_load_whatever_the_verbalizers_order(tmp_path):
+    from safetensors import safe_open
+
+    from helpers.tiny import make_tokenizer
+
+    model, tok = tiny_llama(), make_tokenizer()
+    prompt = unsorted_learned_prompt()
+    before = PromptUsage.from_prompt(prompt, tok)
+    assert before.label_names == list(UNSORTED)
+    save_prompt(prompt, tmp_path / "p", model)
+    with safe_open(str(tmp_path / "p" / CLASSES_NAME), framework="pt") as f:
+        assert json.loads(f.metadata()["labels"]) == list(UNSORTED)  # the file says which row is which
+    back = load_prompt(tmp_path / "p", model)
+    after = PromptUsage.from_prompt(back, tok)
+    assert after.label_names != list(UNSORTED)  # read back sorted: the rows must follow
+    assert_same_classes(by_label(after.label_names, after.labels.head), by_label(UNSORTED, prompt.classes))
+    # the same scores per label for one input, before and after (what eval, predict and serve report)
+    row = [[3, 4, 5]]
+    s_before = class_scores(PromptedLM(model), row, before.labels, 0, prompt)[0]
+    s_after = class_scores(PromptedLM(model), row, after.labels, 0, back)[0]
+    assert dict(zip(before.label_names, s_before.tolist(), strict=True)) == pytest.approx(
+        dict(zip(after.label_names, s_after.tolist(), strict=True)), abs=1e-6
+    )
+    # saved again from its loaded (sorted) form, it still loads right
+    save_prompt(back, tmp_path / "q", model)
+    again = load_prompt(tmp_path / "q", model)
+    assert_same_classes(by_label(again.meta.verbalizer, again.classes), by_label(UNSORTED, prompt.classes))
+
+
+def test_class_vectors_saved_before_their_labels_were_recorded_follow_the_label_words(tmp_path):
+    """Files from earlier versions: rows in the order of the label words, no record of the labels."""
+    from safetensors.torch import load_file, save_file
+
+    model, prompt = tiny_llama(), unsorted_learned_prompt()
+    save_prompt(prompt, tmp_path / "p", model)
+    path = tmp_path / "p" / CLASSES_NAME
+    save_file(load_file(str(path)), str(path), metadata={"format": "pt"})  # as earlier versions wrote it
+    back = load_prompt(tmp_path / "p", model)
+    assert_same_classes(by_label(back.meta.verbalizer, back.classes), by_label(UNSORTED, prompt.classes))
+    # label words that repeat cannot tell the order: refused, saying what to do
+    meta = json.loads((tmp_path / "p" / "softprompt.json").read_text())
+    meta["label_words"] = ["world", "world", "business", "technology"]
+    meta["verbalizer"] = {
+        "World": "world",
+        "Sports": "world",
+        "Business": "business",
+        "Sci/Tech": "technology",
+    }
+    (tmp_path / "p" / "softprompt.json").write_text(json.dumps(meta, sort_keys=True))  # as it is written
+    with pytest.raises(PromptFormatError, match="does not say which label.*Re-train"):
+        load_prompt(tmp_path / "p", model)
+
+
+def test_class_vectors_recorded_for_other_labels_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, prompt = tiny_llama(), unsorted_learned_prompt()
+    save_prompt(prompt, tmp_path / "p", model)
+    path = tmp_path / "p" / CLASSES_NAME
+    other = json.dumps(["World", "Sports", "Business", "Science"])
+    save_file(load_file(str(path)), str(path), metadata={"format": "pt", "labels": other})
+    with pytest.raises(
+        PromptFormatError, match="class vectors are for the labels.*Copy the prompt folder whole"
+    ):
+        load_prompt(tmp_path / "p", model)
 
 
 def test_a_learned_prompt_without_its_class_vectors_is_refused_with_what_to_do(tmp_path):

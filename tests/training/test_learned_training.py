@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 
+import pytest
 import torch
 
 import softprompt.training.tasks as tasks_mod
@@ -84,8 +85,38 @@ def test_scoring_auto_keeps_rank_classification_with_few_rows_per_class(tiny_mod
     assert load_prompt(tmp_path / "run" / "prompt").classes is None
 
 
-def test_a_learned_verbalizer_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
-    settings = {"scoring": "learned", "max_steps": 6, "verbalizer_lr": 0.01}
+# the classes listed in an order that is not sorted (softprompt.json stores the verbalizer sorted)
+UNSORTED_VERBALIZER = ",".join(f"{c}={c}" for c in reversed(CLASSES))
+
+
+def test_a_reloaded_learned_prompt_classifies_as_training_did_whatever_the_verbalizers_order(
+    tiny_model_dir, tmp_path
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt.classifier import Classifier
+    from softprompt.data import read_examples
+
+    cfg = many_config(tiny_model_dir, tmp_path, scoring="learned", verbalizer=UNSORTED_VERBALIZER,
+                      verbalizer_lr=0.05, max_steps=6)  # fmt: skip
+    results = train(cfg)
+    saved = load_prompt(tmp_path / "run" / "prompt")
+    assert list(saved.meta.verbalizer) != list(reversed(CLASSES))  # read back in sorted order
+    model, tok = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    report = Classifier(model, tok, saved).evaluate(read_examples(str(tmp_path / "test.jsonl")))
+    assert report["accuracy"] == results["test_trained"]["accuracy"]
+    ours, theirs = results["test_trained"], report  # confusions by label name (each lists its own order)
+    by_name = lambda r: {(g, p): r["confusion"][i][j] for i, g in enumerate(r["labels"])  # noqa: E731
+                         for j, p in enumerate(r["labels"])}  # fmt: skip
+    assert by_name(ours) == by_name(theirs)
+
+
+@pytest.mark.parametrize("verbalizer", ["auto", UNSORTED_VERBALIZER], ids=["auto", "unsorted"])
+def test_a_learned_verbalizer_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, verbalizer):
+    settings = {"scoring": "learned", "max_steps": 6, "verbalizer_lr": 0.01, "verbalizer": verbalizer}
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     train(many_config(tiny_model_dir, tmp_path / "a", **settings))
     crash_and_resume(

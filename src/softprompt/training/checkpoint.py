@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from softprompt.errors import ConfigError, UsageError
+from softprompt.meta import class_labels
 from softprompt.peft_format import complete_copy, write_folder_atomically
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.training.config import TrainConfig
@@ -92,7 +93,14 @@ def load_checkpoint(
             ]  # fmt: skip
         )
     if prompt.classes is not None:
-        prompt.classes.copy_(saved.classes)
+        have, want = class_labels(saved.meta), class_labels(prompt.meta)
+        try:  # a loaded prompt's rows follow its softprompt.json; the run's, its verbalizer
+            prompt.classes.copy_(saved.classes.in_order(have, want))
+        except ValueError:
+            raise ConfigError(
+                [f"the checkpoint in {folder} was trained on the labels {have}, but this run has {want}; "
+                 "resume with the run's original data and verbalizer, or use a new output_dir"]
+            ) from None  # fmt: skip
     if reparam is not None:
         reparam.load(folder / REPARAM_FILE)  # the base vectors and the MLP; prompt/ is their output
     else:

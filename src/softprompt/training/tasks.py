@@ -38,7 +38,7 @@ from softprompt.decoding import Generator, evaluate_generation
 from softprompt.errors import DataError, UsageError
 from softprompt.hf_parts import saved_model_shape
 from softprompt.loading import resolve_device, resolve_dtype
-from softprompt.meta import PromptMeta
+from softprompt.meta import PromptMeta, class_labels
 from softprompt.metrics import (
     classification_report,
     format_generation_report,
@@ -312,7 +312,14 @@ class ClassificationTask:
         if not self.space.learned:
             return self.space
         classes = getattr(prompt, "classes", None)
-        return self.space.with_head(classes if classes is not None else self.start_head)
+        if classes is None:
+            return self.space.with_head(self.start_head)
+        # a prompt read back from disk has its rows in its softprompt.json's label order
+        return self.space.with_head(
+            classes.in_order(
+                class_labels(prompt.meta) if getattr(prompt, "meta", None) else None, self.verbalizer.labels
+            )
+        )
 
     def describe(self) -> str:
         if self.mode == "sequence" and 0 < self.cfg.label_samples < self.space.num_classes - 1:
