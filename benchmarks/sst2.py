@@ -2,12 +2,17 @@
 
 Trains with ``softprompt.train`` on ``../shared/data/<task>`` and reports test accuracy for
 zero-shot (same template, no prompt), the untrained prompt and the trained prompt, plus training
-wall time. Validation uses a fixed-seed subsample (``--val_rows``) so evaluations stay cheap.
+wall time. Validation uses a fixed-seed subsample (``--val_rows``) so evaluations stay cheap; a task
+without a validation file (AG News) has those rows drawn from its training file and held out of
+training. ``--seeds 0,1,2`` trains once per seed on one data split (no baselines) and reports the mean
+and standard deviation.
 
     python benchmarks/sst2.py                      # SST-2: 872 test rows (the GLUE dev set)
     python benchmarks/sst2.py --task agnews --max_steps 300
     python benchmarks/sst2.py --task trec
     python benchmarks/sst2.py --model gemma3-270m  # another base model (any --model of softprompt train)
+    python benchmarks/sst2.py --task agnews --lr 0.003 --max_steps 200 --eval_every 200 --val_rows 300 \
+        --test_rows 1000 --prompt_kind deep --reparam residual --scoring learned --seeds 0,1,2
 
 Figures go to benchmarks/results/<task>.json (<task>_<model>.json for a model other than smollm2)
 and, by hand, to benchmarks/RESULTS.md.
