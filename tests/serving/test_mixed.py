@@ -215,6 +215,11 @@ def test_a_learned_verbalizer_serves_in_mixed_batches_as_the_plain_model_scores_
         prompt.classes.bias.clone(),
     )
     clf = Classifier(store.prompted.model, store.tokenizer, store.get("learned").prompt)
+    # the topic labels are not in sorted order (s, b, t): the served scores follow the loaded prompt's
+    # label order, each class scored by its own vector (the plain head's rows are in training order)
+    served, trained = clf.usage.label_names, list(prompt.meta.verbalizer)
+    assert served != trained
+    by_label = [trained.index(label) for label in served]
     emb = llama.get_input_embeddings()
     for (name, text), logp in zip(pairs, logps, strict=True):
         if name != "learned":
@@ -222,7 +227,7 @@ def test_a_learned_verbalizer_serves_in_mixed_batches_as_the_plain_model_scores_
         row = encode_text(store.tokenizer, clf.template, text, 256)[0]
         x = torch.cat([prompt.weight, emb(torch.tensor(row))])
         with torch.no_grad():
-            want = plain(inputs_embeds=x[None]).logits[0, -1].log_softmax(-1)
+            want = plain(inputs_embeds=x[None]).logits[0, -1].log_softmax(-1)[by_label]
         torch.testing.assert_close(logp, want, atol=ATOL, rtol=0)
     for name in ["sentiment", "quality"]:
         ours = torch.stack([lp.softmax(0) for (n, _), lp in zip(pairs, logps, strict=True) if n == name])
