@@ -41,15 +41,10 @@ SST2_ARGS = [
 def agnews_args(work: Path) -> list[str]:
     """Files and settings for AG News: the data split of ``sst2.py --task agnews --val_rows 300
     --test_rows 1000`` at seed 0, and its budget."""
-    from sst2 import DATA, TASKS, read_rows, sample_rows, split_off_validation, write_rows  # same folder
+    from sst2 import TASKS, write_splits  # same folder
 
     task = TASKS["agnews"]
-    train, val = split_off_validation(read_rows(DATA / task["train"], False), 300, 1)
-    test = sample_rows(read_rows(DATA / task["test"], False), 1000, 2)
-    files = [
-        write_rows(rows, work / f"{name}.jsonl")
-        for name, rows in (("train", train), ("val", val), ("test", test))
-    ]
+    files = write_splits(task, work, seed=0, val_rows=300, test_rows=1000)
     return [
         "--train_file", files[0], "--validation_file", files[1], "--test_file", files[2],
         "--template", task["template"], "--verbalizer", task["verbalizer"], "--max_steps", "200",

@@ -78,7 +78,8 @@ def sample_rows(rows: list, n: int, seed: int) -> list:
 
 
 def subsample(src: Path, n: int, seed: int, dest: Path, strip: bool) -> str:
-    """Write ``n`` fixed-seed sampled rows of ``src`` (all rows when n is 0) as JSONL."""
+    """Write ``n`` fixed-seed sampled rows of ``src`` (all rows when n is 0) as JSONL (the data
+    preparation recorded in results/agnews_lora.json calls it)."""
     return write_rows(sample_rows(read_rows(src, strip), n, seed), dest)
 
 
@@ -90,6 +91,28 @@ def split_off_validation(rows: list, n: int, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     held = set(order[:n])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in order[:n]]
+
+
+def write_splits(
+    task: dict, work: Path, seed: int, val_rows: int, test_rows: int, train_rows: int = 0
+) -> tuple[str, str, str]:
+    """The train, validation and test JSONL files of ``task`` in ``work`` for data seed ``seed``:
+    ``val_rows`` validation rows (seed + 1; from the training file, and held out of it, for a task
+    without a validation file), ``test_rows`` test rows (seed + 2), ``train_rows`` training rows
+    (seed; 0 = all). Every split goes through the reader once (TREC's fine label stripped here), so
+    training reads plain text/label rows whatever the source format."""
+    strip = task["strip"]
+    train = read_rows(DATA / task["train"], strip)
+    if task["val"]:
+        val = sample_rows(read_rows(DATA / task["val"], strip), val_rows, seed + 1)
+    else:  # before any train_rows sampling
+        train, val = split_off_validation(train, val_rows, seed + 1)
+    test = sample_rows(read_rows(DATA / task["test"], strip), test_rows, seed + 2)
+    return (
+        write_rows(sample_rows(train, train_rows, seed), work / "train.jsonl"),
+        write_rows(val, work / "val.jsonl"),
+        write_rows(test, work / "test.jsonl"),
+    )
 
 
 def kind_slug(prompt_kind: str, reparam: str) -> str:
@@ -157,18 +180,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from softprompt.training import TrainConfig, train
 
-    # Every split goes through the reader once into JSONL (TREC's fine label stripped here), so the
-    # training run reads plain text/label rows whatever the source format.
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.task}-"))
-    strip = task["strip"]
-    train_rows = read_rows(DATA / task["train"], strip)
-    if task["val"]:
-        val_rows = sample_rows(read_rows(DATA / task["val"], strip), args.val_rows, args.seed + 1)
-    else:  # validation held out of the training file (before any --train_rows sampling)
-        train_rows, val_rows = split_off_validation(train_rows, args.val_rows, args.seed + 1)
-    train_file = write_rows(sample_rows(train_rows, args.train_rows, args.seed), work / "train.jsonl")
-    val_file = write_rows(val_rows, work / "val.jsonl")
-    test_file = subsample(DATA / task["test"], args.test_rows, args.seed + 2, work / "test.jsonl", strip)
+    train_file, val_file, test_file = write_splits(
+        task, work, args.seed, args.val_rows, args.test_rows, args.train_rows
+    )
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sst2.py", *sys.argv[1:]])
     date = utc_now()
 

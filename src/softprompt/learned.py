@@ -26,6 +26,16 @@ VECTORS_KEY = "class_vectors"
 BIAS_KEY = "class_bias"
 
 
+def row_order(have: list[str] | None, want: list[str] | None) -> list[int] | None:
+    """For rows of class vectors in the label order ``have``, the row of each label of ``want``; None
+    when the orders agree or either is unknown. Different label sets: ``ValueError``."""
+    if have is None or want is None or list(have) == list(want):
+        return None
+    if sorted(have) != sorted(want):
+        raise ValueError(f"class vectors for the labels {list(have)} cannot score the labels {list(want)}")
+    return [list(have).index(label) for label in want]
+
+
 class ClassHead(nn.Module):
     """``C`` class vectors ``(C, D)`` and biases ``(C,)``, stored float32 (cast at use)."""
 
@@ -109,13 +119,9 @@ class ClassHead(nn.Module):
     def in_order(self, have: list[str] | None, want: list[str] | None) -> ClassHead:
         """This head with its rows (for the classes ``have``, in order) put in the order ``want``; itself
         when the orders agree or either is unknown. Different label sets: ``ValueError``."""
-        if have is None or want is None or list(have) == list(want):
+        order = row_order(have, want)
+        if order is None:
             return self
-        if sorted(have) != sorted(want):
-            raise ValueError(
-                f"class vectors for the labels {list(have)} cannot score the labels {list(want)}"
-            )
-        order = [list(have).index(label) for label in want]
         head = ClassHead(self.vectors.detach()[order], self.bias.detach()[order])
         return head.requires_grad_(self.vectors.requires_grad)
 

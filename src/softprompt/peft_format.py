@@ -32,7 +32,7 @@ from softprompt.embedding import token_vectors, vocabulary_size
 from softprompt.errors import FolderInUseError, MissingFileError, ModelMismatchError, PromptFormatError
 from softprompt.folders import complete_copy, sibling, write_folder_atomically
 from softprompt.hf_parts import adapter_dims
-from softprompt.learned import BIAS_KEY, VECTORS_KEY
+from softprompt.learned import BIAS_KEY, VECTORS_KEY, row_order
 from softprompt.meta import PromptMeta, class_labels
 
 log = logging.getLogger(__name__)
@@ -392,33 +392,21 @@ def _read_folder(
     return weight.float(), meta
 
 
-def _row_order(path: Path, saved: list[str] | None, meta: PromptMeta) -> list[int] | None:
-    """Which saved row each class of ``meta`` (in :func:`class_labels` order) takes, or None when the
-    rows are already in that order. ``saved``: the rows' labels as the file records them. A file
-    written before it recorded them has its rows in the order of the label words (training wrote
-    both from one verbalizer), while the verbalizer read back from JSON has sorted keys."""
-    labels = class_labels(meta) or []
-    if saved is not None:
-        if sorted(saved) != sorted(labels):
-            raise PromptFormatError(
-                f"{path}: its class vectors are for the labels {saved}, but {META_NAME} names {labels}. "
-                "Copy the prompt folder whole (the two files belong together), or re-train it."
-            )
-        order = [saved.index(label) for label in labels]
-    elif meta.verbalizer and meta.label_words:
-        words, row_words = [meta.verbalizer[label] for label in labels], list(meta.label_words)
-        if words == row_words:
-            return None
-        if sorted(words) != sorted(row_words) or len(set(row_words)) != len(row_words):
-            raise PromptFormatError(
-                f"{path} does not say which label each class vector is for, and the label words "
-                f"{row_words} do not tell it (they repeat, or differ from the verbalizer's). Re-train the "
-                "prompt with this version of softprompt, which records the order."
-            )
-        order = [row_words.index(word) for word in words]
-    else:
+def _legacy_row_labels(path: Path, meta: PromptMeta) -> list[str] | None:
+    """The label of each row of a class-vector file written before the file recorded them: training
+    wrote the rows in the order of the label words (both from one verbalizer), while the verbalizer
+    read back from softprompt.json has sorted keys. None without label words and verbalizer."""
+    if not (meta.verbalizer and meta.label_words):
         return None
-    return None if order == list(range(len(order))) else order
+    label_of = {word: label for label, word in meta.verbalizer.items()}
+    words = list(meta.label_words)
+    if len(label_of) != len(meta.verbalizer) or len(set(words)) != len(words) or set(words) != set(label_of):
+        raise PromptFormatError(
+            f"{path} does not say which label each class vector is for, and the label words "
+            f"{words} do not tell it (they repeat, or differ from the verbalizer's). Re-train the "
+            "prompt with this version of softprompt, which records the order."
+        )
+    return [label_of[word] for word in words]
 
 
 def _read_classes(
@@ -468,7 +456,15 @@ def _read_classes(
     if saved is not None and len(saved) != vectors.shape[0]:
         raise PromptFormatError(f"{path}: {vectors.shape[0]} class vectors but {len(saved)} labels recorded")
     check_finite(vectors, f"class vectors at {path}")
-    order = _row_order(path, saved, meta)  # rows follow class_labels(meta), as every user of them expects
+    # rows follow class_labels(meta), as every user of them expects
+    rows = saved if saved is not None else _legacy_row_labels(path, meta)
+    try:
+        order = row_order(rows, class_labels(meta))
+    except ValueError:
+        raise PromptFormatError(
+            f"{path}: its class vectors are for the labels {rows}, but {META_NAME} names {class_labels(meta)}. "
+            "Copy the prompt folder whole (the two files belong together), or re-train it."
+        ) from None
     return {k: (v if order is None else v[order]).float() for k, v in tensors.items()}
 
 

@@ -315,11 +315,7 @@ class ClassificationTask:
         if classes is None:
             return self.space.with_head(self.start_head)
         # a prompt read back from disk has its rows in its softprompt.json's label order
-        return self.space.with_head(
-            classes.in_order(
-                class_labels(prompt.meta) if getattr(prompt, "meta", None) else None, self.verbalizer.labels
-            )
-        )
+        return self.space.with_head(classes.in_order(class_labels(prompt.meta), self.verbalizer.labels))
 
     def describe(self) -> str:
         if self.mode == "sequence" and 0 < self.cfg.label_samples < self.space.num_classes - 1:
